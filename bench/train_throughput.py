@@ -1,0 +1,67 @@
+"""Training throughput of an experiment configuration on the current device.
+
+  python bench/train_throughput.py                      # baseline tiny (nanoGPT baby), fp32 on CPU
+  python bench/train_throughput.py --spec baseline:scale=small --steps 20
+
+Prints step time, tokens/s and MFU (against research.train.mfu's peak table; on CPU the peak is
+measured). Data comes from the real pipeline; the timing covers the jitted step and the host
+work of fetching and placing the next batch, as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from research import experiments, sharding
+from research.train import mfu as mfu_lib
+from research.train.trainer import Trainer
+
+
+def main() -> None:
+  p = argparse.ArgumentParser()
+  p.add_argument("--spec", default="baseline:scale=tiny")
+  p.add_argument("--steps", type=int, default=200)
+  p.add_argument("--warmup", type=int, default=20)
+  p.add_argument("--repeats", type=int, default=3)
+  args = p.parse_args()
+  config = experiments.get_config(args.spec)
+  with tempfile.TemporaryDirectory() as tmp:
+    trainer = Trainer(config, tmp, log=lambda *_: None)
+    r = trainer.build()
+  c = r.config
+  tokens = c.train.batch_size * c.data.seq_len
+  state = r.state
+  with sharding.use_mesh(r.mesh):
+    batch = trainer.put_batch(r, next(r.train_iter))
+    step = r.step_fn.lower(state, batch).compile()
+    for _ in range(args.warmup):
+      state, m = step(state, batch)
+      batch = trainer.put_batch(r, next(r.train_iter))
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(args.repeats):
+      t0 = time.perf_counter()
+      for _ in range(args.steps):
+        state, m = step(state, batch)
+        batch = trainer.put_batch(r, next(r.train_iter))
+      jax.block_until_ready(state)
+      times.append((time.perf_counter() - t0) / args.steps)
+  best = min(times)
+  peak = mfu_lib.peak_flops_per_device() * jax.device_count()
+  flops = r.summary["flops_per_token_train"] * tokens
+  print(f"{args.spec}: {r.summary['params'] / 1e6:.3f}M params, batch {c.train.batch_size} x "
+        f"{c.data.seq_len}, {jax.device_count()} {jax.default_backend()} device(s), "
+        f"precision {c.train.precision}")
+  print(f"step time {best * 1e3:.2f} ms (median {np.median(times) * 1e3:.2f} ms over "
+        f"{args.repeats} x {args.steps} steps)")
+  print(f"tokens/s {tokens / best:,.0f}")
+  print(f"model FLOP/s {flops / best / 1e9:.1f} G; peak {peak / 1e9:.1f} G; MFU {flops / best / peak:.1%}")
+
+
+if __name__ == "__main__":
+  main()

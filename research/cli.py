@@ -1,0 +1,163 @@
+"""The `research` command.
+
+  research list
+  research run NAME[:ARG] [--config.key=value ...] [--workdir DIR] [--data_dir DIR]
+  research sweep NAME [--group G] [--seeds N] [--runs_dir DIR] [--config.key=value ...]
+  research report NAME [--group G] [--runs_dir DIR] [--out DIR]
+  research data list | fetch CORPUS
+
+Errors the user can fix (unknown experiment or key, missing corpus, bad mesh) print one line
+and exit with status 2; an interrupted run exits 130 after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from research import config as config_lib
+
+
+def _split_overrides(extra: list[str]) -> dict[str, str]:
+  """Parses `--config.a.b=v` and `--config.a.b v` into {"a.b": "v"}; anything else is an error."""
+  out: dict[str, str] = {}
+  i = 0
+  while i < len(extra):
+    tok = extra[i]
+    if not tok.startswith("--config."):
+      raise config_lib.ConfigError(f"unrecognized argument '{tok}' (overrides look like --config.train.lr=3e-4)")
+    key = tok[len("--config."):]
+    if "=" in key:
+      key, value = key.split("=", 1)
+    elif i + 1 < len(extra):
+      i += 1
+      value = extra[i]
+    else:
+      raise config_lib.ConfigError(f"override '{tok}' has no value")
+    out[key] = value
+    i += 1
+  return out
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="research", description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+  sub.add_parser("list", help="experiments, their scales and claims")
+  r = sub.add_parser("run", help="train one experiment configuration")
+  r.add_argument("spec", help="NAME or NAME:ARG, e.g. baseline:scale=smoke")
+  r.add_argument("--workdir", help="run directory (default runs/NAME/ARG)")
+  r.add_argument("--data_dir", help="directory holding the corpora (or $RESEARCH_DATA_DIR)")
+  s = sub.add_parser("sweep", help="run an experiment's ablation group, resumably")
+  s.add_argument("name")
+  s.add_argument("--group")
+  s.add_argument("--seeds", type=int)
+  s.add_argument("--runs_dir", default="runs")
+  s.add_argument("--data_dir")
+  rep = sub.add_parser("report", help="tables and plots from a sweep's runs")
+  rep.add_argument("name")
+  rep.add_argument("--group", action="append", help="only this group (repeatable)")
+  rep.add_argument("--runs_dir", default="runs")
+  rep.add_argument("--out", help="output directory (default experiments/NAME/results)")
+  d = sub.add_parser("data", help="list or fetch corpora")
+  d.add_argument("action", choices=("list", "fetch"))
+  d.add_argument("corpus", nargs="?")
+  d.add_argument("--data_dir")
+  return p
+
+
+def _default_workdir(spec: str) -> Path:
+  name, _, arg = spec.partition(":")
+  tag = arg.replace(",", "_").replace("=", "-") or "default"
+  return Path("runs") / name / tag
+
+
+def cmd_list() -> None:
+  from research import experiments
+  names = experiments.list_experiments()
+  if not names:
+    print(f"no experiments found in {experiments.experiments_dir()}")
+  for name in names:
+    claim, scales = experiments.describe(name)
+    print(f"{name:20s} scales: {', '.join(scales) or '-':28s} {claim}")
+
+
+def cmd_run(args, overrides) -> None:
+  from research import experiments
+  from research.train.trainer import Trainer
+  if args.data_dir:
+    overrides["data.data_dir"] = args.data_dir
+  config = experiments.get_config(args.spec, overrides)
+  name, arg = experiments.split_name(args.spec)
+  workdir = Path(args.workdir) if args.workdir else _default_workdir(args.spec)
+  Trainer(config, workdir, experiment=name, arg=arg, overrides=overrides).run()
+
+
+def cmd_sweep(args, overrides) -> None:
+  from research.sweep import run_sweep
+  path = run_sweep(args.name, group=args.group, seeds=args.seeds, runs_dir=args.runs_dir,
+                   overrides=overrides, data_dir=args.data_dir)
+  print(f"sweep finished: {path}")
+
+
+def cmd_report(args) -> None:
+  from research import experiments, report
+  experiments.load_config_module(args.name)  # unknown experiment -> clear error
+  out = Path(args.out) if args.out else experiments.experiments_dir() / args.name / "results"
+  path = report.report(args.name, args.runs_dir, out, groups=args.group)
+  print(f"wrote {path}")
+
+
+def cmd_data(args) -> None:
+  from research import data
+  if args.action == "list":
+    for info in data.list_corpora():
+      where = "needs --data_dir" if info.needs_data_dir else "fetched on first use"
+      print(f"{info.name:18s} {where:22s} {info.description}")
+    return
+  if not args.corpus:
+    raise config_lib.ConfigError("research data fetch needs a corpus name (see `research data list`)")
+  data.fetch_corpus(args.corpus, args.data_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args, extra = _parser().parse_known_args(argv)
+  from research.experiments import ExperimentError
+  from research.report import ReportError
+  from research.sharding import MeshError
+  from research.train.checkpoint import CheckpointError
+  from research.train.trainer import RunError
+  try:
+    from research.data import DataError
+  except ImportError:  # pragma: no cover
+    DataError = RuntimeError
+  user_errors = (config_lib.ConfigError, ExperimentError, MeshError, RunError, DataError,
+                 ReportError)
+  try:
+    overrides = _split_overrides(extra) if args.command in ("run", "sweep") else {}
+    if extra and args.command not in ("run", "sweep"):
+      raise config_lib.ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "list":
+      cmd_list()
+    elif args.command == "run":
+      cmd_run(args, overrides)
+    elif args.command == "sweep":
+      cmd_sweep(args, overrides)
+    elif args.command == "report":
+      cmd_report(args)
+    elif args.command == "data":
+      cmd_data(args)
+  except user_errors as e:
+    print(f"research: error: {e}", file=sys.stderr)
+    return 2
+  except CheckpointError as e:
+    print(f"research: checkpoint error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

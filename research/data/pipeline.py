@@ -1,0 +1,207 @@
+"""Token streams and the grain pipelines that cut them into language-modelling batches.
+
+`load_tokenized` turns `config.data` into a train and a valid token stream (1-D int32), encoding
+each split once and caching it as `.npy` in the cache directory.
+
+`make_train_iterator` yields `{"inputs", "targets"}` int32 [batch, seq_len] forever. An example is
+a window of seq_len + 1 consecutive tokens (targets = inputs shifted by one). Each epoch:
+
+  1. a random start offset in [0, seq_len], drawn from (seed, epoch), shifts the window grid so
+     that across epochs every position is a window start, as nanoGPT's random offsets give;
+  2. the grid's n non-overlapping windows are shuffled with grain's per-epoch index shuffle;
+  3. process p of P takes every P-th window of the shuffled order (grain slicing), so the
+     processes never share a window and together cover the epoch (n is cut to a multiple of P);
+  4. batches run on across epoch boundaries (repeat before batch), like nanoGPT's sampling.
+
+All of it is index arithmetic in grain `MapDataset`s, so batch k is a pure function of
+(seed, k, shapes): the iterator's state is just its position, which `get_state` returns as a
+JSON-serialisable dict and `set_state` restores exactly. No worker processes or threads are used.
+
+`make_valid_batches` gives fixed batches: non-overlapping windows evenly spread over the valid
+stream, each process a disjoint share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+from research.data.corpora import DataError, _write_atomic, cache_dir, load_corpus
+from research.data.tokenizers import Tokenizer, get_tokenizer
+
+# ----------------------------------------------------------------------------- token streams
+
+
+@dataclasses.dataclass
+class TokenizedCorpus:
+  train: np.ndarray  # int32 [n_train_tokens]
+  valid: np.ndarray  # int32 [n_valid_tokens]
+  tokenizer: Tokenizer
+  # UTF-8 bytes of the valid text per valid token: bits/byte = loss_nats / ln 2 / this.
+  valid_bytes_per_token: float
+
+
+def _encode_cached(tokenizer: Tokenizer, corpus_name: str, split: str, text: str) -> np.ndarray:
+  """tokenizer.encode(text), read from / written to `<cache>/tokens/` keyed by content."""
+  content = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+  path = cache_dir() / "tokens" / f"{corpus_name}.{tokenizer.fingerprint}.{split}.{content}.npy"
+  if path.is_file():
+    return np.load(path)
+  ids = tokenizer.encode(text).astype(np.int32)
+  buffer = io.BytesIO()
+  np.save(buffer, ids)
+  _write_atomic(path, buffer.getvalue())
+  return ids
+
+
+def load_tokenized(data_cfg) -> TokenizedCorpus:
+  """Train and valid token streams for `data_cfg.corpus` / `.tokenizer` / `.data_dir` ('' = unset)."""
+  data_dir = getattr(data_cfg, "data_dir", "") or None
+  corpus = load_corpus(data_cfg.corpus, data_dir)
+  tokenizer = get_tokenizer(data_cfg.tokenizer, corpus, data_dir)
+  train = _encode_cached(tokenizer, corpus.name, "train", corpus.splits["train"])
+  valid_text = corpus.splits["valid"]
+  valid = _encode_cached(tokenizer, corpus.name, "valid", valid_text)
+  if len(valid) == 0:
+    raise DataError(f"corpus {corpus.name!r} has an empty valid split: use another corpus")
+  return TokenizedCorpus(
+      train=train, valid=valid, tokenizer=tokenizer,
+      valid_bytes_per_token=len(valid_text.encode("utf-8")) / len(valid))
+
+
+# ----------------------------------------------------------------------------- train iterator
+
+
+def _check_positive(**values: int) -> None:
+  for name, value in values.items():
+    if int(value) <= 0:
+      raise DataError(f"{name} must be positive, got {value}")
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+  _check_positive(process_count=process_count)
+  if not 0 <= process_index < process_count:
+    raise DataError(f"process_index {process_index} is outside [0, {process_count}):"
+                    " pass jax.process_index() and jax.process_count()")
+
+
+def _derive_seed(seed: int, purpose: int) -> int:
+  """A 31-bit seed for one purpose, so that seed s and s + 1 give unrelated streams."""
+  return int(np.random.default_rng([int(seed) % 2**63, purpose]).integers(0, 2**31 - 1))
+
+
+def epoch_windows(num_tokens: int, seq_len: int, process_count: int = 1) -> int:
+  """Windows of seq_len + 1 tokens per epoch: the most that fit after any offset in [0, seq_len],
+  cut to a multiple of process_count."""
+  window = seq_len + 1
+  n = (num_tokens - seq_len) // window
+  return (n // process_count) * process_count
+
+
+class TrainIterator:
+  """Infinite iterator of train batches with `get_state()` / `set_state()`.
+
+  Wraps grain's `DatasetIterator`; the state adds the settings it was made with, so that restoring
+  into an iterator with other settings fails loudly instead of silently changing the data order.
+  """
+
+  def __init__(self, dataset: grain.MapDataset, settings: dict[str, int],
+               epoch_offset, window_starts):
+    self._iter = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
+    self._settings = settings
+    self.epoch_offset = epoch_offset  # (epoch) -> start offset of that epoch's window grid
+    self.window_starts = window_starts  # (batch index) -> int [batch] window starts, for tests
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iter)
+
+  def get_state(self) -> dict[str, Any]:
+    return {"grain": self._iter.get_state(), "settings": dict(self._settings)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    saved = state.get("settings", {})
+    if saved != self._settings:
+      diff = {k: (saved.get(k), v) for k, v in self._settings.items() if saved.get(k) != v}
+      raise DataError(f"data-iterator state was saved with other settings {diff} (saved, now):"
+                      " resume with the data settings of the checkpointed run")
+    self._iter.set_state(state["grain"])
+
+
+def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1) -> TrainIterator:
+  """Batches {"inputs", "targets"}: int32 [batch_size, seq_len] (batch_size per process)."""
+  _check_positive(seq_len=seq_len, batch_size=batch_size)
+  _check_process(process_index, process_count)
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1:
+    raise DataError(f"tokens must be a 1-D stream, got shape {tokens.shape}")
+  window = seq_len + 1
+  n = epoch_windows(len(tokens), seq_len, process_count)
+  if n == 0:
+    raise DataError(f"{len(tokens)} tokens hold no window of seq_len + 1 = {window} tokens for"
+                    f" each of {process_count} processes: lower seq_len or use a larger split")
+  offset_seed, shuffle_seed = _derive_seed(seed, 0), _derive_seed(seed, 1)
+
+  @functools.lru_cache(maxsize=64)
+  def epoch_offset(epoch: int) -> int:
+    return int(np.random.default_rng([offset_seed, epoch]).integers(0, seq_len + 1))
+
+  # Index g of the (infinite) epoch-major order carries its epoch: g = epoch * n + window.
+  ds = grain.MapDataset.range(n).map_with_index(lambda g, j: (g // n, j))
+  ds = ds.shuffle(seed=shuffle_seed)  # a different permutation each epoch
+  ds = ds[process_index::process_count]  # n / P windows per process and epoch, disjoint
+  ds = ds.map(lambda ej: epoch_offset(ej[0]) + ej[1] * window)  # window start
+  ds = ds.repeat()  # forever; batches may span epochs
+  ds = ds.batch(batch_size, drop_remainder=True,
+                batch_fn=lambda starts: np.asarray(starts, dtype=np.int64))
+  columns = np.arange(window)
+  tokens32 = tokens.astype(np.int32, copy=False)
+
+  def gather(starts: np.ndarray) -> dict[str, np.ndarray]:
+    windows = tokens32[starts[:, None] + columns[None, :]]  # [batch, seq_len + 1]
+    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+
+  settings = dict(seq_len=seq_len, batch_size=batch_size, seed=int(seed), num_tokens=len(tokens),
+                  process_index=process_index, process_count=process_count)
+  return TrainIterator(ds.map(gather), settings, epoch_offset, lambda k: ds[k])
+
+
+# ----------------------------------------------------------------------------- valid batches
+
+
+def make_valid_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
+                       num_batches: int | None, process_index: int = 0,
+                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """Fixed valid batches: non-overlapping windows of seq_len + 1 spread evenly over `tokens`.
+
+  `num_batches` per process; 0 or None takes every full window (as many whole batches per process
+  as fit). Process p takes windows p, p + P, ... of the chosen ones, so processes are disjoint.
+  """
+  _check_positive(seq_len=seq_len, batch_size=batch_size)
+  _check_process(process_index, process_count)
+  tokens = np.asarray(tokens, dtype=np.int32)
+  window = seq_len + 1
+  total = len(tokens) // window  # non-overlapping windows on the grid starting at 0
+  per_step = batch_size * process_count  # windows per batch index over all processes
+  if not num_batches:
+    num_batches = total // per_step
+  needed = num_batches * per_step
+  if num_batches == 0 or needed > total:
+    raise DataError(f"the valid split holds {total} windows of {window} tokens, fewer than"
+                    f" {max(needed, per_step)} for {max(num_batches, 1)} batch(es) of"
+                    f" {batch_size} x {process_count} process(es): lower eval batches, batch"
+                    " size or seq_len")
+  chosen = (np.arange(needed) * total) // needed  # distinct, evenly spread grid indices
+  starts = chosen[process_index::process_count].reshape(num_batches, batch_size) * window
+  windows = tokens[starts[..., None] + np.arange(window)]  # [batches, batch, window]
+  return [{"inputs": w[:, :-1], "targets": w[:, 1:]} for w in windows]

@@ -1,0 +1,112 @@
+"""Finds experiments by name and loads their config and sweep.
+
+An experiment is a directory `experiments/<name>/` holding
+
+  config.py   get_config(arg: str) -> ConfigDict; module attributes CLAIM (one line) and
+              SCALES (tuple of scale names), and a docstring with the launch command
+  sweep.py    get_sweep() -> Sweep: the paper's ablation tables as named groups of arms
+  README.md   the claim, the paper's numbers, our results and verdicts
+
+The experiments directory is `experiments/` beside the `research` package (an editable
+install), or `$RESEARCH_EXPERIMENTS_DIR`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import ml_collections
+
+from research import config as config_lib
+
+
+class ExperimentError(ValueError):
+  """An experiment, group or argument that does not exist."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+  """One row of an ablation table: a name, config overrides, and the paper's numbers for it."""
+  name: str
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  paper: dict[str, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """Named groups of arms (one group per paper table), run at `arg` with `seeds` seeds each."""
+  groups: dict[str, list[Arm]]
+  arg: str = "scale=tiny"
+  seeds: int = 3
+  default_group: str = ""
+
+  def group(self, name: str | None) -> tuple[str, list[Arm]]:
+    name = name or self.default_group or next(iter(self.groups))
+    if name not in self.groups:
+      raise config_lib.unknown_key_error(name, self.groups, what="sweep group")
+    return name, self.groups[name]
+
+
+def experiments_dir() -> Path:
+  env = os.environ.get("RESEARCH_EXPERIMENTS_DIR")
+  return Path(env) if env else Path(__file__).resolve().parent.parent / "experiments"
+
+
+def list_experiments() -> list[str]:
+  root = experiments_dir()
+  if not root.is_dir():
+    return []
+  return sorted(p.name for p in root.iterdir() if (p / "config.py").is_file())
+
+
+def _load_module(name: str, filename: str) -> ModuleType:
+  names = list_experiments()
+  if name not in names:
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ExperimentError(f"unknown experiment '{name}'{hint} (see `research list`)")
+  path = experiments_dir() / name / filename
+  if not path.is_file():
+    raise ExperimentError(f"experiment '{name}' has no {filename}")
+  mod_name = f"research_experiments.{name}.{path.stem}"
+  spec = importlib.util.spec_from_file_location(mod_name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[mod_name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def load_config_module(name: str) -> ModuleType:
+  return _load_module(name, "config.py")
+
+
+def split_name(spec: str) -> tuple[str, str]:
+  """'baseline:scale=tiny' -> ('baseline', 'scale=tiny')."""
+  name, _, arg = spec.partition(":")
+  return name, arg
+
+
+def get_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The config of `NAME[:ARG]` with dotted overrides applied (unknown keys are errors)."""
+  name, arg = split_name(spec)
+  module = load_config_module(name)
+  config = module.get_config(arg)
+  config_lib.apply_overrides(config, overrides or {})
+  return config
+
+
+def get_sweep(name: str) -> Sweep:
+  return _load_module(name, "sweep.py").get_sweep()
+
+
+def describe(name: str) -> tuple[str, tuple[str, ...]]:
+  """(one-line claim, scales) of an experiment."""
+  module = load_config_module(name)
+  return getattr(module, "CLAIM", ""), tuple(getattr(module, "SCALES", ()))

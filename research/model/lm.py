@@ -1,0 +1,156 @@
+"""The decoder LM, assembled from the composition points named in `config.model`.
+
+  tokens -> embed -> residual.expand -> [Block] x num_layers -> residual.collapse
+         -> final norm (pre-norm placements) -> head -> logits
+
+A Block is two sublayers (sequence mixer, channel mixer); each is wrapped by its norm
+placement and joined to the stream by its own residual connection:
+
+  stream <- placement(stream, sublayer, residual)
+
+so every family can change without the others knowing. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.model import attention as attention_lib
+from research.model import embedding as embedding_lib
+from research.model import ffn as ffn_lib
+from research.model import head as head_lib
+from research.model import norms as norms_lib
+from research.model import residual as residual_lib
+from research.model.context import ForwardContext
+from research.sharding import constrain
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
+    d = cfg.d_model
+    placement = norms_lib.NORM_PLACEMENTS.get(cfg.norm.kind)
+    residual = residual_lib.RESIDUALS.get(cfg.residual.kind)
+    self.layer = layer
+    self.dropout = cfg.dropout
+    self.attn_norm = placement(d, cfg=cfg, dtype=dtype, rngs=rngs)
+    self.attn_residual = residual(d, cfg=cfg, layer=2 * layer, dtype=dtype, rngs=rngs)
+    self.attn = attention_lib.SEQUENCE_MIXERS.get(cfg.attention.kind)(
+        cfg, layer=layer, dtype=dtype, rngs=rngs)
+    self.channel_norm = placement(d, cfg=cfg, dtype=dtype, rngs=rngs)
+    self.channel_residual = residual(d, cfg=cfg, layer=2 * layer + 1, dtype=dtype, rngs=rngs)
+    self.channel = ffn_lib.CHANNEL_MIXERS.get(cfg.channel.kind)(
+        cfg, layer=layer, dtype=dtype, rngs=rngs)
+
+  def __call__(self, stream: jax.Array, ctx: ForwardContext) -> jax.Array:
+    site = 2 * self.layer
+
+    def attn(x):
+      return ctx.dropout(self.attn(x, ctx), self.dropout, site)
+
+    def channel(x):
+      return ctx.dropout(self.channel(x, ctx), self.dropout, site + 1)
+
+    stream = self.attn_norm(stream, attn, self.attn_residual)
+    stream = self.channel_norm(stream, channel, self.channel_residual)
+    return stream
+
+  def flops_per_token(self, seq_len: int) -> float:
+    return self.attn.flops_per_token(seq_len) + self.channel.flops_per_token(seq_len)
+
+
+class DecoderLM(nnx.Module):
+
+  def __init__(self, cfg, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    if cfg.vocab_size <= 0:
+      raise ValueError("model.vocab_size must be set (it is filled from the tokenizer)")
+    self.cfg = cfg
+    self.dtype = dtype
+    self.embed = embedding_lib.EMBEDDINGS.get(cfg.embed.kind)(cfg, dtype=dtype, rngs=rngs)
+    self.residual_cls = residual_lib.RESIDUALS.get(cfg.residual.kind)
+    self.blocks = nnx.List([Block(cfg, layer=i, dtype=dtype, rngs=rngs)
+                            for i in range(cfg.num_layers)])
+    placement = self.blocks[0].attn_norm if cfg.num_layers else None
+    needs_final = placement is None or placement.final_norm()
+    self.final_norm = (norms_lib.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
+                       if needs_final else None)
+    self.head = head_lib.HEADS.get(cfg.head.kind)(cfg, dtype=dtype, rngs=rngs)
+    self.remat = cfg.remat
+    if self.remat not in ("none", "block"):
+      raise ValueError(f"model.remat='{self.remat}' is not one of none, block")
+
+  def __call__(self, tokens: jax.Array, ctx: ForwardContext | None = None) -> jax.Array:
+    """tokens: [batch, seq] int32 -> logits [batch, seq, vocab] fp32.
+
+    Auxiliary losses that modules add land in `ctx.aux_losses`.
+    """
+    if ctx is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+      ctx = ForwardContext(positions=positions)
+    tokens = constrain(tokens, ("batch", "seq"))
+    h = self.embed(tokens)
+    h = ctx.dropout(h, self.cfg.dropout, site=-1)
+    stream = self.residual_cls.expand(h, self.cfg)
+    for block in self.blocks:
+      stream = self._apply_block(block, stream, ctx)
+    h = self.residual_cls.collapse(stream, self.cfg)
+    if self.final_norm is not None:
+      h = self.final_norm(h)
+    logits = self.head(h, self.embed, ctx)
+    return constrain(logits, ("batch", "seq", "act_vocab"))
+
+  def _apply_block(self, block: Block, stream, ctx: ForwardContext):
+    if self.remat == "none":
+      return block(stream, ctx)
+
+    # Under remat the block runs in its own trace: the context's mutable parts go in and out
+    # explicitly so nothing traced inside leaks out.
+    def run(block, stream, aux, state):
+      inner = dataclasses.replace(ctx, aux_losses=dict(aux), state=dict(state))
+      out = block(stream, inner)
+      return out, inner.aux_losses, inner.state
+
+    out, ctx.aux_losses, ctx.state = nnx.remat(run)(block, stream, ctx.aux_losses, ctx.state)
+    return out
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Forward FLOPs per token (multiply-add = 2), analytic; training is 3x this."""
+    head = 2 * self.cfg.d_model * self.cfg.vocab_size
+    return sum(b.flops_per_token(seq_len) for b in self.blocks) + head
+
+
+def compute_dtype(precision: str, platform: str | None = None):
+  """The mixed-precision policy: parameters fp32; compute fp32 on CPU, bf16 on GPU/TPU."""
+  if precision == "fp32":
+    return jnp.float32
+  if precision == "bf16":
+    return jnp.bfloat16
+  if precision != "auto":
+    raise ValueError(f"train.precision='{precision}' is not one of auto, fp32, bf16")
+  platform = platform or jax.default_backend()
+  return jnp.float32 if platform == "cpu" else jnp.bfloat16
+
+
+def abstract_model(cfg, dtype=jnp.float32) -> DecoderLM:
+  """The model with ShapeDtypeStruct leaves: shapes, counts and FLOPs without allocating."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: DecoderLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def count_params(state: Any) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+def model_summary(model: DecoderLM, seq_len: int) -> dict[str, float]:
+  params = nnx.state(model, nnx.Param)
+  n = count_params(params)
+  n_embed = math.prod(model.embed.table.shape)
+  fwd = model.flops_per_token(seq_len)
+  return dict(params=n, params_non_embedding=n - n_embed, flops_per_token_fwd=fwd,
+              flops_per_token_train=3 * fwd)

@@ -1,0 +1,44 @@
+"""A registry per composition point: option name -> module class.
+
+A paper adds its option with `@FAMILY.register("name")` in the family's file; the decoder looks
+options up by the name in `config.model.<point>.kind`. An unknown name is an error that lists
+the registered ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable, TypeVar
+
+from research.config import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry:
+
+  def __init__(self, config_key: str):
+    self.config_key = config_key
+    self._entries: dict[str, object] = {}
+
+  def register(self, name: str) -> Callable[[T], T]:
+    def decorator(obj: T) -> T:
+      if name in self._entries:
+        raise ValueError(f"{self.config_key}: option '{name}' is registered twice")
+      self._entries[name] = obj
+      return obj
+    return decorator
+
+  def get(self, name: str):
+    if name not in self._entries:
+      close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.4)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      raise ConfigError(
+          f"unknown {self.config_key} '{name}'{hint} (registered: {', '.join(sorted(self._entries))})")
+    return self._entries[name]
+
+  def names(self) -> list[str]:
+    return sorted(self._entries)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._entries

@@ -1,0 +1,158 @@
+"""Device meshes and the one logical-axis rules table.
+
+Model code names the axes of every parameter and main activation with logical names (`embed`,
+`heads`, `batch`, ...) and makes no sharding decision. This file maps logical names onto mesh
+axes through `LOGICAL_RULES`, the single table that every preset uses; presets differ only in
+the sizes of the mesh axes:
+
+  preset    data  fsdp        tensor  expert
+  dp        N     1           1       1
+  fsdp      1     N           1       1
+  fsdp_tp   1     N / tensor  tensor  1
+
+(`expert` is reserved for expert parallelism: its size comes from `mesh.expert`, dividing the
+data-parallel part.) A logical dimension whose size does not divide by its mesh axes is
+replicated instead of raising deep inside XLA; this keeps e.g. 2 KV heads on a 4-way tensor
+axis legal.
+
+Mesh axes use `AxisType.Auto` written out explicitly: activations are constrained with
+`with_sharding_constraint` at a few places (`constrain`) and the compiler propagates the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Iterator, Sequence
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+PRESETS = ("dp", "fsdp", "fsdp_tp")
+
+# logical name -> mesh axes (None: replicated). Parameters and activations use distinct names
+# for the model width so that FSDP can shard weights on `embed` while activations keep it whole.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("batch", ("data", "fsdp", "expert")),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    # parameters
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("experts", "expert"),
+    ("memory_slots", ("fsdp", "tensor")),
+    ("norm", None),
+    ("layers", None),
+)
+
+_RULES = dict(LOGICAL_RULES)
+_active: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextVar(
+    "research_mesh", default=None)
+
+
+class MeshError(ValueError):
+  """The requested mesh cannot be built on the devices present."""
+
+
+def mesh_shape(preset: str, num_devices: int, tensor: int = 1, expert: int = 1) -> dict[str, int]:
+  if preset not in PRESETS:
+    raise MeshError(f"unknown mesh preset '{preset}' (choose one of {', '.join(PRESETS)})")
+  if num_devices % (tensor * expert):
+    raise MeshError(
+        f"mesh preset '{preset}' with tensor={tensor} and expert={expert} needs a device count "
+        f"divisible by {tensor * expert}, but {num_devices} devices are present")
+  rest = num_devices // (tensor * expert)
+  if preset == "dp":
+    if tensor != 1:
+      raise MeshError("mesh preset 'dp' has no tensor axis: use fsdp_tp for mesh.tensor > 1")
+    return dict(data=rest, fsdp=1, expert=expert, tensor=1)
+  if preset == "fsdp":
+    if tensor != 1:
+      raise MeshError("mesh preset 'fsdp' has no tensor axis: use fsdp_tp for mesh.tensor > 1")
+    return dict(data=1, fsdp=rest, expert=expert, tensor=1)
+  return dict(data=1, fsdp=rest, expert=expert, tensor=tensor)
+
+
+def make_mesh(preset: str = "dp", *, tensor: int = 1, expert: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """Builds a mesh over all (or the given) devices; sizes that do not fit are a MeshError."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = mesh_shape(preset, len(devices), tensor, expert)
+  sizes = tuple(shape[a] for a in MESH_AXES)
+  if math.prod(sizes) != len(devices):
+    raise MeshError(f"mesh {shape} does not use exactly the {len(devices)} devices present")
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def mesh_from_config(mesh_cfg) -> jax.sharding.Mesh:
+  if mesh_cfg.distributed:
+    jax.distributed.initialize()
+  return make_mesh(mesh_cfg.preset, tensor=mesh_cfg.tensor, expert=mesh_cfg.expert)
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
+                    mesh: jax.sharding.Mesh) -> P:
+  """Maps logical axis names to a PartitionSpec, replicating dims that do not divide."""
+  if logical is None:
+    return P()
+  if len(logical) != len(shape):
+    raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  out = []
+  for name, dim in zip(logical, shape):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in _RULES:
+      raise KeyError(f"logical axis '{name}' has no rule in research.sharding.LOGICAL_RULES")
+    axes = _RULES[name]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+    if not axes or dim % math.prod(mesh.shape[a] for a in axes):
+      out.append(None)
+      continue
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def named_sharding(logical, shape, mesh) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: jax.sharding.Mesh) -> Iterator[jax.sharding.Mesh]:
+  """Makes `mesh` the current mesh for jax and for `constrain` (trace jitted code inside)."""
+  token = _active.set(mesh)
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _active.reset(token)
+
+
+def current_mesh() -> jax.sharding.Mesh | None:
+  return _active.get()
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's sharding by logical names; a no-op outside `use_mesh` or on 1 device."""
+  mesh = _active.get()
+  if mesh is None or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, named_sharding(logical, x.shape, mesh))
+
+
+def describe(mesh: jax.sharding.Mesh) -> str:
+  return " ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)

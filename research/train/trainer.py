@@ -1,0 +1,373 @@
+"""The generic trainer: one jitted step, exact resume, metrics, checkpoints, progress.
+
+A run lives in a work directory:
+
+  config.json     resolved config, experiment and overrides, git revision, package versions
+  metrics.jsonl   one JSON object per line: {"split": "train", "step", "loss", "lr",
+                  "grad_norm", "tokens_per_s", "mfu", "time", "aux/<name>"...} and
+                  {"split": "valid", "step", "loss", "bpb"}
+  checkpoints/    orbax: train state (params, optimizer state, step) and data-iterator state
+  summary.json    written when the run finishes
+  loss.png        the run's loss curves
+
+Re-running the same command on the same work directory resumes from the last checkpoint; on CPU
+the resumed run is bit-identical to an uninterrupted one, because everything that varies per
+step (batch, dropout key) is a function of (seed, step) or of the restored iterator state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from research import config as config_lib
+from research import data as data_lib
+from research import sharding
+from research.eval import lm_eval
+from research.model import ForwardContext, create_model, compute_dtype, model_summary
+from research.train import mfu as mfu_lib
+from research.train.checkpoint import Checkpointer
+from research.train.optim import make_optimizer
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
+            "ml_collections", "tokenizers")
+
+
+class RunError(RuntimeError):
+  """The run cannot start or continue as asked (e.g. its work directory holds another run)."""
+
+
+def git_revision() -> str:
+  root = Path(__file__).resolve().parents[2]
+  try:
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                         timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return (rev or "unknown") + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+  out = {"python": sys.version.split()[0]}
+  for name in PACKAGES:
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = "absent"
+  return out
+
+
+def make_train_step(graphdef, tx, schedule, cfg):
+  """Builds `step(state, batch) -> (state, metrics)`; state = {step, params, other, opt_state}.
+
+  The batch [batch, seq] is split into `train.grad_accum` micro-batches whose gradients are
+  averaged in a scan. The dropout key of each micro-batch is fold_in(fold_in(seed, step), i).
+  """
+  accum = cfg.train.grad_accum
+  deterministic = cfg.model.dropout == 0.0
+  base_key = jax.random.key(cfg.seed)
+
+  def loss_fn(params, other, inputs, targets, key):
+    model = nnx.merge(graphdef, params, other)
+    ctx = ForwardContext(positions=lm_eval.positions_for(inputs), deterministic=deterministic,
+                         dropout_key=key)
+    logits = model(inputs, ctx)
+    loss = lm_eval.cross_entropy(logits, targets).mean()
+    aux = dict(ctx.aux_losses)
+    total = loss + sum(aux.values()) if aux else loss
+    return total, (loss, aux)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state, batch):
+    params, other = state["params"], state["other"]
+    key = jax.random.fold_in(base_key, state["step"])
+    if accum == 1:
+      (_, (loss, aux)), grads = grad_fn(params, other, batch["inputs"], batch["targets"], key)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        (_, (loss, aux)), grads = grad_fn(params, other, mb["inputs"], mb["targets"],
+                                          jax.random.fold_in(key, i))
+        acc_g, acc_l, acc_a = carry
+        return (jax.tree.map(jnp.add, acc_g, grads), acc_l + loss,
+                jax.tree.map(jnp.add, acc_a, aux)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      _, (_, (_, aux0)) = jax.eval_shape(
+          lambda: (0, loss_fn(params, other, micro["inputs"][0], micro["targets"][0], key)))
+      aux_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+      (grads, loss, aux), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32), aux_zero), (jnp.arange(accum), micro))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+      aux = jax.tree.map(lambda a: a / accum, aux)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+    metrics.update({f"aux/{k}": v for k, v in aux.items()})
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return step
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run holds once built; `Trainer.build` makes it."""
+  config: Any
+  mesh: jax.sharding.Mesh
+  corpus: Any
+  graphdef: Any
+  state: dict
+  step_fn: Any
+  eval_step: Any
+  train_iter: Any
+  valid_batches: list
+  batch_sharding: Any
+  summary: dict
+
+
+class Trainer:
+  """Trains `config` in `workdir`; `run()` returns the summary dict."""
+
+  def __init__(self, config, workdir: str | Path, *, experiment: str = "", arg: str = "",
+               overrides: dict | None = None, log=print):
+    self.raw_config = config
+    self.workdir = Path(workdir)
+    self.experiment, self.arg, self.overrides = experiment, arg, dict(overrides or {})
+    self.log = log
+
+  # ---------------------------------------------------------------- set-up
+  def _resolve(self):
+    c = config_lib.resolve(self.raw_config)
+    corpus = data_lib.load_tokenized(c.data)
+    vocab = corpus.tokenizer.vocab_size
+    if c.model.vocab_size == 0:
+      c.model.vocab_size = vocab
+    elif c.model.vocab_size < vocab:
+      raise config_lib.ConfigError(
+          f"model.vocab_size={c.model.vocab_size} is smaller than the tokenizer's {vocab}")
+    return c, corpus
+
+  def _write_config(self, c) -> None:
+    record = {"experiment": self.experiment, "arg": self.arg, "overrides": self.overrides,
+              "config": c.to_dict(), "git_revision": git_revision(),
+              "packages": package_versions()}
+    path = self.workdir / "config.json"
+    if path.exists():
+      old = json.loads(path.read_text()).get("config", {})
+      ignore = {("train", "progress")}
+      diffs = [k for k in config_lib.flat_keys(c)
+               if tuple(k.split(".")) not in ignore and _get(old, k) != _get(record["config"], k)]
+      if diffs:
+        raise RunError(
+            f"{self.workdir} holds a run with a different config (differs in {', '.join(diffs[:5])}); "
+            "use another --workdir")
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str))
+
+  def build(self, c=None, corpus=None) -> Run:
+    if c is None:
+      c, corpus = self._resolve()
+    mesh = sharding.mesh_from_config(c.mesh)
+    t = c.train
+    if t.batch_size % jax.process_count():
+      raise config_lib.ConfigError(
+          f"train.batch_size={t.batch_size} does not divide over {jax.process_count()} processes")
+    dtype = compute_dtype(t.precision)
+    model = create_model(c.model, mesh=mesh, seed=c.seed, dtype=dtype)
+    summary = model_summary(model, c.data.seq_len)
+    graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    tx, schedule = make_optimizer(t)
+    with sharding.use_mesh(mesh):
+      opt_state = jax.jit(tx.init)(params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "other": other,
+             "opt_state": opt_state}
+    batch_sharding = sharding.named_sharding(("batch", "seq"), (t.batch_size, c.data.seq_len), mesh)
+    step_fn = jax.jit(make_train_step(graphdef, tx, schedule, c), donate_argnums=0,
+                      out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
+    pi, pc = jax.process_index(), jax.process_count()
+    train_iter = data_lib.make_train_iterator(
+        corpus.train, seq_len=c.data.seq_len, batch_size=t.batch_size // pc, seed=c.seed,
+        process_index=pi, process_count=pc)
+    e = c.eval
+    valid_batches = data_lib.make_valid_batches(
+        corpus.valid, seq_len=c.data.seq_len, batch_size=e.batch_size // pc,
+        num_batches=e.batches, process_index=pi, process_count=pc)
+    return Run(config=c, mesh=mesh, corpus=corpus, graphdef=graphdef, state=state,
+               step_fn=step_fn, eval_step=lm_eval.make_eval_step(graphdef),
+               train_iter=train_iter, valid_batches=valid_batches,
+               batch_sharding=batch_sharding, summary=summary)
+
+  def _describe(self, r: Run) -> None:
+    c, s = r.config, r.summary
+    tokens_per_step = c.train.batch_size * c.data.seq_len
+    params = jax.tree.leaves(r.state["params"])
+    largest = sorted(jax.tree.leaves_with_path(r.state["params"]), key=lambda kv: -kv[1].size)[:3]
+    self.log(f"model: {s['params'] / 1e6:.3f}M parameters ({s['params_non_embedding'] / 1e6:.3f}M "
+             f"non-embedding), {s['flops_per_token_train'] / 1e6:.2f} MFLOPs/token (train)")
+    self.log(f"data: {c.data.corpus}/{c.data.tokenizer} vocab {c.model.vocab_size}, "
+             f"{len(r.corpus.train):,} train tokens; global batch {c.train.batch_size} x "
+             f"{c.data.seq_len} = {tokens_per_step:,} tokens/step, {c.train.steps} steps")
+    self.log(f"mesh: {sharding.describe(r.mesh)} on {jax.device_count()} {jax.default_backend()} "
+             f"device(s); compute dtype {jnp.dtype(compute_dtype(c.train.precision)).name}; "
+             f"{len(params)} parameter arrays")
+    for path, x in largest:
+      self.log(f"  {jax.tree_util.keystr(path)} {tuple(x.shape)} {x.sharding.spec}")
+
+  # ---------------------------------------------------------------- running
+  def put_batch(self, r: Run, batch: dict) -> dict:
+    return {k: jax.make_array_from_process_local_data(r.batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def run(self) -> dict:
+    summary_path = self.workdir / "summary.json"
+    if summary_path.exists():
+      done = json.loads(summary_path.read_text())
+      self.log(f"run in {self.workdir} already finished at step {done['step']} "
+               f"(valid loss {done['valid_loss']:.4f}); nothing to do")
+      return done
+    c, corpus = self._resolve()
+    self._write_config(c)
+    r = self.build(c, corpus)
+    self._describe(r)
+    ckpt = Checkpointer(self.workdir / "checkpoints", keep=c.train.keep_checkpoints)
+    state = r.state
+    latest = ckpt.latest_step()
+    if latest is not None:
+      abstract = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+      state, data_state = ckpt.restore(latest, abstract)
+      r.train_iter.set_state(data_state)
+      self.log(f"resumed from step {latest} ({self.workdir / 'checkpoints'})")
+    try:
+      result = self._loop(r, state, ckpt)
+    finally:
+      ckpt.close()
+    return result
+
+  def _loop(self, r: Run, state: dict, ckpt: Checkpointer) -> dict:
+    c, t = r.config, r.config.train
+    start = int(state["step"])
+    tokens_per_step = t.batch_size * c.data.seq_len
+    flops_per_step = r.summary["flops_per_token_train"] * tokens_per_step
+    peak = mfu_lib.peak_flops_per_device() * jax.device_count()
+    bytes_per_token = r.corpus.valid_bytes_per_token
+    metrics_file = open(self.workdir / "metrics.jsonl", "a")
+    valid_batches = [self.put_batch(r, b) for b in r.valid_batches]
+
+    def write(record):
+      metrics_file.write(json.dumps(record) + "\n")
+      metrics_file.flush()
+
+    def run_eval(step):
+      loss = lm_eval.evaluate(r.eval_step, state["params"], state["other"], valid_batches)
+      bpb = lm_eval.bits_per_byte(loss, bytes_per_token)
+      write({"split": "valid", "step": step, "loss": loss, "bpb": bpb})
+      return loss, bpb
+
+    with sharding.use_mesh(r.mesh):
+      # The next batch is taken while the device runs the current step; the iterator state
+      # saved in a checkpoint is the one from *before* that prefetch, so resume is exact.
+      data_state = r.train_iter.get_state()
+      batch = self.put_batch(r, next(r.train_iter))
+      compiled = r.step_fn.lower(state, batch).compile()
+      bar = tqdm(total=t.steps, initial=start, disable=not t.progress, dynamic_ncols=True,
+                 unit="step", file=sys.stderr)
+      pending: list[dict] = []
+      interval_start, interval_steps = time.perf_counter(), 0
+      last_valid = (float("nan"), float("nan"))
+      train_loss = float("nan")
+      tokens_per_s = float("nan")
+      step = start
+      try:
+        while step < t.steps:
+          state, metrics = compiled(state, batch)
+          step += 1
+          pending.append(metrics)
+          interval_steps += 1
+          if step < t.steps:
+            data_state = r.train_iter.get_state()
+            batch = self.put_batch(r, next(r.train_iter))
+          bar.update(1)
+          if step % t.log_every == 0 or step == t.steps:
+            fetched = jax.device_get(pending)
+            now = time.perf_counter()
+            tokens_per_s = interval_steps * tokens_per_step / (now - interval_start)
+            train_loss = float(np.mean([m["loss"] for m in fetched]))
+            record = {"split": "train", "step": step, "loss": train_loss,
+                      "lr": float(fetched[-1]["lr"]),
+                      "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+                      "tokens_per_s": tokens_per_s,
+                      "mfu": flops_per_step * interval_steps / (now - interval_start) / peak,
+                      "time": time.time()}
+            for k in fetched[-1]:
+              if k.startswith("aux/"):
+                record[k] = float(np.mean([m[k] for m in fetched]))
+            write(record)
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            pending, interval_steps = [], 0
+            if not math.isfinite(train_loss):
+              self.log(f"training diverged at step {step} (loss {train_loss})")
+          paused = time.perf_counter()
+          if step % c.eval.every == 0 or step == t.steps:
+            last_valid = run_eval(step)
+            bar.write(f"step {step}: valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} bits/byte")
+          if step % t.checkpoint_every == 0 or step == t.steps:
+            ckpt.save(step, state, data_state)
+          interval_start += time.perf_counter() - paused
+      except KeyboardInterrupt:
+        bar.close()
+        ckpt.save(step, state, data_state, force=True)
+        ckpt.wait()
+        self.log(f"interrupted at step {step}: checkpoint saved in {self.workdir / 'checkpoints'}; "
+                 "run the same command again to resume")
+        raise
+      finally:
+        metrics_file.close()
+      bar.close()
+      ckpt.wait()
+    summary = {"step": step, "valid_loss": last_valid[0], "valid_bpb": last_valid[1],
+               "train_loss": train_loss, "tokens_per_s": tokens_per_s,
+               "params": r.summary["params"]}
+    (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+      from research import report
+      report.plot_run(self.workdir)
+    except Exception as e:  # a plot must never cost a finished run
+      self.log(f"could not plot {self.workdir}: {e}")
+    self.log(f"done: step {step}, valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} bits/byte, "
+             f"{tokens_per_s:,.0f} tokens/s; {self.workdir}")
+    return summary
+
+
+def _get(d: dict, dotted: str):
+  for k in dotted.split("."):
+    if not isinstance(d, dict) or k not in d:
+      return None
+    d = d[k]
+  return d
+
+
+def train(config, workdir, **kwargs) -> dict:
+  """Convenience wrapper: `Trainer(config, workdir, ...).run()`."""
+  return Trainer(config, workdir, **kwargs).run()
