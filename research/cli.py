@@ -2,7 +2,8 @@
 
   research list
   research run NAME[:ARG] [--config.key=value ...] [--workdir DIR] [--data_dir DIR]
-  research sweep NAME [--group G] [--seeds N] [--runs_dir DIR] [--config.key=value ...]
+  research sweep NAME [--group G] [--seeds N] [--arg ARG] [--arms A,B] [--runs_dir DIR]
+                      [--config.key=value ...]
   research report NAME [--group G] [--runs_dir DIR] [--out DIR]
   research data list | fetch CORPUS
 
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("name")
   s.add_argument("--group")
   s.add_argument("--seeds", type=int)
+  s.add_argument("--arg", help="replace the sweep's experiment argument, e.g. scale=smoke")
+  s.add_argument("--arms", help="comma-separated arm names to run (default: all)")
   s.add_argument("--runs_dir", default="runs")
   s.add_argument("--data_dir")
   rep = sub.add_parser("report", help="tables and plots from a sweep's runs")
@@ -96,8 +99,9 @@ def cmd_run(args, overrides) -> None:
 
 def cmd_sweep(args, overrides) -> None:
   from research.sweep import run_sweep
-  path = run_sweep(args.name, group=args.group, seeds=args.seeds, runs_dir=args.runs_dir,
-                   overrides=overrides, data_dir=args.data_dir)
+  arms = [a for a in args.arms.split(",") if a] if args.arms else None
+  path = run_sweep(args.name, group=args.group, seeds=args.seeds, arg=args.arg, arms=arms,
+                   runs_dir=args.runs_dir, overrides=overrides, data_dir=args.data_dir)
   print(f"sweep finished: {path}")
 
 
@@ -153,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except CheckpointError as e:
     print(f"research: checkpoint error: {e}", file=sys.stderr)
-    return 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A failed asynchronous save can leave the checkpointer's threads waiting forever;
+    # nothing else is pending (metrics are flushed line by line), so leave at once.
+    os._exit(1)
   except KeyboardInterrupt:
     return 130
   return 0

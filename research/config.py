@@ -90,6 +90,7 @@ def default_config() -> ml_collections.ConfigDict:
   # ---- mesh
   h = c.mesh = ml_collections.ConfigDict()
   h.preset = "dp"  # dp | fsdp | fsdp_tp
+  h.num_devices = 0  # 0: every device; N: the first N (must not exceed the devices present)
   h.tensor = 1  # size of the `tensor` axis for fsdp_tp
   h.expert = 1  # size of the reserved `expert` axis
   h.distributed = False  # call jax.distributed.initialize() (multi-host)

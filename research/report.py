@@ -41,10 +41,7 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # Files only; never open a window.
-import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+from matplotlib.figure import Figure  # drawn off-screen, without touching pyplot's backend
 import numpy as np  # noqa: E402
 
 
@@ -142,7 +139,8 @@ def plot_run(workdir: str | Path, out_png: str | Path | None = None) -> Path:
     """Train loss (light) and valid loss (markers) over steps; saved as <workdir>/loss.png."""
     run = load_run(workdir)
     out_png = Path(out_png) if out_png is not None else run.workdir / "loss.png"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     steps, loss = run.curve("train")
     if len(steps):
         ax.plot(steps, _finite(loss), color="tab:blue", alpha=0.35, linewidth=1, label="train")
@@ -157,7 +155,6 @@ def plot_run(workdir: str | Path, out_png: str | Path | None = None) -> Path:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
     return out_png
 
 
@@ -284,7 +281,8 @@ def _mean_curve(runs: list[Run], split: str) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _plot_curves(experiment: str, group: dict, arms: list[_Arm], out_png: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     for i, arm in enumerate(a for a in arms if a.finished):
         color = f"C{i % 10}"
         steps, mean, lo, hi = _mean_curve(arm.finished, "valid")
@@ -300,12 +298,12 @@ def _plot_curves(experiment: str, group: dict, arms: list[_Arm], out_png: Path) 
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def _plot_final(experiment: str, group: dict, out_png: Path) -> None:
     rows = [row for row in group["arms"] if row["seeds_finished"]]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 4.5))
+    fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2), 4.5))
+    ax = fig.subplots()
     x = np.arange(len(rows))
     means = [row["valid_loss"]["mean"] for row in rows]
     stds = [row["valid_loss"]["std"] or 0.0 for row in rows]
@@ -324,7 +322,6 @@ def _plot_final(experiment: str, group: dict, out_png: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
 
 
 def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,

@@ -96,9 +96,18 @@ def make_mesh(preset: str = "dp", *, tensor: int = 1, expert: int = 1,
 
 
 def mesh_from_config(mesh_cfg) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh`; multi-host start-up happens here, and only when asked."""
   if mesh_cfg.distributed:
     jax.distributed.initialize()
-  return make_mesh(mesh_cfg.preset, tensor=mesh_cfg.tensor, expert=mesh_cfg.expert)
+  devices = jax.devices()
+  n = mesh_cfg.num_devices
+  if n:
+    if n > len(devices):
+      raise MeshError(f"mesh.num_devices={n} but only {len(devices)} {devices[0].platform} "
+                      "device(s) are present")
+    devices = devices[:n]
+  return make_mesh(mesh_cfg.preset, tensor=mesh_cfg.tensor, expert=mesh_cfg.expert,
+                   devices=devices)
 
 
 def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from research import config as config_lib
 from research import experiments
 from research.train.trainer import Trainer
 
@@ -22,12 +23,25 @@ def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
 
 
 def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
+              arg: str | None = None, arms: list[str] | None = None,
               runs_dir: str | Path = "runs", overrides: dict[str, Any] | None = None,
               data_dir: str | None = None, log=print) -> Path:
-  """Runs (or continues) a sweep group; returns the manifest path. Raises if an arm failed."""
+  """Runs (or continues) a sweep group; returns the manifest path. Raises if an arm failed.
+
+  `arg` replaces the sweep's experiment argument (e.g. "scale=smoke" to check a table end to
+  end in seconds); `arms` keeps only the named arms.
+  """
   sweep = experiments.get_sweep(name)
-  group, arms = sweep.group(group)
+  group, arms_all = sweep.group(group)
+  if arms:
+    known = {a.name: a for a in arms_all}
+    for a in arms:
+      if a not in known:
+        raise config_lib.unknown_key_error(a, known, what=f"arm of sweep group '{group}'")
+    arms_all = [known[a] for a in arms]
+  arms = arms_all
   seeds = sweep.seeds if seeds is None else seeds
+  arg = sweep.arg if arg is None else arg
   root = Path(runs_dir) / name / group
   entries = []
   for arm in arms:
@@ -35,7 +49,7 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       entries.append({"arm": arm.name, "seed": seed, "workdir": f"{arm.name}/seed{seed}",
                       "overrides": {**arm.overrides, **(overrides or {}), "seed": seed},
                       "paper": arm.paper, "status": "pending"})
-  manifest = {"experiment": name, "group": group, "arg": sweep.arg, "arms": entries}
+  manifest = {"experiment": name, "group": group, "arg": arg, "arms": entries}
   path = manifest_path(runs_dir, name, group)
   path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -58,8 +72,8 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
     if data_dir:
       ov["data.data_dir"] = data_dir
     try:
-      config = experiments.get_config(f"{name}:{sweep.arg}", ov)
-      Trainer(config, root / e["workdir"], experiment=name, arg=sweep.arg, overrides=ov,
+      config = experiments.get_config(f"{name}:{arg}", ov)
+      Trainer(config, root / e["workdir"], experiment=name, arg=arg, overrides=ov,
               log=log).run()
       e["status"] = "done"
     except KeyboardInterrupt:

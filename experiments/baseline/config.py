@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
   if scale == "smoke":
     m.num_layers, m.d_model, m.num_heads = 2, 32, 2
     c.data.seq_len = 32
-    t.steps, t.batch_size, t.warmup_steps = 12, 4, 2
+    t.steps, t.batch_size, t.warmup_steps = 12, 8, 2
     t.log_every, t.checkpoint_every, t.keep_checkpoints = 4, 6, 2
     e.every, e.batches = 6, 2
   elif scale == "tiny":

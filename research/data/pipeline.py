@@ -113,8 +113,8 @@ class TrainIterator:
 
   def __init__(self, dataset: grain.MapDataset, settings: dict[str, int],
                epoch_offset, window_starts):
-    self._iter = dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)).__iter__()
+    self._iter = iter(dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
     self._settings = settings
     self.epoch_offset = epoch_offset  # (epoch) -> start offset of that epoch's window grid
     self.window_starts = window_starts  # (batch index) -> int [batch] window starts, for tests

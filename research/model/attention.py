@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.model.linear import make_linear
+from research.model.linear import apply_shared_input, make_linear
 from research.model.norms import RMSNorm
 from research.model.registry import Registry
 from research.sharding import constrain
@@ -30,11 +30,33 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """
   half = x.shape[-1] // 2
   freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [b, s, 1, half]
-  sin, cos = jnp.sin(angles), jnp.cos(angles)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  angles = positions.astype(jnp.float32)[:, :, None, None] * freqs[None, None, None, :]  # [b, s, 1, half]
+  return _rotate(x.astype(jnp.float32), jnp.sin(angles), jnp.cos(angles)).astype(x.dtype)
+
+
+@jax.custom_vjp
+def _rotate(x, sin, cos):
+  """Rotates the pairs (x1, x2) = split(x) by the angles whose sin and cos are given.
+
+  A rotation's transpose is the rotation by the opposite angle, so the backward is the same
+  single fused pass with -sin; autodiff of the split/concatenate instead emits pads, adds and
+  a concatenate per input (measured ~0.6 ms of the tiny training step's 56 ms).
+  """
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _rotate_fwd(x, sin, cos):
+  return _rotate(x, sin, cos), (sin, cos)
+
+
+def _rotate_bwd(res, dy):
+  sin, cos = res
+  # The angles come from integer positions: their cotangents are never used.
+  return _rotate(dy, -sin, cos), jnp.zeros_like(sin), jnp.zeros_like(cos)
+
+
+_rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
 def xla_attention(q, k, v, *, q_positions, k_positions, causal: bool = True):
@@ -89,9 +111,10 @@ class DenseAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
     b, t, _ = x.shape
-    q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q, k, v = apply_shared_input([self.q, self.k, self.v], x)
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     q = constrain(q, ("batch", "seq", "act_heads", None))
     k = constrain(k, ("batch", "seq", "act_kv_heads", None))
     if self.q_norm is not None:

@@ -22,7 +22,7 @@ class PlainEmbedding(nnx.Module):
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
     init = jax.nn.initializers.normal(cfg.init_std)
     self.table = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
-                           sharding_names=("vocab", "embed"))
+                           out_sharding=("vocab", "embed"))
     self.dtype = dtype
 
   def __call__(self, tokens: jax.Array) -> jax.Array:

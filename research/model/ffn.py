@@ -12,7 +12,7 @@ import math
 import jax
 from flax import nnx
 
-from research.model.linear import make_linear
+from research.model.linear import apply_shared_input, make_linear
 from research.model.registry import Registry
 from research.sharding import constrain
 
@@ -21,9 +21,30 @@ ACTIVATIONS = Registry("model.channel.activation")
 
 
 @ACTIVATIONS.register("swiglu")
+@jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-  """SwiGLU(x) = silu(x W_gate) * (x W_up) (Shazeer 2020, eq. 6)."""
+  """SwiGLU(x) = silu(x W_gate) * (x W_up) (Shazeer 2020, eq. 6).
+
+  The backward is written by hand so that sigmoid(gate) is evaluated once per element; autodiff
+  of silu keeps and re-derives it through several fusions (exp, divide, their transposes).
+  With s = sigmoid(g): d_up = dh * g s,  d_gate = dh * up * s (1 + g (1 - s)).
+  """
   return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return jax.nn.silu(gate) * up, (gate, up)
+
+
+def _swiglu_bwd(res, dh):
+  gate, up = res
+  s = jax.nn.sigmoid(gate)
+  d_up = dh * gate * s
+  d_gate = dh * up * s * (1 + gate * (1 - s))
+  return d_gate, d_up
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 swiglu.gated = True
@@ -47,8 +68,11 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
     del ctx
-    up = self.up(x)
-    h = self.act(self.gate(x), up) if self.gated else self.act(up)
+    if self.gated:
+      gate, up = apply_shared_input([self.gate, self.up], x)
+      h = self.act(gate, up)
+    else:
+      h = self.act(self.up(x))
     h = constrain(h, ("batch", "seq", "act_mlp"))
     return self.down(h)
 

@@ -25,7 +25,7 @@ class PlainHead(nnx.Module):
     if not self.tied:
       init = jax.nn.initializers.normal(cfg.init_std)
       self.kernel = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
-                              sharding_names=("embed", "vocab"))
+                              out_sharding=("embed", "vocab"))
 
   def __call__(self, h: jax.Array, embedding: nnx.Module, ctx) -> jax.Array:
     """h: [batch, seq, embed] -> logits [batch, seq, vocab] in fp32."""

@@ -95,7 +95,7 @@ class DecoderLM(nnx.Module):
       ctx = ForwardContext(positions=positions)
     tokens = constrain(tokens, ("batch", "seq"))
     h = self.embed(tokens)
-    h = ctx.dropout(h, self.cfg.dropout, site=-1)
+    h = ctx.dropout(h, self.cfg.dropout, site=2 * self.cfg.num_layers)
     stream = self.residual_cls.expand(h, self.cfg)
     for block in self.blocks:
       stream = self._apply_block(block, stream, ctx)

@@ -22,6 +22,7 @@ class Checkpointer:
   def __init__(self, directory: str | Path, *, keep: int, async_save: bool = True):
     self.directory = Path(directory).absolute()
     try:
+      self.directory.mkdir(parents=True, exist_ok=True)
       options = ocp.CheckpointManagerOptions(
           max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
       self._manager = ocp.CheckpointManager(self.directory, options=options,

@@ -39,7 +39,7 @@ from research import sharding
 from research.eval import lm_eval
 from research.model import ForwardContext, create_model, compute_dtype, model_summary
 from research.train import mfu as mfu_lib
-from research.train.checkpoint import Checkpointer
+from research.train.checkpoint import CheckpointError, Checkpointer
 from research.train.optim import make_optimizer
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
@@ -193,6 +193,15 @@ class Trainer:
     if t.batch_size % jax.process_count():
       raise config_lib.ConfigError(
           f"train.batch_size={t.batch_size} does not divide over {jax.process_count()} processes")
+    data_parallel = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    if t.batch_size % data_parallel:
+      raise config_lib.ConfigError(
+          f"train.batch_size={t.batch_size} does not divide over the {data_parallel}-way "
+          f"data-parallel mesh ({sharding.describe(mesh)}); change the batch or mesh.num_devices")
+    if t.batch_size // t.grad_accum % data_parallel:
+      raise config_lib.ConfigError(
+          f"micro-batch {t.batch_size // t.grad_accum} (train.batch_size / train.grad_accum) "
+          f"does not divide over the {data_parallel}-way data-parallel mesh")
     dtype = compute_dtype(t.precision)
     model = create_model(c.model, mesh=mesh, seed=c.seed, dtype=dtype)
     summary = model_summary(model, c.data.seq_len)
@@ -200,7 +209,9 @@ class Trainer:
     tx, schedule = make_optimizer(t)
     with sharding.use_mesh(mesh):
       opt_state = jax.jit(tx.init)(params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "other": other,
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
+             "other": other,
              "opt_state": opt_state}
     batch_sharding = sharding.named_sharding(("batch", "seq"), (t.batch_size, c.data.seq_len), mesh)
     step_fn = jax.jit(make_train_step(graphdef, tx, schedule, c), donate_argnums=0,
@@ -232,7 +243,9 @@ class Trainer:
              f"device(s); compute dtype {jnp.dtype(compute_dtype(c.train.precision)).name}; "
              f"{len(params)} parameter arrays")
     for path, x in largest:
-      self.log(f"  {jax.tree_util.keystr(path)} {tuple(x.shape)} {x.sharding.spec}")
+      name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+      name = name.replace("/.value", "").removesuffix("/value")
+      self.log(f"  {name} {tuple(x.shape)} sharded {x.sharding.spec}")
 
   # ---------------------------------------------------------------- running
   def put_batch(self, r: Run, batch: dict) -> dict:
@@ -261,8 +274,12 @@ class Trainer:
       self.log(f"resumed from step {latest} ({self.workdir / 'checkpoints'})")
     try:
       result = self._loop(r, state, ckpt)
-    finally:
+    except CheckpointError:
+      raise  # closing would wait on the failed save
+    except BaseException:
       ckpt.close()
+      raise
+    ckpt.close()
     return result
 
   def _loop(self, r: Run, state: dict, ckpt: Checkpointer) -> dict:

@@ -1,0 +1,135 @@
+"""The `research` command end to end: run, sweep + report, list, data, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from research import cli
+
+
+def run(capsys, *argv):
+  code = cli.main(list(argv))
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def one_line_error(err: str) -> str:
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert len(lines) == 1, err
+  assert lines[0].startswith("research: error: ")
+  return lines[0]
+
+
+@pytest.mark.needs_data
+def test_run_smoke_writes_the_run(tmp_path, capsys):
+  """`research run baseline:scale=smoke` on the 8-device mesh (data parallel)."""
+  code, out, err = run(capsys, "run", "baseline:scale=smoke", "--workdir", str(tmp_path),
+                       "--config.train.progress=False")
+  assert code == 0, err
+  for name in ("config.json", "metrics.jsonl", "summary.json", "loss.png"):
+    assert (tmp_path / name).is_file(), name
+  assert (tmp_path / "checkpoints" / "12").is_dir()
+  record = json.loads((tmp_path / "config.json").read_text())
+  assert record["experiment"] == "baseline" and record["arg"] == "scale=smoke"
+  assert record["config"]["model"]["vocab_size"] == 65
+  assert record["git_revision"] and "jax" in record["packages"]
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train = [l for l in lines if l["split"] == "train"]
+  valid = [l for l in lines if l["split"] == "valid"]
+  assert [l["step"] for l in train] == [4, 8, 12]
+  assert [l["step"] for l in valid] == [6, 12]
+  for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+    assert key in train[0]
+  assert 0 < train[-1]["mfu"] < 1
+  assert valid[-1]["bpb"] == pytest.approx(valid[-1]["loss"] / 0.6931471805599453, rel=1e-6)
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["step"] == 12 and summary["valid_loss"] == valid[-1]["loss"]
+  assert "data=8" in out  # 8-way data parallel
+  assert "parameters" in out and "MFLOPs/token" in out
+
+
+@pytest.mark.needs_data
+def test_sweep_and_report(tmp_path, capsys):
+  runs = tmp_path / "runs"
+  args = ("sweep", "baseline", "--group", "lr", "--arg", "scale=smoke", "--arms", "lr=3e-4,lr=1e-3",
+          "--seeds", "2", "--runs_dir", str(runs), "--config.train.progress=False")
+  code, out, err = run(capsys, *args)
+  assert code == 0, err
+  manifest = json.loads((runs / "baseline" / "lr" / "manifest.json").read_text())
+  assert [(e["arm"], e["seed"], e["status"]) for e in manifest["arms"]] == [
+      ("lr=3e-4", 0, "done"), ("lr=3e-4", 1, "done"), ("lr=1e-3", 0, "done"), ("lr=1e-3", 1, "done")]
+  # a second invocation skips the finished runs
+  code, out, _ = run(capsys, *args)
+  assert code == 0 and out.count("finished, skipped") == 4
+  out_dir = tmp_path / "results"
+  code, out, err = run(capsys, "report", "baseline", "--runs_dir", str(runs), "--out", str(out_dir))
+  assert code == 0, err
+  table = (out_dir / "results.md").read_text()
+  assert "lr=3e-4" in table and "lr=1e-3" in table and "2/2" in table
+  assert "paper: valid_loss (nanoGPT)" in table
+  for png in ("lr_curves.png", "lr_final.png"):
+    assert (out_dir / png).stat().st_size > 5000
+
+
+def test_list_shows_experiments(capsys):
+  code, out, _ = run(capsys, "list")
+  assert code == 0
+  assert "baseline" in out and "smoke" in out and "1.88" in out
+
+
+def test_unknown_experiment(capsys):
+  code, _, err = run(capsys, "run", "baselin:scale=smoke")
+  assert code == 2
+  assert "unknown experiment 'baselin'; did you mean baseline?" in one_line_error(err)
+
+
+def test_unknown_config_key(capsys):
+  code, _, err = run(capsys, "run", "baseline:scale=smoke", "--config.train.lrr=0.1")
+  assert code == 2
+  assert "unknown config key 'train.lrr'; did you mean train.lr" in one_line_error(err)
+
+
+def test_unknown_experiment_argument(capsys):
+  code, _, err = run(capsys, "run", "baseline:scale=smoke,sclae=tiny")
+  assert code == 2
+  assert "unknown experiment argument 'sclae'; did you mean scale?" in one_line_error(err)
+
+
+def test_bad_value_type(capsys):
+  code, _, err = run(capsys, "run", "baseline:scale=smoke", "--config.train.steps=many")
+  assert code == 2
+  assert "config key 'train.steps' expects int" in one_line_error(err)
+
+
+def test_mesh_that_does_not_divide_the_devices(capsys, tmp_path):
+  code, _, err = run(capsys, "run", "baseline:scale=smoke", "--workdir", str(tmp_path),
+                     "--config.mesh.preset=fsdp_tp", "--config.mesh.tensor=3")
+  assert code == 2
+  assert "divisible by 3, but 8 devices are present" in one_line_error(err)
+
+
+def test_missing_corpus(capsys, tmp_path):
+  code, _, err = run(capsys, "run", "baseline:scale=smoke", "--workdir", str(tmp_path / "w"),
+                     "--data_dir", str(tmp_path / "nowhere"))
+  assert code == 2
+  line = one_line_error(err)
+  assert "tinyshakespeare" in line and "RESEARCH_DATA_DIR" in line
+
+
+def test_unknown_sweep_group_and_report_without_runs(capsys, tmp_path):
+  code, _, err = run(capsys, "sweep", "baseline", "--group", "lrr", "--runs_dir", str(tmp_path))
+  assert code == 2
+  assert "unknown sweep group 'lrr'; did you mean lr?" in one_line_error(err)
+  code, _, err = run(capsys, "report", "baseline", "--runs_dir", str(tmp_path), "--out",
+                     str(tmp_path / "out"))
+  assert code == 2
+  assert "research sweep baseline" in one_line_error(err)
+
+
+def test_data_list(capsys):
+  code, out, _ = run(capsys, "data", "list")
+  assert code == 0
+  for name in ("tinyshakespeare", "wikitext2", "shakespeare"):
+    assert name in out
