@@ -7,23 +7,23 @@ documentation.
 A *run directory* holds:
 
 * ``config.json``: ``{"experiment": str, "arg": str, "overrides": {...}, "config": {...},
-  "git_revision": str, "packages": {...}}`` (the resolved config, nested).
+ "git_revision": str, "packages": {...}}`` (the resolved config, nested).
 * ``metrics.jsonl``: one JSON object per line. Training lines are
-  ``{"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "time"}``,
-  evaluation lines ``{"split": "valid", "step", "loss", "bpb"}``. Extra numeric keys
-  (e.g. ``"aux/load_balance"``) are kept; non-numeric ones are ignored. Losses may be NaN or
-  inf for a diverged run (JSON written with ``allow_nan``). A resumed run may hold a step twice
-  (the lines after the resumed checkpoint, written again): for each split the LAST line written
-  for a step wins.
+ ``{"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "time"}``,
+ evaluation lines ``{"split": "valid", "step", "loss", "bpb"}``. Extra numeric keys
+ (e.g. ``"aux/load_balance"``) are kept; non-numeric ones are ignored. Losses may be NaN or
+ inf for a diverged run (JSON written with ``allow_nan``). A resumed run may hold a step twice
+ (the lines after the resumed checkpoint, written again): for each split the LAST line written
+ for a step wins.
 * ``summary.json``, only once the run finished: ``{"step", "valid_loss", "valid_bpb",
-  "train_loss", "tokens_per_s", "wall_time_s"}``.
+ "train_loss", "tokens_per_s", "wall_time_s"}``.
 
 A *sweep* of experiment E, group G lives in ``<runs_dir>/<E>/<G>/manifest.json``::
 
-    {"experiment": "baseline", "group": "lr", "arg": "scale=tiny",
-     "arms": [{"arm": "lr=1e-3", "seed": 0, "workdir": "<absolute, or relative to the manifest>",
-               "overrides": {"train.lr": 0.001}, "paper": {"valid_loss": 1.88} or null,
-               "status": "done" | "running" | "failed" | "pending"}, ...]}
+  {"experiment": "baseline", "group": "lr", "arg": "scale=tiny",
+   "arms": [{"arm": "lr=1e-3", "seed": 0, "workdir": "<absolute, or relative to the manifest>",
+        "overrides": {"train.lr": 0.001}, "paper": {"valid_loss": 1.88} or null,
+        "status": "done" | "running" | "failed" | "pending"}, ...]}
 
 with one entry per arm x seed; ``paper`` maps a label to the paper's reported number.
 
@@ -46,314 +46,314 @@ import numpy as np  # noqa: E402
 
 
 class ReportError(Exception):
-    """A run or sweep on disk is missing or unreadable."""
+  """A run or sweep on disk is missing or unreadable."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """One run directory, read back.
+  """One run directory, read back.
 
-    ``metrics[split]`` maps "step" to a sorted int array and every numeric key seen in that
-    split to a float array of the same length (NaN where a line lacked the key).
-    """
+  ``metrics[split]`` maps "step" to a sorted int array and every numeric key seen in that
+  split to a float array of the same length (NaN where a line lacked the key).
+  """
 
-    workdir: Path
-    config: dict
-    metrics: dict[str, dict[str, np.ndarray]]
-    summary: dict | None
+  workdir: Path
+  config: dict
+  metrics: dict[str, dict[str, np.ndarray]]
+  summary: dict | None
 
-    def curve(self, split: str, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
-        """(steps, values) of one metric; empty arrays when the run never logged it."""
-        series = self.metrics.get(split, {})
-        if key not in series:
-            return np.zeros((0,), np.int64), np.zeros((0,), np.float64)
-        return series["step"], series[key]
+  def curve(self, split: str, key: str = "loss") -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one metric; empty arrays when the run never logged it."""
+    series = self.metrics.get(split, {})
+    if key not in series:
+      return np.zeros((0,), np.int64), np.zeros((0,), np.float64)
+    return series["step"], series[key]
 
-    @property
-    def diverged(self) -> bool:
-        losses = [self.curve(split)[1] for split in ("train", "valid")]
-        if self.summary is not None:
-            losses.append(np.asarray([self.summary.get("valid_loss", math.nan)], np.float64))
-        return any(not np.all(np.isfinite(v)) for v in losses)
+  @property
+  def diverged(self) -> bool:
+    losses = [self.curve(split)[1] for split in ("train", "valid")]
+    if self.summary is not None:
+      losses.append(np.asarray([self.summary.get("valid_loss", math.nan)], np.float64))
+    return any(not np.all(np.isfinite(v)) for v in losses)
 
-    @property
-    def finished(self) -> bool:
-        return self.summary is not None and not self.diverged
+  @property
+  def finished(self) -> bool:
+    return self.summary is not None and not self.diverged
 
 
 def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ReportError(f"{path} is not valid JSON ({e}); rewrite it or rerun the run.") from e
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ReportError(f"{path} is not valid JSON ({e}); rewrite it or rerun the run.") from e
 
 
 def _read_metrics(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    lines = path.read_text().splitlines()
-    by_split: dict[str, dict[int, dict]] = {}
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:  # A crash can cut the last line short; drop it.
-                continue
-            raise ReportError(f"{path}:{i + 1} is not valid JSON ({e}); fix or remove that line.") from e
-        if "split" not in record or "step" not in record:
-            raise ReportError(f"{path}:{i + 1} has no 'split' or 'step' key; every metrics line needs both.")
-        # Later lines overwrite earlier ones: after a resume the re-run steps win.
-        by_split.setdefault(record["split"], {})[int(record["step"])] = record
-    metrics = {}
-    for split, records in by_split.items():
-        steps = sorted(records)
-        keys = {k for r in records.values() for k, v in r.items()
-                if k not in ("split", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        series = {"step": np.asarray(steps, np.int64)}
-        for key in sorted(keys):
-            values = [records[s].get(key, math.nan) for s in steps]
-            series[key] = np.asarray([v if isinstance(v, (int, float)) else math.nan for v in values],
-                                     np.float64)
-        metrics[split] = series
-    return metrics
+  lines = path.read_text().splitlines()
+  by_split: dict[str, dict[int, dict]] = {}
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      if i == len(lines) - 1:  # A crash can cut the last line short; drop it.
+        continue
+      raise ReportError(f"{path}:{i + 1} is not valid JSON ({e}); fix or remove that line.") from e
+    if "split" not in record or "step" not in record:
+      raise ReportError(f"{path}:{i + 1} has no 'split' or 'step' key; every metrics line needs both.")
+    # Later lines overwrite earlier ones: after a resume the re-run steps win.
+    by_split.setdefault(record["split"], {})[int(record["step"])] = record
+  metrics = {}
+  for split, records in by_split.items():
+    steps = sorted(records)
+    keys = {k for r in records.values() for k, v in r.items()
+        if k not in ("split", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    series = {"step": np.asarray(steps, np.int64)}
+    for key in sorted(keys):
+      values = [records[s].get(key, math.nan) for s in steps]
+      series[key] = np.asarray([v if isinstance(v, (int, float)) else math.nan for v in values],
+                   np.float64)
+    metrics[split] = series
+  return metrics
 
 
 def load_run(workdir: str | Path) -> Run:
-    """Reads config.json, metrics.jsonl and (if present) summary.json of one run directory."""
-    workdir = Path(workdir)
-    metrics_path = workdir / "metrics.jsonl"
-    if not metrics_path.exists():
-        raise ReportError(f"no metrics.jsonl in {workdir}; start the run with `research run`.")
-    config_path, summary_path = workdir / "config.json", workdir / "summary.json"
-    config = _read_json(config_path) if config_path.exists() else {}
-    summary = _read_json(summary_path) if summary_path.exists() else None
-    return Run(workdir, config, _read_metrics(metrics_path), summary)
+  """Reads config.json, metrics.jsonl and (if present) summary.json of one run directory."""
+  workdir = Path(workdir)
+  metrics_path = workdir / "metrics.jsonl"
+  if not metrics_path.exists():
+    raise ReportError(f"no metrics.jsonl in {workdir}; start the run with `research run`.")
+  config_path, summary_path = workdir / "config.json", workdir / "summary.json"
+  config = _read_json(config_path) if config_path.exists() else {}
+  summary = _read_json(summary_path) if summary_path.exists() else None
+  return Run(workdir, config, _read_metrics(metrics_path), summary)
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
-    """NaN where not finite, so that matplotlib leaves a gap instead of breaking autoscale."""
-    return np.where(np.isfinite(values), values, np.nan)
+  """NaN where not finite, so that matplotlib leaves a gap instead of breaking autoscale."""
+  return np.where(np.isfinite(values), values, np.nan)
 
 
 def plot_run(workdir: str | Path, out_png: str | Path | None = None) -> Path:
-    """Train loss (light) and valid loss (markers) over steps; saved as <workdir>/loss.png."""
-    run = load_run(workdir)
-    out_png = Path(out_png) if out_png is not None else run.workdir / "loss.png"
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    steps, loss = run.curve("train")
-    if len(steps):
-        ax.plot(steps, _finite(loss), color="tab:blue", alpha=0.35, linewidth=1, label="train")
-    steps, loss = run.curve("valid")
-    if len(steps):
-        ax.plot(steps, _finite(loss), color="tab:orange", marker="o", markersize=4, label="valid")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(f"{run.config.get('experiment', '?')}: {run.config.get('arg', '')}")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    return out_png
+  """Train loss (light) and valid loss (markers) over steps; saved as <workdir>/loss.png."""
+  run = load_run(workdir)
+  out_png = Path(out_png) if out_png is not None else run.workdir / "loss.png"
+  fig = Figure(figsize=(7, 4.5))
+  ax = fig.subplots()
+  steps, loss = run.curve("train")
+  if len(steps):
+    ax.plot(steps, _finite(loss), color="tab:blue", alpha=0.35, linewidth=1, label="train")
+  steps, loss = run.curve("valid")
+  if len(steps):
+    ax.plot(steps, _finite(loss), color="tab:orange", marker="o", markersize=4, label="valid")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  ax.set_title(f"{run.config.get('experiment', '?')}: {run.config.get('arg', '')}")
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+  return out_png
 
 
 @dataclasses.dataclass
 class _Arm:
-    """The seeds of one arm of a sweep, in manifest order."""
+  """The seeds of one arm of a sweep, in manifest order."""
 
-    name: str
-    entries: list[dict] = dataclasses.field(default_factory=list)
-    runs: list[Run | None] = dataclasses.field(default_factory=list)  # None: no metrics yet.
+  name: str
+  entries: list[dict] = dataclasses.field(default_factory=list)
+  runs: list[Run | None] = dataclasses.field(default_factory=list)  # None: no metrics yet.
 
-    @property
-    def finished(self) -> list[Run]:
-        return [r for r in self.runs if r is not None and r.finished]
+  @property
+  def finished(self) -> list[Run]:
+    return [r for r in self.runs if r is not None and r.finished]
 
-    @property
-    def n_diverged(self) -> int:
-        return sum(r is not None and r.diverged for r in self.runs)
+  @property
+  def n_diverged(self) -> int:
+    return sum(r is not None and r.diverged for r in self.runs)
 
-    @property
-    def paper(self) -> dict:
-        return next((e["paper"] for e in self.entries if e.get("paper")), {})
+  @property
+  def paper(self) -> dict:
+    return next((e["paper"] for e in self.entries if e.get("paper")), {})
 
-    @property
-    def status(self) -> str:
-        """What to print in place of numbers when no seed finished."""
-        statuses = {e.get("status", "pending") for e in self.entries}
-        if "running" in statuses:
-            return "running"
-        if self.n_diverged:
-            return "diverged"
-        return "failed" if "failed" in statuses else "not run"
+  @property
+  def status(self) -> str:
+    """What to print in place of numbers when no seed finished."""
+    statuses = {e.get("status", "pending") for e in self.entries}
+    if "running" in statuses:
+      return "running"
+    if self.n_diverged:
+      return "diverged"
+    return "failed" if "failed" in statuses else "not run"
 
 
 def _stats(values: list[float]) -> dict:
-    """Mean and sample std (ddof=1; None for a single value) of finished seeds."""
-    if not values:
-        return {"mean": None, "std": None, "values": []}
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-    return {"mean": float(np.mean(values)), "std": std, "values": [float(v) for v in values]}
+  """Mean and sample std (ddof=1; None for a single value) of finished seeds."""
+  if not values:
+    return {"mean": None, "std": None, "values": []}
+  std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+  return {"mean": float(np.mean(values)), "std": std, "values": [float(v) for v in values]}
 
 
 def _fmt(stats: dict) -> str:
-    std = "n/a" if stats["std"] is None else f"{stats['std']:.4f}"
-    return f"{stats['mean']:.4f} ± {std}"
+  std = "n/a" if stats["std"] is None else f"{stats['std']:.4f}"
+  return f"{stats['mean']:.4f} ± {std}"
 
 
 def _load_sweep(manifest_path: Path) -> tuple[dict, list[_Arm]]:
-    manifest = _read_json(manifest_path)
-    arms: dict[str, _Arm] = {}
-    for entry in manifest.get("arms", []):
-        arm = arms.setdefault(entry["arm"], _Arm(entry["arm"]))
-        workdir = Path(entry["workdir"])
-        if not workdir.is_absolute():
-            workdir = manifest_path.parent / workdir
-        arm.entries.append(entry)
-        arm.runs.append(load_run(workdir) if (workdir / "metrics.jsonl").exists() else None)
-    return manifest, list(arms.values())
+  manifest = _read_json(manifest_path)
+  arms: dict[str, _Arm] = {}
+  for entry in manifest.get("arms", []):
+    arm = arms.setdefault(entry["arm"], _Arm(entry["arm"]))
+    workdir = Path(entry["workdir"])
+    if not workdir.is_absolute():
+      workdir = manifest_path.parent / workdir
+    arm.entries.append(entry)
+    arm.runs.append(load_run(workdir) if (workdir / "metrics.jsonl").exists() else None)
+  return manifest, list(arms.values())
 
 
 def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
-    """The numbers of one group, as written to results.json."""
-    rows = []
-    for arm in arms:
-        done = arm.finished
-        rows.append({
-            "arm": arm.name,
-            "seeds_total": len(arm.runs),
-            "seeds_finished": len(done),
-            "diverged": arm.n_diverged,
-            "status": "done" if done else arm.status,
-            "valid_loss": _stats([r.summary["valid_loss"] for r in done]),
-            "valid_bpb": _stats([r.summary["valid_bpb"] for r in done]),
-            "tokens_per_s": float(np.mean([r.summary["tokens_per_s"] for r in done])) if done else None,
-            "overrides": arm.entries[0].get("overrides", {}),
-            "paper": arm.paper,
-        })
-    seeds = sorted({row["seeds_total"] for row in rows})
-    return {"group": manifest.get("group"), "arg": manifest.get("arg", ""), "seeds_per_arm": seeds,
-            "arms": rows}
+  """The numbers of one group, as written to results.json."""
+  rows = []
+  for arm in arms:
+    done = arm.finished
+    rows.append({
+      "arm": arm.name,
+      "seeds_total": len(arm.runs),
+      "seeds_finished": len(done),
+      "diverged": arm.n_diverged,
+      "status": "done" if done else arm.status,
+      "valid_loss": _stats([r.summary["valid_loss"] for r in done]),
+      "valid_bpb": _stats([r.summary["valid_bpb"] for r in done]),
+      "tokens_per_s": float(np.mean([r.summary["tokens_per_s"] for r in done])) if done else None,
+      "overrides": arm.entries[0].get("overrides", {}),
+      "paper": arm.paper,
+    })
+  seeds = sorted({row["seeds_total"] for row in rows})
+  return {"group": manifest.get("group"), "arg": manifest.get("arg", ""), "seeds_per_arm": seeds,
+      "arms": rows}
 
 
 def _markdown(experiment: str, group: dict, date: str) -> str:
-    rows = group["arms"]
-    labels = list(dict.fromkeys(label for row in rows for label in row["paper"]))
-    show_diverged = any(row["diverged"] for row in rows)
-    header = ["arm", "seeds", "valid loss", "valid bpb"] + (["diverged"] if show_diverged else [])
-    header += ["tokens/s"] + [f"paper: {label}" for label in labels]
-    lines = [
-        f"## {group['group']}", "",
-        f"- experiment: `{experiment}`, group: `{group['group']}`",
-        f"- config arg: `{group['arg']}`",
-        f"- seeds per arm: {', '.join(map(str, group['seeds_per_arm']))} "
-        "(mean ± sample std over finished seeds; diverged seeds excluded)",
-        f"- date: {date}",
-        f"- regenerate: `research report {experiment}`", "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for row in rows:
-        done = row["seeds_finished"] > 0
-        cells = [row["arm"].replace("|", "\\|"), f"{row['seeds_finished']}/{row['seeds_total']}",
-                 _fmt(row["valid_loss"]) if done else row["status"],
-                 _fmt(row["valid_bpb"]) if done else row["status"]]
-        if show_diverged:
-            cells.append(f"{row['diverged']}/{row['seeds_total']} diverged" if row["diverged"] else "–")
-        cells.append(f"{row['tokens_per_s']:,.0f}" if done else "–")
-        for label in labels:
-            value = row["paper"].get(label)
-            cells.append("–" if value is None else f"{value:g}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+  rows = group["arms"]
+  labels = list(dict.fromkeys(label for row in rows for label in row["paper"]))
+  show_diverged = any(row["diverged"] for row in rows)
+  header = ["arm", "seeds", "valid loss", "valid bpb"] + (["diverged"] if show_diverged else [])
+  header += ["tokens/s"] + [f"paper: {label}" for label in labels]
+  lines = [
+    f"## {group['group']}", "",
+    f"- experiment: `{experiment}`, group: `{group['group']}`",
+    f"- config arg: `{group['arg']}`",
+    f"- seeds per arm: {', '.join(map(str, group['seeds_per_arm']))} "
+    "(mean ± sample std over finished seeds; diverged seeds excluded)",
+    f"- date: {date}",
+    f"- regenerate: `research report {experiment}`", "",
+    "| " + " | ".join(header) + " |",
+    "|" + "---|" * len(header),
+  ]
+  for row in rows:
+    done = row["seeds_finished"] > 0
+    cells = [row["arm"].replace("|", "\\|"), f"{row['seeds_finished']}/{row['seeds_total']}",
+         _fmt(row["valid_loss"]) if done else row["status"],
+         _fmt(row["valid_bpb"]) if done else row["status"]]
+    if show_diverged:
+      cells.append(f"{row['diverged']}/{row['seeds_total']} diverged" if row["diverged"] else "–")
+    cells.append(f"{row['tokens_per_s']:,.0f}" if done else "–")
+    for label in labels:
+      value = row["paper"].get(label)
+      cells.append("–" if value is None else f"{value:g}" if isinstance(value, float) else str(value))
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def _mean_curve(runs: list[Run], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean, min and max over seeds of a loss curve, on the steps every seed logged."""
-    curves = [dict(zip(r.curve(split)[0].tolist(), r.curve(split)[1].tolist())) for r in runs]
-    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-    if not steps:
-        empty = np.zeros((0,))
-        return empty, empty, empty, empty
-    values = np.asarray([[c[s] for s in steps] for c in curves], np.float64)  # [seeds, steps]
-    return np.asarray(steps), values.mean(0), values.min(0), values.max(0)
+  """Mean, min and max over seeds of a loss curve, on the steps every seed logged."""
+  curves = [dict(zip(r.curve(split)[0].tolist(), r.curve(split)[1].tolist())) for r in runs]
+  steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+  if not steps:
+    empty = np.zeros((0,))
+    return empty, empty, empty, empty
+  values = np.asarray([[c[s] for s in steps] for c in curves], np.float64)  # [seeds, steps]
+  return np.asarray(steps), values.mean(0), values.min(0), values.max(0)
 
 
 def _plot_curves(experiment: str, group: dict, arms: list[_Arm], out_png: Path) -> None:
-    fig = Figure(figsize=(8, 5))
-    ax = fig.subplots()
-    for i, arm in enumerate(a for a in arms if a.finished):
-        color = f"C{i % 10}"
-        steps, mean, lo, hi = _mean_curve(arm.finished, "valid")
-        ax.plot(steps, mean, color=color, marker="o", markersize=3, label=f"{arm.name} (n={len(arm.finished)})")
-        ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
-        steps, mean, _, _ = _mean_curve(arm.finished, "train")
-        ax.plot(steps, mean, color=color, linestyle="--", linewidth=0.7, alpha=0.7)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (valid: solid, min–max band; train: dashed)")
-    ax.set_title(f"{experiment} / {group['group']} ({group['arg']})")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+  fig = Figure(figsize=(8, 5))
+  ax = fig.subplots()
+  for i, arm in enumerate(a for a in arms if a.finished):
+    color = f"C{i % 10}"
+    steps, mean, lo, hi = _mean_curve(arm.finished, "valid")
+    ax.plot(steps, mean, color=color, marker="o", markersize=3, label=f"{arm.name} (n={len(arm.finished)})")
+    ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
+    steps, mean, _, _ = _mean_curve(arm.finished, "train")
+    ax.plot(steps, mean, color=color, linestyle="--", linewidth=0.7, alpha=0.7)
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (valid: solid, min–max band; train: dashed)")
+  ax.set_title(f"{experiment} / {group['group']} ({group['arg']})")
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
 
 
 def _plot_final(experiment: str, group: dict, out_png: Path) -> None:
-    rows = [row for row in group["arms"] if row["seeds_finished"]]
-    fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2), 4.5))
-    ax = fig.subplots()
-    x = np.arange(len(rows))
-    means = [row["valid_loss"]["mean"] for row in rows]
-    stds = [row["valid_loss"]["std"] or 0.0 for row in rows]
-    ax.bar(x, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.6)
-    for xi, row in zip(x, rows):
-        seeds = row["valid_loss"]["values"]
-        jitter = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else np.zeros((1,))
-        ax.scatter(xi + jitter, seeds, color="black", s=12, zorder=3)
-    if rows:  # Zoom in on the differences: bars from zero would hide them.
-        values = [v for row in rows for v in row["valid_loss"]["values"]]
-        pad = 0.1 * (max(values) - min(values) + max(stds)) + 1e-3
-        ax.set_ylim(min(values) - max(stds) - pad, max(values) + max(stds) + pad)
-    ax.set_xticks(x, [row["arm"] for row in rows], rotation=30, ha="right")
-    ax.set_ylabel("final valid loss (bar: mean ± std; dots: seeds)")
-    ax.set_title(f"{experiment} / {group['group']}")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+  rows = [row for row in group["arms"] if row["seeds_finished"]]
+  fig = Figure(figsize=(max(4.0, 1.2 * len(rows) + 2), 4.5))
+  ax = fig.subplots()
+  x = np.arange(len(rows))
+  means = [row["valid_loss"]["mean"] for row in rows]
+  stds = [row["valid_loss"]["std"] or 0.0 for row in rows]
+  ax.bar(x, means, yerr=stds, capsize=4, color="tab:blue", alpha=0.6)
+  for xi, row in zip(x, rows):
+    seeds = row["valid_loss"]["values"]
+    jitter = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else np.zeros((1,))
+    ax.scatter(xi + jitter, seeds, color="black", s=12, zorder=3)
+  if rows:  # Zoom in on the differences: bars from zero would hide them.
+    values = [v for row in rows for v in row["valid_loss"]["values"]]
+    pad = 0.1 * (max(values) - min(values) + max(stds)) + 1e-3
+    ax.set_ylim(min(values) - max(stds) - pad, max(values) + max(stds) + pad)
+  ax.set_xticks(x, [row["arm"] for row in rows], rotation=30, ha="right")
+  ax.set_ylabel("final valid loss (bar: mean ± std; dots: seeds)")
+  ax.set_title(f"{experiment} / {group['group']}")
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
 
 
 def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
-           groups: list[str] | None = None) -> Path:
-    """Writes results.md, results.json and per-group PNGs for a sweep; returns results.md."""
-    root = Path(runs_dir) / experiment
-    manifests = {p.parent.name: p for p in sorted(root.glob("*/manifest.json"))}
-    if not manifests:
-        raise ReportError(f"no sweep manifest under {root}/*/; create the runs with "
-                          f"`research sweep {experiment}`.")
-    if groups is not None:
-        missing = [g for g in groups if g not in manifests]
-        if missing:
-            raise ReportError(f"no sweep for group(s) {missing} under {root} (found {sorted(manifests)}); "
-                              f"run `research sweep {experiment}` for them.")
-        manifests = {g: manifests[g] for g in groups}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    date = datetime.date.today().isoformat()
-    sections, results = [f"# Results: {experiment}\n"], []
-    for name, manifest_path in manifests.items():
-        manifest, arms = _load_sweep(manifest_path)
-        manifest.setdefault("group", name)
-        group = _group_results(manifest, arms)
-        results.append(group)
-        sections.append(_markdown(experiment, group, date))
-        _plot_curves(experiment, group, arms, out_dir / f"{name}_curves.png")
-        _plot_final(experiment, group, out_dir / f"{name}_final.png")
-        sections.append(f"![{name} curves]({name}_curves.png)\n\n![{name} final]({name}_final.png)\n")
-    (out_dir / "results.json").write_text(json.dumps(
-        {"experiment": experiment, "date": date, "command": f"research report {experiment}",
-         "groups": results}, indent=2) + "\n")
-    md_path = out_dir / "results.md"
-    md_path.write_text("\n".join(sections))
-    return md_path
+      groups: list[str] | None = None) -> Path:
+  """Writes results.md, results.json and per-group PNGs for a sweep; returns results.md."""
+  root = Path(runs_dir) / experiment
+  manifests = {p.parent.name: p for p in sorted(root.glob("*/manifest.json"))}
+  if not manifests:
+    raise ReportError(f"no sweep manifest under {root}/*/; create the runs with "
+             f"`research sweep {experiment}`.")
+  if groups is not None:
+    missing = [g for g in groups if g not in manifests]
+    if missing:
+      raise ReportError(f"no sweep for group(s) {missing} under {root} (found {sorted(manifests)}); "
+               f"run `research sweep {experiment}` for them.")
+    manifests = {g: manifests[g] for g in groups}
+  out_dir = Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  date = datetime.date.today().isoformat()
+  sections, results = [f"# Results: {experiment}\n"], []
+  for name, manifest_path in manifests.items():
+    manifest, arms = _load_sweep(manifest_path)
+    manifest.setdefault("group", name)
+    group = _group_results(manifest, arms)
+    results.append(group)
+    sections.append(_markdown(experiment, group, date))
+    _plot_curves(experiment, group, arms, out_dir / f"{name}_curves.png")
+    _plot_final(experiment, group, out_dir / f"{name}_final.png")
+    sections.append(f"![{name} curves]({name}_curves.png)\n\n![{name} final]({name}_final.png)\n")
+  (out_dir / "results.json").write_text(json.dumps(
+    {"experiment": experiment, "date": date, "command": f"research report {experiment}",
+     "groups": results}, indent=2) + "\n")
+  md_path = out_dir / "results.md"
+  md_path.write_text("\n".join(sections))
+  return md_path

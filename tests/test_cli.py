@@ -25,14 +25,14 @@ def one_line_error(err: str) -> str:
 @pytest.mark.needs_data
 def test_run_smoke_writes_the_run(tmp_path, capsys):
   """`research run baseline:scale=smoke` on the 8-device mesh (data parallel)."""
-  code, out, err = run(capsys, "run", "baseline:scale=smoke", "--workdir", str(tmp_path),
+  code, out, err = run(capsys, "run", "baseline:scale=smoke,corpus=tinyshakespeare", "--workdir", str(tmp_path),
                        "--config.train.progress=False")
   assert code == 0, err
   for name in ("config.json", "metrics.jsonl", "summary.json", "loss.png"):
     assert (tmp_path / name).is_file(), name
   assert (tmp_path / "checkpoints" / "12").is_dir()
   record = json.loads((tmp_path / "config.json").read_text())
-  assert record["experiment"] == "baseline" and record["arg"] == "scale=smoke"
+  assert record["experiment"] == "baseline" and record["arg"] == "scale=smoke,corpus=tinyshakespeare"
   assert record["config"]["model"]["vocab_size"] == 65
   assert record["git_revision"] and "jax" in record["packages"]
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -53,7 +53,7 @@ def test_run_smoke_writes_the_run(tmp_path, capsys):
 @pytest.mark.needs_data
 def test_sweep_and_report(tmp_path, capsys):
   runs = tmp_path / "runs"
-  args = ("sweep", "baseline", "--group", "lr", "--arg", "scale=smoke", "--arms", "lr=3e-4,lr=1e-3",
+  args = ("sweep", "baseline", "--group", "lr", "--arg", "scale=smoke,corpus=tinyshakespeare", "--arms", "lr=3e-4,lr=1e-3",
           "--seeds", "2", "--runs_dir", str(runs), "--config.train.progress=False")
   code, out, err = run(capsys, *args)
   assert code == 0, err
@@ -86,7 +86,7 @@ def test_unknown_experiment(capsys):
 
 
 def test_unknown_config_key(capsys):
-  code, _, err = run(capsys, "run", "baseline:scale=smoke", "--config.train.lrr=0.1")
+  code, _, err = run(capsys, "run", "baseline:scale=smoke,corpus=tinyshakespeare", "--config.train.lrr=0.1")
   assert code == 2
   assert "unknown config key 'train.lrr'; did you mean train.lr" in one_line_error(err)
 
@@ -98,20 +98,20 @@ def test_unknown_experiment_argument(capsys):
 
 
 def test_bad_value_type(capsys):
-  code, _, err = run(capsys, "run", "baseline:scale=smoke", "--config.train.steps=many")
+  code, _, err = run(capsys, "run", "baseline:scale=smoke,corpus=tinyshakespeare", "--config.train.steps=many")
   assert code == 2
   assert "config key 'train.steps' expects int" in one_line_error(err)
 
 
 def test_mesh_that_does_not_divide_the_devices(capsys, tmp_path):
-  code, _, err = run(capsys, "run", "baseline:scale=smoke", "--workdir", str(tmp_path),
+  code, _, err = run(capsys, "run", "baseline:scale=smoke,corpus=tinyshakespeare", "--workdir", str(tmp_path),
                      "--config.mesh.preset=fsdp_tp", "--config.mesh.tensor=3")
   assert code == 2
   assert "divisible by 3, but 8 devices are present" in one_line_error(err)
 
 
 def test_missing_corpus(capsys, tmp_path):
-  code, _, err = run(capsys, "run", "baseline:scale=smoke", "--workdir", str(tmp_path / "w"),
+  code, _, err = run(capsys, "run", "baseline:scale=smoke,corpus=tinyshakespeare", "--workdir", str(tmp_path / "w"),
                      "--data_dir", str(tmp_path / "nowhere"))
   assert code == 2
   line = one_line_error(err)

