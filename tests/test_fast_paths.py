@@ -94,24 +94,6 @@ def _model_cfg(**overrides):
   return m
 
 
-@pytest.mark.parametrize("num_kv_heads", [4, 2])
-def test_shared_input_projections_match_separate(num_kv_heads):
-  cfg = _model_cfg(num_kv_heads=num_kv_heads)
-  layers = [linear_lib.make_linear(cfg, 32, n, axes=("embed", "heads"), std=0.1,
-                                   dtype=jnp.float32, rngs=nnx.Rngs(i))
-            for i, n in enumerate((32, 8 * num_kv_heads, 8 * num_kv_heads))]
-  x = _rand((2, 5, 32), 5)
-  graphdef, params = nnx.split(nnx.List(layers))
-
-  def fused(x, params):
-    return jnp.concatenate(linear_lib.apply_shared_input(nnx.merge(graphdef, params), x), axis=-1)
-
-  def separate(x, params):
-    return jnp.concatenate([x @ l.kernel[...] for l in nnx.merge(graphdef, params)], axis=-1)
-
-  _close(_value_and_grads(fused, x, params), _value_and_grads(separate, x, params))
-
-
 def _plain_attention_layer(layer, x, positions):
   """DenseAttention written out: separate projections, plain RoPE, masked softmax."""
   b, t, _ = x.shape

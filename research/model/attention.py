@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.model.linear import apply_shared_input, make_linear
+from research.model.linear import make_linear
 from research.model.norms import RMSNorm
 from research.model.registry import Registry
 from research.sharding import constrain
@@ -111,10 +111,9 @@ class DenseAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
     b, t, _ = x.shape
-    q, k, v = apply_shared_input([self.q, self.k, self.v], x)
-    q = q.reshape(b, t, self.num_heads, self.head_dim)
-    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = constrain(q, ("batch", "seq", "act_heads", None))
     k = constrain(k, ("batch", "seq", "act_kv_heads", None))
     if self.q_norm is not None:

@@ -12,7 +12,7 @@ import math
 import jax
 from flax import nnx
 
-from research.model.linear import apply_shared_input, make_linear
+from research.model.linear import make_linear
 from research.model.registry import Registry
 from research.sharding import constrain
 
@@ -69,8 +69,7 @@ class FeedForward(nnx.Module):
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
     del ctx
     if self.gated:
-      gate, up = apply_shared_input([self.gate, self.up], x)
-      h = self.act(gate, up)
+      h = self.act(self.gate(x), self.up(x))
     else:
       h = self.act(self.up(x))
     h = constrain(h, ("batch", "seq", "act_mlp"))

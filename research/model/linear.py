@@ -7,14 +7,12 @@ stored in the parameter dtype (fp32) and cast to the compute dtype at use.
 
 from __future__ import annotations
 
-import itertools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research import sharding
 from research.model.registry import Registry
 
 LINEARS = Registry("model.linear.kind")
@@ -39,29 +37,6 @@ class PlainLinear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
-
-
-def apply_shared_input(layers: Sequence[nnx.Module], x: jax.Array) -> list[jax.Array]:
-  """[layer(x) for layer in layers], as one matmul where that is exact and cheaper.
-
-  Projections that read the same input (q, k, v; an FFN's gate and up) are computed as one dot
-  against their concatenated kernels when all are bias-free `plain` layers of one dtype and no
-  multi-device mesh is active. One wide dot runs nearer the CPU's matmul peak than three narrow
-  ones, and the backward gets one dx dot instead of several dots plus adds; the parameters stay
-  separate (their gradients are slices of the concatenated kernel's). On a mesh the layers run
-  one by one so each kernel keeps its own sharding.
-  """
-  mesh = sharding.current_mesh()
-  fusable = (len(layers) > 1 and (mesh is None or mesh.size == 1)
-             and all(type(l) is PlainLinear and l.bias is None for l in layers)
-             and len({l.dtype for l in layers}) == 1)
-  if not fusable:
-    return [layer(x) for layer in layers]
-  dtype = layers[0].dtype
-  kernel = jnp.concatenate([l.kernel[...].astype(dtype) for l in layers], axis=1)
-  y = jnp.dot(x.astype(dtype), kernel)
-  splits = list(itertools.accumulate(l.kernel.shape[1] for l in layers))[:-1]
-  return jnp.split(y, splits, axis=-1)
 
 
 def make_linear(cfg, in_features: int, out_features: int, *, axes: Sequence[str], std: float,

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+import optax
 from tqdm import tqdm
 
 from research import config as config_lib
@@ -119,7 +120,7 @@ def make_train_step(graphdef, tx, schedule, cfg):
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
       aux = jax.tree.map(lambda a: a / accum, aux)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
