@@ -313,6 +313,7 @@ class Trainer:
                  unit="step", file=sys.stderr)
       pending: list[dict] = []
       interval_start, interval_steps = time.perf_counter(), 0
+      train_time, trained_steps = 0.0, 0  # this session's, without evaluation and checkpoints
       last_valid = (float("nan"), float("nan"))
       train_loss = float("nan")
       tokens_per_s = float("nan")
@@ -343,7 +344,9 @@ class Trainer:
                 record[k] = float(np.mean([m[k] for m in fetched]))
             write(record)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            pending, interval_steps = [], 0
+            train_time += now - interval_start
+            trained_steps += interval_steps
+            pending, interval_steps, interval_start = [], 0, now
             if not math.isfinite(train_loss):
               self.log(f"training diverged at step {step} (loss {train_loss})")
           paused = time.perf_counter()
@@ -365,7 +368,8 @@ class Trainer:
       bar.close()
       ckpt.wait()
     summary = {"step": step, "valid_loss": last_valid[0], "valid_bpb": last_valid[1],
-               "train_loss": train_loss, "tokens_per_s": tokens_per_s,
+               "train_loss": train_loss,
+               "tokens_per_s": trained_steps * tokens_per_step / max(train_time, 1e-9),
                "params": r.summary["params"]}
     (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
@@ -374,7 +378,7 @@ class Trainer:
     except Exception as e:  # a plot must never cost a finished run
       self.log(f"could not plot {self.workdir}: {e}")
     self.log(f"done: step {step}, valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} bits/byte, "
-             f"{tokens_per_s:,.0f} tokens/s; {self.workdir}")
+             f"{summary['tokens_per_s']:,.0f} tokens/s; {self.workdir}")
     return summary
 
 
