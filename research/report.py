@@ -118,6 +118,12 @@ def _read_metrics(path: Path) -> dict[str, dict[str, np.ndarray]]:
   return metrics
 
 
+def _mean_finite(values) -> float | None:
+  """Mean of the finite numbers among `values`, or None when there are none."""
+  finite = [float(v) for v in values if v is not None and np.isfinite(v)]
+  return float(np.mean(finite)) if finite else None
+
+
 def load_run(workdir: str | Path) -> Run:
   """Reads config.json, metrics.jsonl and (if present) summary.json of one run directory."""
   workdir = Path(workdir)
@@ -228,7 +234,7 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
       "status": "done" if done else arm.status,
       "valid_loss": _stats([r.summary["valid_loss"] for r in done]),
       "valid_bpb": _stats([r.summary["valid_bpb"] for r in done]),
-      "tokens_per_s": float(np.mean([r.summary["tokens_per_s"] for r in done])) if done else None,
+      "tokens_per_s": _mean_finite([r.summary.get("tokens_per_s") for r in done]),
       "overrides": arm.entries[0].get("overrides", {}),
       "paper": arm.paper,
     })
@@ -261,7 +267,7 @@ def _markdown(experiment: str, group: dict, date: str) -> str:
          _fmt(row["valid_bpb"]) if done else row["status"]]
     if show_diverged:
       cells.append(f"{row['diverged']}/{row['seeds_total']} diverged" if row["diverged"] else "–")
-    cells.append(f"{row['tokens_per_s']:,.0f}" if done else "–")
+    cells.append(f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] is not None else "–")
     for label in labels:
       value = row["paper"].get(label)
       cells.append("–" if value is None else f"{value:g}" if isinstance(value, float) else str(value))

@@ -120,7 +120,7 @@ def make_train_step(graphdef, tx, schedule, cfg):
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
       aux = jax.tree.map(lambda a: a / accum, aux)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
