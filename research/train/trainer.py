@@ -21,8 +21,10 @@ import dataclasses
 import importlib.metadata
 import json
 import math
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -318,8 +320,21 @@ class Trainer:
       train_loss = float("nan")
       tokens_per_s = float("nan")
       step = start
+      stop = _StopRequest()
+      saved_step = start
       try:
         while step < t.steps:
+          if stop.requested:
+            # Ctrl-C is only acted on here, between steps, where (step, state, data_state)
+            # agree; a KeyboardInterrupt raised mid-step could pair a state with the wrong
+            # iterator position and break exact resume.
+            bar.close()
+            if saved_step != step:
+              ckpt.save(step, state, data_state, force=True)
+            ckpt.wait()
+            self.log(f"interrupted at step {step}: checkpoint saved in "
+                     f"{self.workdir / 'checkpoints'}; run the same command again to resume")
+            raise KeyboardInterrupt
           state, metrics = compiled(state, batch)
           step += 1
           pending.append(metrics)
@@ -355,15 +370,10 @@ class Trainer:
             bar.write(f"step {step}: valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} bits/byte")
           if step % t.checkpoint_every == 0 or step == t.steps:
             ckpt.save(step, state, data_state)
+            saved_step = step
           interval_start += time.perf_counter() - paused
-      except KeyboardInterrupt:
-        bar.close()
-        ckpt.save(step, state, data_state, force=True)
-        ckpt.wait()
-        self.log(f"interrupted at step {step}: checkpoint saved in {self.workdir / 'checkpoints'}; "
-                 "run the same command again to resume")
-        raise
       finally:
+        stop.restore()
         metrics_file.close()
       bar.close()
       ckpt.wait()
@@ -380,6 +390,27 @@ class Trainer:
     self.log(f"done: step {step}, valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} bits/byte, "
              f"{summary['tokens_per_s']:,.0f} tokens/s; {self.workdir}")
     return summary
+
+
+class _StopRequest:
+  """Turns the first Ctrl-C (SIGINT) into a flag the training loop checks between steps; a
+  second Ctrl-C interrupts at once. Only installed in the main thread (signals go there)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def restore(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
 
 
 def _get(d: dict, dotted: str):
