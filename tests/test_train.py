@@ -20,7 +20,7 @@ from flax import nnx
 from research import config as config_lib
 from research.model import create_model, ffn
 from research.train import optim
-from research.train.checkpoint import CheckpointError, Checkpointer
+from research.train.checkpoint import Checkpointer
 from research.train.trainer import make_train_step
 
 pytestmark = pytest.mark.needs_data
@@ -126,18 +126,34 @@ def test_failed_checkpoint_write_exits_nonzero(tmp_path):
   assert "checkpoint" in p.stderr and "Traceback" not in p.stderr
 
 
+FAILING_SAVE = """
+import os, shutil, sys
+from pathlib import Path
+import jax.numpy as jnp
+from research.train.checkpoint import CheckpointError, Checkpointer
+root = Path(sys.argv[1])
+ckpt = Checkpointer(root / "ck", keep=2)
+ckpt.save(1, {"w": jnp.ones((4,))}, {"i": 1})
+ckpt.wait()
+shutil.rmtree(root / "ck")
+(root / "ck").write_text("the disk went away")
+try:
+  ckpt.save(2, {"w": jnp.ones((4,))}, {"i": 2})
+  ckpt.wait()
+  print("no error")
+except CheckpointError as e:
+  print("CheckpointError:", e)
+finally:
+  sys.stdout.flush()
+  os._exit(0)  # the failed save's background threads never finish (the CLI exits the same way)
+"""
+
+
 def test_checkpoint_write_failure_during_a_run_raises(tmp_path):
   """An asynchronous save that cannot be written surfaces as CheckpointError, not silence."""
-  ckpt = Checkpointer(tmp_path / "ck", keep=2)
-  state = {"w": jnp.ones((4,))}
-  ckpt.save(1, state, {"i": 1})
-  ckpt.wait()
-  import shutil
-  shutil.rmtree(tmp_path / "ck")
-  (tmp_path / "ck").write_text("the disk went away")
-  with pytest.raises(CheckpointError, match="failed"):
-    ckpt.save(2, state, {"i": 2})
-    ckpt.wait()
+  p = subprocess.run([sys.executable, "-c", FAILING_SAVE, str(tmp_path)], env=_env(),
+                     capture_output=True, text=True, timeout=300)
+  assert "CheckpointError: checkpoint write" in p.stdout and "failed" in p.stdout, p.stdout + p.stderr
 
 
 def test_changed_config_in_same_workdir_is_refused(uninterrupted):
