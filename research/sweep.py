@@ -32,19 +32,18 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   end in seconds); `arms` keeps only the named arms.
   """
   sweep = experiments.get_sweep(name)
-  group, arms_all = sweep.group(group)
+  group, group_arms = sweep.group(group)
   if arms:
-    known = {a.name: a for a in arms_all}
+    known = {a.name: a for a in group_arms}
     for a in arms:
       if a not in known:
         raise config_lib.unknown_key_error(a, known, what=f"arm of sweep group '{group}'")
-    arms_all = [known[a] for a in arms]
-  arms = arms_all
+    group_arms = [known[a] for a in arms]
   seeds = sweep.seeds if seeds is None else seeds
   arg = sweep.arg if arg is None else arg
   root = Path(runs_dir) / name / group
   entries = []
-  for arm in arms:
+  for arm in group_arms:
     for seed in range(seeds):
       entries.append({"arm": arm.name, "seed": seed, "workdir": f"{arm.name}/seed{seed}",
                       "overrides": {**arm.overrides, **(overrides or {}), "seed": seed},

@@ -214,8 +214,7 @@ class Trainer:
       opt_state = jax.jit(tx.init)(params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
-             "other": other,
-             "opt_state": opt_state}
+             "other": other, "opt_state": opt_state}
     batch_sharding = sharding.named_sharding(("batch", "seq"), (t.batch_size, c.data.seq_len), mesh)
     step_fn = jax.jit(make_train_step(graphdef, tx, schedule, c), donate_argnums=0,
                       out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
