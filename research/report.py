@@ -7,23 +7,23 @@ documentation.
 A *run directory* holds:
 
 * ``config.json``: ``{"experiment": str, "arg": str, "overrides": {...}, "config": {...},
- "git_revision": str, "packages": {...}}`` (the resolved config, nested).
+  "git_revision": str, "packages": {...}}`` (the resolved config, nested).
 * ``metrics.jsonl``: one JSON object per line. Training lines are
- ``{"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "time"}``,
- evaluation lines ``{"split": "valid", "step", "loss", "bpb"}``. Extra numeric keys
- (e.g. ``"aux/load_balance"``) are kept; non-numeric ones are ignored. Losses may be NaN or
- inf for a diverged run (JSON written with ``allow_nan``). A resumed run may hold a step twice
- (the lines after the resumed checkpoint, written again): for each split the LAST line written
- for a step wins.
+  ``{"split": "train", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "time"}``,
+  evaluation lines ``{"split": "valid", "step", "loss", "bpb"}``. Extra numeric keys
+  (e.g. ``"aux/load_balance"``) are kept; non-numeric ones are ignored. Losses may be NaN or
+  inf for a diverged run (JSON written with ``allow_nan``). A resumed run may hold a step twice
+  (the lines after the resumed checkpoint, written again): for each split the LAST line written
+  for a step wins.
 * ``summary.json``, only once the run finished: ``{"step", "valid_loss", "valid_bpb",
- "train_loss", "tokens_per_s", "wall_time_s"}``.
+  "train_loss", "tokens_per_s", "params"}``.
 
 A *sweep* of experiment E, group G lives in ``<runs_dir>/<E>/<G>/manifest.json``::
 
-  {"experiment": "baseline", "group": "lr", "arg": "scale=tiny",
-   "arms": [{"arm": "lr=1e-3", "seed": 0, "workdir": "<absolute, or relative to the manifest>",
-        "overrides": {"train.lr": 0.001}, "paper": {"valid_loss": 1.88} or null,
-        "status": "done" | "running" | "failed" | "pending"}, ...]}
+    {"experiment": "baseline", "group": "lr", "arg": "scale=tiny",
+     "arms": [{"arm": "lr=1e-3", "seed": 0, "workdir": "<absolute, or relative to the manifest>",
+               "overrides": {"train.lr": 0.001}, "paper": {"valid_loss": 1.88} or null,
+               "status": "done" | "running" | "failed" | "pending"}, ...]}
 
 with one entry per arm x seed; ``paper`` maps a label to the paper's reported number.
 
@@ -42,7 +42,7 @@ import math
 from pathlib import Path
 
 from matplotlib.figure import Figure  # drawn off-screen, without touching pyplot's backend
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 class ReportError(Exception):

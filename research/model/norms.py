@@ -66,9 +66,7 @@ class RMSNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * inv * self.scale[...].reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
+    return rms_norm(x, self.scale[...], self.eps).astype(self.dtype)
 
 
 @NORM_PLACEMENTS.register("pre")

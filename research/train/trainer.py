@@ -196,15 +196,14 @@ class Trainer:
     if t.batch_size % jax.process_count():
       raise config_lib.ConfigError(
           f"train.batch_size={t.batch_size} does not divide over {jax.process_count()} processes")
+    # Each micro-batch (the whole batch when grad_accum = 1) is split over the data axes.
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-    if t.batch_size % data_parallel:
+    micro = t.batch_size // t.grad_accum
+    if micro % data_parallel:
       raise config_lib.ConfigError(
-          f"train.batch_size={t.batch_size} does not divide over the {data_parallel}-way "
-          f"data-parallel mesh ({sharding.describe(mesh)}); change the batch or mesh.num_devices")
-    if t.batch_size // t.grad_accum % data_parallel:
-      raise config_lib.ConfigError(
-          f"micro-batch {t.batch_size // t.grad_accum} (train.batch_size / train.grad_accum) "
-          f"does not divide over the {data_parallel}-way data-parallel mesh")
+          f"train.batch_size={t.batch_size} (micro-batch {micro} with train.grad_accum="
+          f"{t.grad_accum}) does not divide over the {data_parallel}-way data-parallel mesh "
+          f"({sharding.describe(mesh)}); change the batch or mesh.num_devices")
     dtype = compute_dtype(t.precision)
     model = create_model(c.model, mesh=mesh, seed=c.seed, dtype=dtype)
     summary = model_summary(model, c.data.seq_len)
