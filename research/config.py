@@ -41,15 +41,18 @@ def default_config() -> ml_collections.ConfigDict:
   m.max_seq_len = 0  # 0: data.seq_len
   m.dropout = 0.0
   m.norm_eps = 1e-5
-  m.init_std = 0.02
+  m.init_std = 0.02  # 0: 1/sqrt(2.5 d_model)
+  m.init_out_scaling = "total_depth"  # output projections: none | total_depth | layer_depth
   m.remat = "none"  # none | block
   m.embed = ml_collections.ConfigDict(dict(kind="plain"))
   m.residual = ml_collections.ConfigDict(dict(kind="plain"))
   m.norm = ml_collections.ConfigDict(dict(kind="pre"))
   m.attention = ml_collections.ConfigDict(
-      dict(kind="dense", impl="xla", rope_theta=10000.0, qk_norm=False))
+      dict(kind="dense", impl="xla", rope_theta=10000.0,
+           norms=""))  # norms inside attention: letters of "qkvc" ("qk" = QK-norm)
   m.channel = ml_collections.ConfigDict(
-      dict(kind="ffn", activation="swiglu", d_ff=0, ff_multiple_of=32))
+      dict(kind="ffn", activation="swiglu", d_ff=0, ff_multiple_of=32,
+           poly_order=3))  # poly_order: PolyReLU / PolyNorm
   m.linear = ml_collections.ConfigDict(dict(kind="plain", use_bias=False))
   m.head = ml_collections.ConfigDict(dict(kind="plain", tie_embeddings=True))
 
@@ -80,6 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 500
   t.keep_checkpoints = 2
   t.progress = True
+  t.log_layer_grad_norms = False  # log grad_norm/block_<i> (the gradient-norm profile over depth)
+  t.stop_on_divergence = True  # end the run (summary marks it diverged) when the loss is not finite
 
   # ---- eval
   e = c.eval = ml_collections.ConfigDict()
@@ -197,11 +202,19 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
   if m.max_seq_len == 0:
     m.max_seq_len = c.data.seq_len
+  # Lazy import: the model registries import this module for ConfigError.
+  from research.model import attention as attention_lib, ffn as ffn_lib, norms as norms_lib
+  # A norm placement may put norms inside attention (HybridNorm: QKV-norm); merge them so the
+  # saved config says what runs.
+  implied = norms_lib.NORM_PLACEMENTS.get(m.norm.kind).attention_norms
+  norms = attention_lib.check_attention_norms(m.attention.norms + implied)
+  m.attention.norms = "".join(x for x in attention_lib.ATTENTION_NORMS if x in norms)
   if m.channel.d_ff == 0:
-    # SwiGLU at 8/3 d keeps the FFN's parameters equal to a 4d two-matrix MLP (LLaMA).
-    ratio = 8 / 3 if m.channel.activation == "swiglu" else 4
+    # A gated FFN (3 matrices) at 8/3 d, rounded up to ff_multiple_of (LLaMA); a plain one
+    # (2 matrices) at 1.5x that width, so both have the same parameters (PolyCom's matching).
     mult = m.channel.ff_multiple_of
-    m.channel.d_ff = int(mult * -(-int(ratio * m.d_model) // mult))
+    gated = int(mult * -(-int(8 / 3 * m.d_model) // mult))
+    m.channel.d_ff = gated if ffn_lib.is_gated(m.channel.activation) else 3 * gated // 2
   t = c.train
   if t.batch_size % t.grad_accum:
     raise ConfigError(

@@ -16,7 +16,9 @@ A *run directory* holds:
   (the lines after the resumed checkpoint, written again): for each split the LAST line written
   for a step wins.
 * ``summary.json``, only once the run finished: ``{"step", "valid_loss", "valid_bpb",
-  "train_loss", "tokens_per_s", "params"}``.
+  "train_loss", "tokens_per_s", "params", "diverged", "layer_cosine"}`` (``diverged``: the run
+  stopped on a non-finite loss; ``layer_cosine``: [num_layers] adjacent-layer similarity, see
+  research/eval/diagnostics.py). Training lines may also hold ``grad_norm/block_<i>``.
 
 A *sweep* of experiment E, group G lives in ``<runs_dir>/<E>/<G>/manifest.json``::
 
@@ -28,7 +30,9 @@ A *sweep* of experiment E, group G lives in ``<runs_dir>/<E>/<G>/manifest.json``
 with one entry per arm x seed; ``paper`` maps a label to the paper's reported number.
 
 How a seed counts: it is *diverged* when any train/valid loss or its summary's valid loss is
-not finite; it is *finished* when it has a ``summary.json`` and did not diverge. Means and
+not finite, its summary says so, or its last valid loss is more than ``SPIKE_NATS`` above its
+best (a spike that did not recover); it is *finished* when it has a ``summary.json`` and did
+not diverge. Means and
 sample standard deviations (ddof=1) are taken over finished seeds only; diverged seeds are
 reported as "k/n diverged" and left out of the plots.
 """
@@ -71,14 +75,34 @@ class Run:
 
   @property
   def diverged(self) -> bool:
+    """A loss that is not finite, or a valid loss that ends more than SPIKE_NATS above its
+    best (a spike that did not recover)."""
     losses = [self.curve(split)[1] for split in ("train", "valid")]
     if self.summary is not None:
+      if self.summary.get("diverged"):
+        return True
       losses.append(np.asarray([self.summary.get("valid_loss", math.nan)], np.float64))
-    return any(not np.all(np.isfinite(v)) for v in losses)
+    if any(not np.all(np.isfinite(v)) for v in losses):
+      return True
+    valid = losses[1]
+    return bool(len(valid) and valid[-1] > valid.min() + SPIKE_NATS)
+
+  def grad_profile(self, step: int) -> np.ndarray | None:
+    """[num_layers] per-block gradient norms logged at `step` (train.log_layer_grad_norms)."""
+    series = self.metrics.get("train", {})
+    keys = sorted(k for k in series if k.startswith("grad_norm/block_"))
+    if not keys or step not in series["step"]:
+      return None
+    i = int(np.nonzero(series["step"] == step)[0][0])
+    return np.asarray([series[k][i] for k in keys])
 
   @property
   def finished(self) -> bool:
     return self.summary is not None and not self.diverged
+
+
+SPIKE_NATS = 1.0
+GRAD_PROFILE_STEPS = (1, 100, 1000)
 
 
 def _read_json(path: Path):
@@ -235,6 +259,7 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
       "valid_loss": _stats([r.summary["valid_loss"] for r in done]),
       "valid_bpb": _stats([r.summary["valid_bpb"] for r in done]),
       "tokens_per_s": _mean_finite([r.summary.get("tokens_per_s") for r in done]),
+      "layer_cosine": _mean_profile([r.summary.get("layer_cosine") for r in done]),
       "overrides": arm.entries[0].get("overrides", {}),
       "paper": arm.paper,
     })
@@ -243,18 +268,29 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
       "arms": rows}
 
 
+def _mean_profile(profiles: list) -> list[float] | None:
+  """Element-wise mean of equal-length per-layer lists (None when there are none)."""
+  profiles = [p for p in profiles if p]
+  if not profiles or len({len(p) for p in profiles}) != 1:
+    return None
+  return [float(v) for v in np.mean(np.asarray(profiles, np.float64), axis=0)]
+
+
 def _markdown(experiment: str, group: dict, date: str) -> str:
   rows = group["arms"]
   labels = list(dict.fromkeys(label for row in rows for label in row["paper"]))
   show_diverged = any(row["diverged"] for row in rows)
   header = ["arm", "seeds", "valid loss", "valid bpb"] + (["diverged"] if show_diverged else [])
-  header += ["tokens/s"] + [f"paper: {label}" for label in labels]
+  show_cos = any(row.get("layer_cosine") for row in rows)
+  header += ["tokens/s"] + (["adjacent-layer cos"] if show_cos else [])
+  header += [f"paper: {label}" for label in labels]
   lines = [
     f"## {group['group']}", "",
     f"- experiment: `{experiment}`, group: `{group['group']}`",
     f"- config arg: `{group['arg']}`",
     f"- seeds per arm: {', '.join(map(str, group['seeds_per_arm']))} "
-    "(mean ± sample std over finished seeds; diverged seeds excluded)",
+    "(mean ± sample std over finished seeds; diverged seeds excluded: a loss that is not "
+    f"finite, or a valid loss ending more than {SPIKE_NATS:g} nat above its best)",
     f"- date: {date}",
     f"- regenerate: `research report {experiment}`", "",
     "| " + " | ".join(header) + " |",
@@ -268,6 +304,9 @@ def _markdown(experiment: str, group: dict, date: str) -> str:
     if show_diverged:
       cells.append(f"{row['diverged']}/{row['seeds_total']} diverged" if row["diverged"] else "–")
     cells.append(f"{row['tokens_per_s']:,.0f}" if row["tokens_per_s"] is not None else "–")
+    if show_cos:
+      cos = row.get("layer_cosine")
+      cells.append(f"{np.mean(cos):.3f}" if cos else "–")
     for label in labels:
       value = row["paper"].get(label)
       cells.append("–" if value is None else f"{value:g}" if isinstance(value, float) else str(value))
@@ -330,6 +369,51 @@ def _plot_final(experiment: str, group: dict, out_png: Path) -> None:
   fig.savefig(out_png, dpi=110)
 
 
+def _plot_diagnostics(experiment: str, group: dict, arms: list[_Arm], out_png: Path) -> bool:
+  """Gradient-norm profile over depth at GRAD_PROFILE_STEPS and adjacent-layer cosine, mean over
+  finished seeds per arm; False (no file) when the runs logged neither."""
+  finished = [a for a in arms if a.finished]
+  profiles = {}  # (arm, step) -> mean profile
+  for arm in finished:
+    for step in GRAD_PROFILE_STEPS:
+      p = _mean_profile([None if (g := r.grad_profile(step)) is None else g.tolist()
+                         for r in arm.finished])
+      if p:
+        profiles[arm.name, step] = p
+  rows = {row["arm"]: row for row in group["arms"]}
+  cos = {a.name: rows[a.name]["layer_cosine"] for a in finished if rows[a.name].get("layer_cosine")}
+  steps = [s for s in GRAD_PROFILE_STEPS if any(k[1] == s for k in profiles)]
+  panels = len(steps) + bool(cos)
+  if not panels:
+    return False
+  fig = Figure(figsize=(4.2 * panels, 4))
+  axes = np.atleast_1d(fig.subplots(1, panels))
+  for ax, step in zip(axes, steps):
+    for i, arm in enumerate(finished):
+      if (arm.name, step) in profiles:
+        ax.plot(profiles[arm.name, step], marker="o", markersize=3, color=f"C{i % 10}",
+                label=arm.name)
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("gradient norm of the block's parameters")
+    ax.set_title(f"step {step}")
+    ax.grid(alpha=0.3)
+  if cos:
+    ax = axes[-1]
+    for i, arm in enumerate(finished):
+      if arm.name in cos:
+        ax.plot(cos[arm.name], marker="o", markersize=3, color=f"C{i % 10}", label=arm.name)
+    ax.set_xlabel("block l")
+    ax.set_ylabel("cos(input of l, input of l + 1)")
+    ax.set_title("adjacent-layer similarity (end)")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f"{experiment} / {group['group']}")
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+  return True
+
+
 def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
       groups: list[str] | None = None) -> Path:
   """Writes results.md, results.json and per-group PNGs for a sweep; returns results.md."""
@@ -357,6 +441,8 @@ def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
     _plot_curves(experiment, group, arms, out_dir / f"{name}_curves.png")
     _plot_final(experiment, group, out_dir / f"{name}_final.png")
     sections.append(f"![{name} curves]({name}_curves.png)\n\n![{name} final]({name}_final.png)\n")
+    if _plot_diagnostics(experiment, group, arms, out_dir / f"{name}_diagnostics.png"):
+      sections.append(f"![{name} diagnostics]({name}_diagnostics.png)\n")
   (out_dir / "results.json").write_text(json.dumps(
     {"experiment": experiment, "date": date, "command": f"research report {experiment}",
      "groups": results}, indent=2) + "\n")

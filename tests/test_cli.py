@@ -38,7 +38,7 @@ def test_run_smoke_writes_the_run(tmp_path, capsys):
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train = [l for l in lines if l["split"] == "train"]
   valid = [l for l in lines if l["split"] == "valid"]
-  assert [l["step"] for l in train] == [4, 8, 12]
+  assert [l["step"] for l in train] == [1, 4, 8, 12]  # step 1, then every log_every
   assert [l["step"] for l in valid] == [6, 12]
   for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
     assert key in train[0]

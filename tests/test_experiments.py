@@ -50,4 +50,4 @@ def test_smoke_trains(name, tmp_path):
   assert summary["step"] == 4
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   losses = [l["loss"] for l in lines if l["split"] == "train"]
-  assert len(losses) == 2 and all(l == l for l in losses)  # logged and finite
+  assert len(losses) == 3 and all(l == l for l in losses)  # steps 1, 2, 4; finite

@@ -38,7 +38,7 @@ def tokens(batch=2, seq=16, vocab=61, seed=0):
 @pytest.mark.parametrize("kv_heads,qk_norm,tied", [(4, False, True), (2, True, False), (1, False, True)])
 def test_causality(kv_heads, qk_norm, tied):
   """Logits at position t do not change when tokens after t change."""
-  cfg = small_config(num_kv_heads=kv_heads, **{"attention.qk_norm": qk_norm,
+  cfg = small_config(num_kv_heads=kv_heads, **{"attention.norms": "qk" if qk_norm else "",
                                                "head.tie_embeddings": tied})
   model = create_model(cfg)
   x = tokens()
@@ -151,7 +151,7 @@ def test_dropout_is_keyed_and_off_by_default():
 
 
 def test_every_parameter_has_logical_axes():
-  model = create_model(small_config(**{"head.tie_embeddings": False, "attention.qk_norm": True}))
+  model = create_model(small_config(**{"head.tie_embeddings": False, "attention.norms": "qk"}))
   for path, var in jax.tree.leaves_with_path(nnx.state(model, nnx.Param),
                                              is_leaf=lambda x: isinstance(x, nnx.Variable)):
     axes = var.get_metadata().get("out_sharding")

@@ -1,7 +1,10 @@
 """Sequence-mixer family (`model.attention.kind`) and the attention op.
 
-`dense` is softmax attention with RoPE, MHA or GQA (num_kv_heads < num_heads) and an optional
-QK-norm. The core op `attention` dispatches on `impl`: `xla` is plain jnp (the reference); the
+`dense` is softmax attention with RoPE, MHA or GQA (num_kv_heads < num_heads) and optional
+norms inside (`model.attention.norms`, letters of "qkvc"): q, k and v are RMS-normalized per
+head over head_dim with one gain shared by the heads, before RoPE (QK-norm, Dehghani et al.
+2023; QKV-norm, HybridNorm eq. (4)); c normalizes the context (the heads' concatenated output)
+over its full width before W_O (the C of HybridNorm Table 6, SDD's context norm). The core op `attention` dispatches on `impl`: `xla` is plain jnp (the reference); the
 Pallas kernels add `pallas` and `auto` when they land in kernels_pallas/.
 """
 
@@ -13,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.config import ConfigError
 from research.model.linear import make_linear
 from research.model.norms import RMSNorm
 from research.model.registry import Registry
@@ -20,6 +24,15 @@ from research.sharding import constrain
 
 SEQUENCE_MIXERS = Registry("model.attention.kind")
 ATTENTION_IMPLS = ("xla",)
+ATTENTION_NORMS = "qkvc"
+
+
+def check_attention_norms(norms: str) -> str:
+  bad = sorted(set(norms) - set(ATTENTION_NORMS))
+  if bad:
+    raise ConfigError(f"model.attention.norms='{norms}' has unknown letters {''.join(bad)} "
+                     f"(letters of {ATTENTION_NORMS}: q, k, v, c = context before W_O)")
+  return norms
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -90,7 +103,6 @@ class DenseAttention(nnx.Module):
   """Causal multi-head (or grouped-query) self-attention."""
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
-    del layer
     a = cfg.attention
     if a.impl not in ATTENTION_IMPLS:
       raise ValueError(f"model.attention.impl='{a.impl}' is not available "
@@ -98,16 +110,19 @@ class DenseAttention(nnx.Module):
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.theta, self.impl = a.rope_theta, a.impl
     d, hd, kvd = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    self.q = make_linear(cfg, d, hd, axes=("embed", "heads"), std=std, dtype=dtype, rngs=rngs)
-    self.k = make_linear(cfg, d, kvd, axes=("embed", "kv_heads"), std=std, dtype=dtype, rngs=rngs)
-    self.v = make_linear(cfg, d, kvd, axes=("embed", "kv_heads"), std=std, dtype=dtype, rngs=rngs)
-    self.o = make_linear(cfg, hd, d, axes=("heads", "embed"), std=out_std, dtype=dtype, rngs=rngs)
-    if a.qk_norm:  # normalizes each head's q and k before RoPE (Dehghani et al. 2023)
-      self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, dtype=dtype)
-      self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps, dtype=dtype)
-    else:
-      self.q_norm = self.k_norm = None
+    self.d_model = d
+    lin = dict(layer=layer, dtype=dtype, rngs=rngs)
+    self.q = make_linear(cfg, d, hd, axes=("embed", "heads"), role="in", **lin)
+    self.k = make_linear(cfg, d, kvd, axes=("embed", "kv_heads"), role="in", **lin)
+    self.v = make_linear(cfg, d, kvd, axes=("embed", "kv_heads"), role="in", **lin)
+    self.o = make_linear(cfg, hd, d, axes=("heads", "embed"), role="out", **lin)
+    norms = check_attention_norms(a.norms)
+
+    def norm(letter, dim):
+      return RMSNorm(dim, eps=cfg.norm_eps, dtype=dtype) if letter in norms else None
+
+    self.q_norm, self.k_norm, self.v_norm = (norm(x, cfg.head_dim) for x in "qkv")
+    self.c_norm = norm("c", hd)
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
     b, t, _ = x.shape
@@ -116,18 +131,21 @@ class DenseAttention(nnx.Module):
     v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q = constrain(q, ("batch", "seq", "act_heads", None))
     k = constrain(k, ("batch", "seq", "act_kv_heads", None))
-    if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
+    q, k, v = (x if n is None else n(x) for x, n in ((q, self.q_norm), (k, self.k_norm),
+                                                     (v, self.v_norm)))
     q = rope(q, ctx.positions, self.theta)
     k = rope(k, ctx.positions, self.theta)
     out = attention(q, k, v, q_positions=ctx.positions, k_positions=ctx.positions, impl=self.impl)
-    return self.o(out.reshape(b, t, self.num_heads * self.head_dim))
+    out = out.reshape(b, t, self.num_heads * self.head_dim)
+    if self.c_norm is not None:
+      out = self.c_norm(out)
+    return self.o(out)
 
   def flops_per_token(self, seq_len: int) -> float:
     """Forward FLOPs per token: projections plus q k^T and p v over the causal average
     of (seq_len + 1) / 2 keys."""
     hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-    d = self.q.kernel.shape[0]
+    d = self.d_model
     proj = 2 * d * (2 * hd + 2 * kvd)
     core = 2 * 2 * hd * (seq_len + 1) / 2
     return proj + core

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.model.linear import init_std
 from research.model.registry import Registry
 
 EMBEDDINGS = Registry("model.embed.kind")
@@ -20,7 +21,7 @@ class PlainEmbedding(nnx.Module):
   """A token table E: [vocab, embed]; positions enter through RoPE in attention."""
 
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
-    init = jax.nn.initializers.normal(cfg.init_std)
+    init = jax.nn.initializers.normal(init_std(cfg))
     self.table = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), jnp.float32),
                            out_sharding=("vocab", "embed"))
     self.dtype = dtype

@@ -1,8 +1,18 @@
 """Channel-mixer family (`model.channel.kind`) and FFN activations.
 
 `ffn` is the position-wise feed-forward block; its activation (`model.channel.activation`) is
-a registry of its own: gated ones (SwiGLU) use two input projections, plain ones one. MoE,
-UltraMem and other channel mixers register beside it.
+a registry of its own: gated ones (SwiGLU) use two input projections, plain ones one, so a
+plain activation gets 1.5x the hidden width of a gated one at equal parameters (config.resolve:
+d_ff = 8/3 d gated, 4 d plain). An activation is a function, or an nnx.Module class for those
+with parameters (PolyCom's coefficients). MoE, UltraMem and other channel mixers register
+beside `ffn`.
+
+  swiglu    silu(x W_gate) * (x W_up)                     gated
+  gelu      gelu(x), tanh approximation
+  relu      max(x, 0)
+  relu2     max(x, 0)^2                                   (So et al. 2021, Primer)
+  polyrelu  sum_i a_i relu(x)^i + a_0                     PolyCom Type I (Zhuo et al. 2025)
+  polynorm  sum_i a_i N(x^i) + a_0, N = RMS over d_ff     PolyCom Type II
 """
 
 from __future__ import annotations
@@ -10,6 +20,7 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from research.model.linear import make_linear
@@ -49,21 +60,73 @@ swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 swiglu.gated = True
 
+ACTIVATIONS.register("gelu")(lambda x: jax.nn.gelu(x, approximate=True))
+ACTIVATIONS.register("relu")(jax.nn.relu)
+ACTIVATIONS.register("relu2")(lambda x: jnp.square(jax.nn.relu(x)))
+
+
+class _PolyCom(nnx.Module):
+  """The learnable polynomial of order r = `model.channel.poly_order` shared by PolyReLU and
+  PolyNorm: a[0] multiplies the highest power (the official code's order), a_0 is `bias`.
+  Initialised as the official code: every a_i = 1/r, bias 0. Computed in fp32."""
+
+  def __init__(self, cfg, *, dtype):
+    r = cfg.channel.poly_order
+    if r < 1:
+      raise ValueError(f"model.channel.poly_order={r} must be >= 1")
+    self.order = r
+    self.coeffs = nnx.Param(jnp.full((r,), 1.0 / r, jnp.float32), out_sharding=("norm",))
+    self.bias = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
+    self.dtype = dtype
+
+  def term(self, x: jax.Array, i: int) -> jax.Array:
+    raise NotImplementedError
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    a = self.coeffs[...]
+    y = sum(a[self.order - i] * self.term(x, i) for i in range(1, self.order + 1))
+    return (y + self.bias[...]).astype(self.dtype)
+
+
+@ACTIVATIONS.register("polyrelu")
+class PolyReLU(_PolyCom):
+  """PolyReLU(x) = sum_{i=1..r} a_i relu(x)^i + a_0 (PolyCom Type I with rho = ReLU, eq. 4)."""
+
+  def term(self, x, i):
+    return jax.nn.relu(x) ** i
+
+
+@ACTIVATIONS.register("polynorm")
+class PolyNorm(_PolyCom):
+  """PolyNorm(x) = sum_{i=1..r} a_i N(x^i) + a_0 (PolyCom Type II with rho = normalization,
+  eq. 5). N(z) = z / sqrt(mean(z^2) + 1e-6) per token over the FFN hidden dim, no gain: the
+  official code's RMS form of the paper's z / ||z||_2 (they differ by sqrt(d_ff), which the
+  a_i absorb). Under tensor sharding of d_ff the mean is over the whole (global) width."""
+
+  def term(self, x, i):
+    z = x ** i
+    return z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + 1e-6)
+
+
+def is_gated(activation: str) -> bool:
+  return getattr(ACTIVATIONS.get(activation), "gated", False)
+
 
 @CHANNEL_MIXERS.register("ffn")
 class FeedForward(nnx.Module):
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
-    del layer
     c = cfg.channel
-    self.act = ACTIVATIONS.get(c.activation)
-    self.gated = getattr(self.act, "gated", False)
+    act = ACTIVATIONS.get(c.activation)
+    self.gated = getattr(act, "gated", False)
+    self.act = act(cfg, dtype=dtype) if isinstance(act, type) else act
     d, f = cfg.d_model, c.d_ff
-    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
-    self.up = make_linear(cfg, d, f, axes=("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
-    self.gate = (make_linear(cfg, d, f, axes=("embed", "mlp"), std=std, dtype=dtype, rngs=rngs)
+    lin = dict(layer=layer, dtype=dtype, rngs=rngs)
+    self.up = make_linear(cfg, d, f, axes=("embed", "mlp"), role="in", **lin)
+    self.gate = (make_linear(cfg, d, f, axes=("embed", "mlp"), role="in", **lin)
                  if self.gated else None)
-    self.down = make_linear(cfg, f, d, axes=("mlp", "embed"), std=out_std, dtype=dtype, rngs=rngs)
+    self.down = make_linear(cfg, f, d, axes=("mlp", "embed"), role="out", **lin)
     self.d_model, self.d_ff = d, f
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.model.linear import init_std
 from research.model.registry import Registry
 
 HEADS = Registry("model.head.kind")
@@ -23,7 +24,7 @@ class PlainHead(nnx.Module):
     self.tied = cfg.head.tie_embeddings
     self.dtype = dtype
     if not self.tied:
-      init = jax.nn.initializers.normal(cfg.init_std)
+      init = jax.nn.initializers.normal(init_std(cfg))
       self.kernel = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
                               out_sharding=("embed", "vocab"))
 

@@ -1,21 +1,52 @@
-"""Linear-layer family (`model.linear.kind`).
+"""Linear-layer family (`model.linear.kind`) and the weight-init rules of the projections.
 
 Every projection in the decoder is made by `make_linear`, so an option registered here (SDD,
 fake-quantized QAT, ...) reaches every block without touching the other families. Kernels are
 stored in the parameter dtype (fp32) and cast to the compute dtype at use.
+
+  plain  y = x W (+ b)
+  sdd    y = alpha * z / rms(z), z = x W     Scale-Distribution Decoupling (Wang et al. 2025,
+                                             eq. 3): the normalization fixes the output scale,
+                                             the per-channel alpha sets it
+
+Each projection has a role: "in" (q, k, v, FFN up and gate) or "out" (attention and FFN output
+projections, which write into the residual stream). The role selects the init: weights are
+N(0, init_std^2), output projections scaled by `model.init_out_scaling`
+(none | total_depth: 1/sqrt(2 L), Megatron / GPT-2 | layer_depth: 1/sqrt(2 l), l = layer + 1).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.model.norms import rms_norm
 from research.model.registry import Registry
 
 LINEARS = Registry("model.linear.kind")
+ROLES = ("in", "out")
+OUT_SCALINGS = ("none", "total_depth", "layer_depth")
+
+
+def init_std(cfg) -> float:
+  """`model.init_std`; 0 means 1/sqrt(2.5 d_model) (the HybridNorm / SDD / PolyCom papers)."""
+  return cfg.init_std if cfg.init_std > 0 else 1.0 / math.sqrt(2.5 * cfg.d_model)
+
+
+def out_depth_factor(cfg, layer: int) -> float:
+  """The factor on an output projection's init (and on SDD's output gain) at `layer`."""
+  scaling = cfg.init_out_scaling
+  if scaling == "none":
+    return 1.0
+  if scaling == "total_depth":
+    return 1.0 / math.sqrt(2 * cfg.num_layers)
+  if scaling == "layer_depth":
+    return 1.0 / math.sqrt(2 * (layer + 1))
+  raise ValueError(f"model.init_out_scaling='{scaling}' is not one of {', '.join(OUT_SCALINGS)}")
 
 
 @LINEARS.register("plain")
@@ -23,8 +54,8 @@ class PlainLinear(nnx.Module):
   """y = x W (+ b), W: [in, out] with logical axes `axes`."""
 
   def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
-               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None):
-    del cfg
+               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0):
+    del cfg, gain
     init = jax.nn.initializers.normal(std)
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32),
                             out_sharding=tuple(axes))
@@ -39,9 +70,44 @@ class PlainLinear(nnx.Module):
     return y
 
 
-def make_linear(cfg, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
-                dtype, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the configured linear layer; `cfg` is `config.model`."""
+@LINEARS.register("sdd")
+class SDDLinear(nnx.Module):
+  """Scale-Distribution Decoupling: y = alpha ⊙ z / sqrt(mean(z^2) + eps), z = x V (eq. 3).
+
+  The RMS is taken per token over the output features; alpha is one gain per output feature,
+  initialised to 1, or to 1/sqrt(2L) on output projections (the official code's rule; the paper
+  writes 1/sqrt(L)) -- `gain` carries that value. V has no depth scaling: make_linear gives SDD
+  the plain init_std on every projection, so the depth scaling lives in alpha alone.
+  """
+
+  depth_scaling_in_gain = True  # make_linear passes the output-projection factor as `gain`
+
+  def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
+               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0):
+    if use_bias:
+      raise ValueError("model.linear.kind='sdd' has no bias (its normalization removes it); "
+                       "set model.linear.use_bias=False")
+    self.proj = PlainLinear(in_features, out_features, axes=axes, std=std, use_bias=False,
+                            dtype=dtype, rngs=rngs)
+    self.alpha = nnx.Param(jnp.full((out_features,), gain, jnp.float32), out_sharding=(axes[1],))
+    self.eps = cfg.norm_eps if cfg is not None else 1e-5
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return rms_norm(self.proj(x), self.alpha[...], self.eps).astype(self.dtype)
+
+
+def make_linear(cfg, in_features: int, out_features: int, *, axes: Sequence[str], role: str,
+                layer: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds the configured linear layer of `role` ("in" or "out") in block `layer`; `cfg` is
+  `config.model`."""
+  if role not in ROLES:
+    raise ValueError(f"linear role '{role}' is not one of {', '.join(ROLES)}")
   cls = LINEARS.get(cfg.linear.kind)
+  depth = out_depth_factor(cfg, layer) if role == "out" else 1.0
+  if getattr(cls, "depth_scaling_in_gain", False):
+    std, gain = init_std(cfg), depth
+  else:
+    std, gain = init_std(cfg) * depth, 1.0
   return cls(in_features, out_features, axes=axes, std=std, use_bias=cfg.linear.use_bias,
-             dtype=dtype, rngs=rngs, cfg=cfg)
+             dtype=dtype, rngs=rngs, cfg=cfg, gain=gain)

@@ -39,11 +39,12 @@ class Block(nnx.Module):
     residual = residual_lib.RESIDUALS.get(cfg.residual.kind)
     self.layer = layer
     self.dropout = cfg.dropout
-    self.attn_norm = placement(d, cfg=cfg, dtype=dtype, rngs=rngs)
+    self.attn_norm = placement(d, cfg=cfg, layer=layer, sublayer="attn", dtype=dtype, rngs=rngs)
     self.attn_residual = residual(d, cfg=cfg, layer=2 * layer, dtype=dtype, rngs=rngs)
     self.attn = attention_lib.SEQUENCE_MIXERS.get(cfg.attention.kind)(
         cfg, layer=layer, dtype=dtype, rngs=rngs)
-    self.channel_norm = placement(d, cfg=cfg, dtype=dtype, rngs=rngs)
+    self.channel_norm = placement(d, cfg=cfg, layer=layer, sublayer="channel", dtype=dtype,
+                                  rngs=rngs)
     self.channel_residual = residual(d, cfg=cfg, layer=2 * layer + 1, dtype=dtype, rngs=rngs)
     self.channel = ffn_lib.CHANNEL_MIXERS.get(cfg.channel.kind)(
         cfg, layer=layer, dtype=dtype, rngs=rngs)
@@ -76,8 +77,7 @@ class DecoderLM(nnx.Module):
     self.residual_cls = residual_lib.RESIDUALS.get(cfg.residual.kind)
     self.blocks = nnx.List([Block(cfg, layer=i, dtype=dtype, rngs=rngs)
                             for i in range(cfg.num_layers)])
-    placement = self.blocks[0].attn_norm if cfg.num_layers else None
-    needs_final = placement is None or placement.final_norm()
+    needs_final = norms_lib.NORM_PLACEMENTS.get(cfg.norm.kind).final_norm or not cfg.num_layers
     self.final_norm = (norms_lib.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
                        if needs_final else None)
     self.head = head_lib.HEADS.get(cfg.head.kind)(cfg, dtype=dtype, rngs=rngs)
@@ -93,17 +93,37 @@ class DecoderLM(nnx.Module):
     if ctx is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
       ctx = ForwardContext(positions=positions)
+    h = self._run_blocks(tokens, ctx)
+    if self.final_norm is not None:
+      h = self.final_norm(h)
+    logits = self.head(h, self.embed, ctx)
+    return constrain(logits, ("batch", "seq", "act_vocab"))
+
+  def _run_blocks(self, tokens, ctx: ForwardContext, hidden: list | None = None) -> jax.Array:
+    """Embedding and blocks; returns the collapsed stream before the final norm. With `hidden`
+    a list, appends the collapsed stream entering each block and the last block's output."""
     tokens = constrain(tokens, ("batch", "seq"))
     h = self.embed(tokens)
     h = ctx.dropout(h, self.cfg.dropout, site=2 * self.cfg.num_layers)
     stream = self.residual_cls.expand(h, self.cfg)
     for block in self.blocks:
+      if hidden is not None:
+        hidden.append(self.residual_cls.collapse(stream, self.cfg))
       stream = self._apply_block(block, stream, ctx)
     h = self.residual_cls.collapse(stream, self.cfg)
-    if self.final_norm is not None:
-      h = self.final_norm(h)
-    logits = self.head(h, self.embed, ctx)
-    return constrain(logits, ("batch", "seq", "act_vocab"))
+    if hidden is not None:
+      hidden.append(h)
+    return h
+
+  def hidden_states(self, tokens: jax.Array, ctx: ForwardContext | None = None) -> list:
+    """[num_layers + 1] x [batch, seq, embed]: the input of each block, then the last block's
+    output (streams collapsed), for diagnostics such as adjacent-layer similarity."""
+    if ctx is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+      ctx = ForwardContext(positions=positions)
+    hidden = []
+    self._run_blocks(tokens, ctx, hidden)
+    return hidden
 
   def _apply_block(self, block: Block, stream, ctx: ForwardContext):
     if self.remat == "none":

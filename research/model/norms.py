@@ -1,13 +1,31 @@
 """Normalization layers and the norm-placement family (`model.norm.kind`).
 
-A placement decides where a sublayer's normalization sits relative to the residual connection:
+A placement decides, for each sublayer of each block, where the normalization sits relative to
+the residual connection. Four modes cover every placement here (N = RMSNorm, f = sublayer):
 
-  pre   x <- x + f(norm(x))          (GPT-2 / LLaMA)
-  post  x <- norm(x + f(x))          (original Transformer)
+  none      x <- x + f(x)
+  pre       x <- x + f(N(x))          (GPT-2 / LLaMA)
+  post      x <- N(x + f(x))          (original Transformer)
+  normskip  x <- N(x) + f(N(x))       (the skip carries the normalized value; HybridNorm's FFN)
 
-A placement wraps one sublayer (attention or channel mixer). It receives the residual stream,
-the sublayer function and the residual connection, so residual options (hyper-connections) and
-norm options compose without knowing each other.
+A placement kind is a pair (attention mode, channel mode), possibly per layer, plus the norms it
+puts inside attention (`attention_norms`: letters of q, k, v, c = context before W_O). The
+HybridNorm paper (Zhuo et al. 2025, Table 6 and App. G) names its variants this way:
+
+  kind             attention, channel      attention norms   paper name
+  pre              pre, pre                                  Pre-Norm (Pre-#-Pre with norms)
+  post             post, post                                Post-Norm
+  pre_post         pre, normskip                             Pre-Post (Pre-#-Post with norms)
+  post_pre         normskip, pre                             Post-Pre
+  hybrid_post      none, normskip          (from config)     #-Post, e.g. QK-Post, KV-Post
+  hybrid_pre       none, pre               (from config)     #-Pre, e.g. QKV-Pre
+  hybridnorm       none, normskip          qkv               HybridNorm = QKV-Post, eqs. (5)-(6)
+  hybridnorm_star  block 0: pre, pre;      qkv               HybridNorm*, eq. (7)
+                   others as hybridnorm
+
+A placement wraps one sublayer. It receives the residual stream, the sublayer function and the
+residual connection, so residual options (hyper-connections) and norm options compose without
+knowing each other.
 """
 
 from __future__ import annotations
@@ -69,28 +87,65 @@ class RMSNorm(nnx.Module):
     return rms_norm(x, self.scale[...], self.eps).astype(self.dtype)
 
 
-@NORM_PLACEMENTS.register("pre")
-class PreNorm(nnx.Module):
+SUBLAYERS = ("attn", "channel")
+MODES = ("none", "pre", "post", "normskip")
 
-  def __init__(self, dim: int, *, cfg, dtype, rngs: nnx.Rngs):
-    self.norm = RMSNorm(dim, eps=cfg.norm_eps, dtype=dtype)
+
+class Placement(nnx.Module):
+  """Base of the placement options: `modes(layer)` gives (attention mode, channel mode)."""
+
+  attention_norms = ""  # norms this placement puts inside attention (merged by config.resolve)
+  final_norm = True  # whether the decoder needs a norm after the last block
+
+  @classmethod
+  def modes(cls, layer: int) -> tuple[str, str]:
+    raise NotImplementedError
+
+  def __init__(self, dim: int, *, cfg, layer: int, sublayer: str, dtype, rngs: nnx.Rngs):
+    del rngs
+    if sublayer not in SUBLAYERS:
+      raise ValueError(f"sublayer '{sublayer}' is not one of {', '.join(SUBLAYERS)}")
+    self.mode = self.modes(layer)[SUBLAYERS.index(sublayer)]
+    self.norm = (RMSNorm(dim, eps=cfg.norm_eps, dtype=dtype) if self.mode != "none" else None)
 
   def __call__(self, stream, sublayer: Callable, residual: Callable):
-    return residual(stream, lambda x: sublayer(self.norm(x)))
+    mode, norm = self.mode, self.norm
+    if mode == "none":
+      return residual(stream, sublayer)
+    if mode == "pre":
+      return residual(stream, lambda x: sublayer(norm(x)))
+    if mode == "post":
+      return norm(residual(stream, sublayer))
+    return residual(norm(stream), sublayer)  # normskip: HybridNorm eq. (6), N(Y) + FFN(N(Y))
 
-  def final_norm(self) -> bool:
-    """Whether the decoder needs a norm after the last block (pre-norm leaves it unnormalized)."""
-    return True
+
+def _same_in_every_block(kind: str, attn: str, channel: str, *, attention_norms: str = "",
+                         final_norm: bool = True) -> type[Placement]:
+  """Registers the placement `kind` whose modes do not depend on the layer."""
+  cls = type(f"Placement_{kind}", (Placement,), dict(
+      modes=classmethod(lambda cls, layer: (attn, channel)),
+      attention_norms=attention_norms, final_norm=final_norm))
+  return NORM_PLACEMENTS.register(kind)(cls)
 
 
-@NORM_PLACEMENTS.register("post")
-class PostNorm(nnx.Module):
+PreNorm = _same_in_every_block("pre", "pre", "pre")
+# Post-norm leaves every block's output normalized: no final norm.
+PostNorm = _same_in_every_block("post", "post", "post", final_norm=False)
+_same_in_every_block("pre_post", "pre", "normskip")
+_same_in_every_block("post_pre", "normskip", "pre")
+_same_in_every_block("hybrid_post", "none", "normskip")
+_same_in_every_block("hybrid_pre", "none", "pre")
+# HybridNorm, eqs. (5)-(6): Y = MHA_QKV(X) + X;  X' = FFN(N(Y)) + N(Y).
+HybridNorm = _same_in_every_block("hybridnorm", "none", "normskip", attention_norms="qkv")
 
-  def __init__(self, dim: int, *, cfg, dtype, rngs: nnx.Rngs):
-    self.norm = RMSNorm(dim, eps=cfg.norm_eps, dtype=dtype)
 
-  def __call__(self, stream, sublayer: Callable, residual: Callable):
-    return self.norm(residual(stream, sublayer))
+@NORM_PLACEMENTS.register("hybridnorm_star")
+class HybridNormStar(Placement):
+  """HybridNorm*, eq. (7): block 0 is pre-norm in both sublayers (keeping QKV-norm),
+  Y = MHA_QKV(N(X)) + X, X' = FFN(N(Y)) + Y; every other block is HybridNorm."""
 
-  def final_norm(self) -> bool:
-    return False
+  attention_norms = "qkv"
+
+  @classmethod
+  def modes(cls, layer):
+    return ("pre", "pre") if layer == 0 else ("none", "normskip")

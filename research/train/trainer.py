@@ -39,7 +39,7 @@ from tqdm import tqdm
 from research import config as config_lib
 from research import data as data_lib
 from research import sharding
-from research.eval import lm_eval
+from research.eval import diagnostics, lm_eval
 from research.model import ForwardContext, create_model, compute_dtype, model_summary
 from research.train import mfu as mfu_lib
 from research.train.checkpoint import CheckpointError, Checkpointer
@@ -126,6 +126,8 @@ def make_train_step(graphdef, tx, schedule, cfg):
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
+    if cfg.train.log_layer_grad_norms:
+      metrics.update(diagnostics.block_grad_norms(grads))
     metrics.update({f"aux/{k}": v for k, v in aux.items()})
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -341,7 +343,7 @@ class Trainer:
             data_state = r.train_iter.get_state()
             batch = self.put_batch(r, next(r.train_iter))
           bar.update(1)
-          if step % t.log_every == 0 or step == t.steps:
+          if step % t.log_every == 0 or step == t.steps or step == 1:
             fetched = jax.device_get(pending)
             now = time.perf_counter()
             tokens_per_s = interval_steps * tokens_per_step / (now - interval_start)
@@ -353,7 +355,7 @@ class Trainer:
                       "mfu": flops_per_step * interval_steps / (now - interval_start) / peak,
                       "time": time.time()}
             for k in fetched[-1]:
-              if k.startswith("aux/"):
+              if k.startswith(("aux/", "grad_norm/")):
                 record[k] = float(np.mean([m[k] for m in fetched]))
             write(record)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -362,6 +364,10 @@ class Trainer:
             pending, interval_steps, interval_start = [], 0, now
             if not math.isfinite(train_loss):
               self.log(f"training diverged at step {step} (loss {train_loss})")
+              if t.stop_on_divergence:
+                bar.close()
+                return self._finish(r, step, (math.inf, math.inf), train_loss,
+                                    trained_steps, train_time, diverged=True)
           paused = time.perf_counter()
           if step % c.eval.every == 0 or step == t.steps:
             last_valid = run_eval(step)
@@ -375,10 +381,20 @@ class Trainer:
         metrics_file.close()
       bar.close()
       ckpt.wait()
+      return self._finish(r, step, last_valid, train_loss, trained_steps, train_time,
+                          state=state, valid_batch=valid_batches[0] if valid_batches else None)
+
+  def _finish(self, r: Run, step: int, last_valid, train_loss: float, trained_steps: int,
+              train_time: float, *, diverged: bool = False, state=None, valid_batch=None) -> dict:
+    """Writes summary.json (and loss.png): the run is finished, or ended as diverged."""
+    tokens_per_step = r.config.train.batch_size * r.config.data.seq_len
     summary = {"step": step, "valid_loss": last_valid[0], "valid_bpb": last_valid[1],
                "train_loss": train_loss,
                "tokens_per_s": trained_steps * tokens_per_step / max(train_time, 1e-9),
-               "params": r.summary["params"]}
+               "params": r.summary["params"], "diverged": diverged}
+    if state is not None and valid_batch is not None:
+      model = nnx.merge(r.graphdef, state["params"], state["other"])
+      summary["layer_cosine"] = diagnostics.layer_cosine(model, valid_batch["inputs"])
     (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
       from research import report

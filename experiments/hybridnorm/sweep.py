@@ -1,0 +1,56 @@
+"""HybridNorm ablations at the tiny setting, 3 seeds per arm.
+
+  research sweep hybridnorm --group table6     # placements, 4 layers x 128 (shallow-wide)
+  research sweep hybridnorm --group depth      # the same at 16 layers x 64 (deep-narrow), Table 7
+  research sweep hybridnorm --group lr_stress  # lr 1e-2, where post-norm is expected to fail
+  research sweep hybridnorm --group variants   # more Table 6 rows (where the norms go)
+  research report hybridnorm
+
+Paper numbers are the 550M model's training loss after 400B tokens (Table 6, Table 7 for the
+29-layer model); "diverged" rows carry no number.
+"""
+
+from research.experiments import Arm, Sweep
+
+NORMAL = {"model.init_out_scaling": "none"}  # the paper's "Normal" init (Table 5)
+MEGATRON = {"model.init_out_scaling": "total_depth"}
+DEEP = {"model.num_layers": 16, "model.d_model": 64}
+
+
+def _placements(extra: dict, paper: dict[str, float | None]) -> list[Arm]:
+  arms = [
+      Arm("pre", {"model.norm.kind": "pre", **NORMAL, **extra}),
+      Arm("post", {"model.norm.kind": "post", **NORMAL, **extra}),
+      Arm("hybridnorm", {"model.norm.kind": "hybridnorm", **MEGATRON, **extra}),
+      Arm("hybridnorm_star", {"model.norm.kind": "hybridnorm_star", **MEGATRON, **extra}),
+  ]
+  return [Arm(a.name, a.overrides, {"train_loss (paper)": paper[a.name]} if paper[a.name] else None)
+          for a in arms]
+
+
+def get_sweep() -> Sweep:
+  table6 = _placements({}, {"pre": 2.75, "post": 2.76, "hybridnorm": 2.74, "hybridnorm_star": 2.73})
+  table6 += [
+      # QK-norm alone with the post-norm FFN: diverged in the paper (Table 6).
+      Arm("qk_post", {"model.norm.kind": "hybrid_post", "model.attention.norms": "qk", **MEGATRON}),
+      # Separates the init from the architecture (the digest's optional arm).
+      Arm("hybridnorm_normal_init", {"model.norm.kind": "hybridnorm", **NORMAL}),
+  ]
+  depth = _placements(DEEP, {"pre": 2.73, "post": None, "hybridnorm": 2.72,
+                             "hybridnorm_star": 2.71})
+  stress = _placements({"train.lr": 1e-2}, dict.fromkeys(
+      ("pre", "post", "hybridnorm", "hybridnorm_star")))
+  variants = [
+      Arm("pre_qk_norm", {"model.norm.kind": "pre", "model.attention.norms": "qk", **NORMAL},
+          {"train_loss (paper)": 2.75}),
+      Arm("pre_post", {"model.norm.kind": "pre_post", **MEGATRON}, {"train_loss (paper)": 2.74}),
+      Arm("qkv_pre", {"model.norm.kind": "hybrid_pre", "model.attention.norms": "qkv", **MEGATRON},
+          {"train_loss (paper)": 2.74}),
+      Arm("kv_post", {"model.norm.kind": "hybrid_post", "model.attention.norms": "kv", **MEGATRON},
+          {"train_loss (paper)": 2.74}),
+      Arm("qkvc_post", {"model.norm.kind": "hybrid_post", "model.attention.norms": "qkvc",
+                        **MEGATRON}, {"train_loss (paper)": 2.74}),
+  ]
+  return Sweep(groups={"table6": table6, "depth": depth, "lr_stress": stress,
+                       "variants": variants},
+               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="table6")

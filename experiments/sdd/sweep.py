@@ -1,0 +1,36 @@
+"""SDD ablations at the tiny setting, 3 seeds per arm.
+
+  research sweep sdd --group grid     # {pre, post} x {plain, SDD}: untangles the paper's mixed
+                                      # comparison (SDD-on-post-norm vs plain pre-norm)
+  research sweep sdd --group deep     # post-norm +/- SDD at 16 layers x 64: stability with depth
+  research sweep sdd --group stress   # lr x 5 (5e-3) and no warmup, Table 2's perturbations
+  research report sdd
+
+Paper numbers: 1B models' training loss after 200B tokens (Table 1); "diverged" = did not
+converge in Table 2.
+"""
+
+from research.experiments import Arm, Sweep
+
+PLAIN = {"model.linear.kind": "plain"}
+SDD = {"model.linear.kind": "sdd"}
+DEEP = {"model.num_layers": 16, "model.d_model": 64}
+
+
+def get_sweep() -> Sweep:
+  grid = [
+      Arm("pre", {"model.norm.kind": "pre", **PLAIN}, {"train_loss (paper)": 2.70}),
+      Arm("post", {"model.norm.kind": "post", **PLAIN}, {"train_loss (paper)": 2.69}),
+      Arm("pre_sdd", {"model.norm.kind": "pre", **SDD}),
+      Arm("post_sdd", {"model.norm.kind": "post", **SDD}, {"train_loss (paper)": 2.65}),
+  ]
+  deep = [Arm("post_deep", {"model.norm.kind": "post", **PLAIN, **DEEP}),
+          Arm("post_sdd_deep", {"model.norm.kind": "post", **SDD, **DEEP}),
+          Arm("pre_deep", {"model.norm.kind": "pre", **PLAIN, **DEEP})]
+  base = {"pre": {"model.norm.kind": "pre", **PLAIN}, "post": {"model.norm.kind": "post", **PLAIN},
+          "post_sdd": {"model.norm.kind": "post", **SDD}}
+  perturbations = {"lr_x5": {"train.lr": 5e-3}, "no_warmup": {"train.warmup_steps": 0}}
+  stress = [Arm(f"{arm}_{p}", {**overrides, **extra})
+            for p, extra in perturbations.items() for arm, overrides in base.items()]
+  return Sweep(groups={"grid": grid, "deep": deep, "stress": stress},
+               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="grid")

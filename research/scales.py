@@ -1,0 +1,56 @@
+"""The shared run scales every experiment starts from (docs/architecture.md, Experiments).
+
+  smoke  seconds on a CPU; what the tests train
+  tiny   the CPU reproduction setting shared by all papers so they can be compared: nanoGPT's
+         "baby" decoder (4 layers, width 128, 4 heads, context 64, batch 12, 2000 steps, lr 1e-3,
+         100 warmup steps, cosine to 1e-4), character-level; about 2 minutes on a 2-core CPU
+  small  one GPU, under an hour: GPT-2 small shape on WikiText-2 BPE
+  paper  LLaMA-7B shape, for planning on real clusters (papers override it with their own)
+
+An experiment's config calls `apply_scale(config, scale)` and then changes what its paper needs.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from research.config import ConfigError
+
+SCALES = ("smoke", "tiny", "small", "paper")
+# what an empty corpus / tokenizer means at each scale
+DEFAULT_DATA = {"smoke": ("shakespeare", "char"), "tiny": ("shakespeare", "char"),
+                "small": ("wikitext2", "gpt2"), "paper": ("wikitext2", "gpt2")}
+
+
+def apply_scale(c: ml_collections.ConfigDict, scale: str, *, corpus: str = "",
+                tokenizer: str = "", experiment: str = "") -> ml_collections.ConfigDict:
+  """Sets model size, data and schedule of `scale` on the config `c` (in place; returned)."""
+  if scale not in DEFAULT_DATA:
+    raise ConfigError(f"{experiment or 'experiment'}: unknown scale '{scale}' "
+                      f"(choose one of {', '.join(SCALES)})")
+  default_corpus, default_tokenizer = DEFAULT_DATA[scale]
+  c.data.corpus = corpus or default_corpus
+  c.data.tokenizer = tokenizer or default_tokenizer
+  m, t, e = c.model, c.train, c.eval
+  if scale == "smoke":
+    m.num_layers, m.d_model, m.num_heads = 2, 32, 2
+    c.data.seq_len = 32
+    t.steps, t.batch_size, t.warmup_steps = 12, 8, 2
+    t.log_every, t.checkpoint_every, t.keep_checkpoints = 4, 6, 2
+    e.every, e.batches = 6, 2
+  elif scale == "tiny":
+    pass  # config.default_config() is the nanoGPT-baby setting
+  elif scale == "small":
+    m.num_layers, m.d_model, m.num_heads = 12, 768, 12
+    c.data.seq_len = 1024
+    t.steps, t.batch_size, t.lr, t.warmup_steps = 5000, 32, 6e-4, 200
+    t.log_every, t.checkpoint_every = 50, 1000
+    e.every, e.batches = 500, 50
+  elif scale == "paper":
+    m.num_layers, m.d_model, m.num_heads = 32, 4096, 32
+    m.channel.d_ff = 11008
+    c.data.seq_len = 2048
+    t.steps, t.batch_size, t.lr, t.warmup_steps = 100_000, 1024, 3e-4, 2000
+    m.remat = "block"
+    c.mesh.preset = "fsdp"
+  return c
