@@ -7,16 +7,19 @@
   small  one GPU, under an hour: GPT-2 small shape on WikiText-2 BPE
   paper  LLaMA-7B shape, for planning on real clusters (papers override it with their own)
 
-An experiment's config calls `apply_scale(config, scale)` and then changes what its paper needs.
+An experiment's config calls `scaled_config(arg, experiment)` (or `apply_scale` on a config of
+its own) and then changes what its paper needs.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from research.config import ConfigError
+from research.config import ConfigError, default_config, parse_arg
 
 SCALES = ("smoke", "tiny", "small", "paper")
+# the experiment-argument keys every experiment built on the shared scales accepts
+SCALE_ARGS = dict(scale="tiny", corpus="", tokenizer="", seed=0)
 # what an empty corpus / tokenizer means at each scale
 DEFAULT_DATA = {"smoke": ("shakespeare", "char"), "tiny": ("shakespeare", "char"),
                 "small": ("wikitext2", "gpt2"), "paper": ("wikitext2", "gpt2")}
@@ -54,3 +57,13 @@ def apply_scale(c: ml_collections.ConfigDict, scale: str, *, corpus: str = "",
     m.remat = "block"
     c.mesh.preset = "fsdp"
   return c
+
+
+def scaled_config(arg: str, experiment: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(config, scale) for the argument string "scale=...,corpus=...,tokenizer=...,seed=...":
+  the default config with the seed set and the scale applied."""
+  a = parse_arg(arg, SCALE_ARGS)
+  c = default_config()
+  c.seed = a["seed"]
+  apply_scale(c, a["scale"], corpus=a["corpus"], tokenizer=a["tokenizer"], experiment=experiment)
+  return c, a["scale"]

@@ -15,17 +15,10 @@ Shakespeare with the first 90% for training and the last 10% for validation. nan
 style model reaches a validation loss of about 1.88 there; ours must reach <= 1.88.
 """
 
-from research.config import default_config, parse_arg
-from research.scales import SCALES, apply_scale
+from research.scales import SCALES, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
 
 CLAIM = "LLaMA-style decoder; nanoGPT-baby char Tiny Shakespeare reaches valid loss <= 1.88"
 
-_ARGS = dict(scale="tiny", corpus="", tokenizer="", seed=0)
-
 
 def get_config(arg: str = ""):
-  a = parse_arg(arg, _ARGS)
-  c = default_config()
-  c.seed = a["seed"]
-  return apply_scale(c, a["scale"], corpus=a["corpus"], tokenizer=a["tokenizer"],
-                     experiment="baseline")
+  return scaled_config(arg, "baseline")[0]

@@ -17,28 +17,21 @@ The `paper` scale is the 550M ablation model of Table 6 (16 layers, width 1536, 
 heads, FFN 4096, 400B tokens in the paper).
 """
 
-from research.config import default_config, parse_arg
-from research.scales import SCALES, apply_scale
+from research.scales import SCALES, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
 
 CLAIM = ("QKV-norm attention + post-norm FFN (HybridNorm, HybridNorm*) trains at least as well "
          "as pre-norm and more stably than post-norm")
 
-_ARGS = dict(scale="tiny", corpus="", tokenizer="", seed=0)
-
 
 def get_config(arg: str = ""):
-  a = parse_arg(arg, _ARGS)
-  c = default_config()
-  c.seed = a["seed"]
-  apply_scale(c, a["scale"], corpus=a["corpus"], tokenizer=a["tokenizer"],
-              experiment="hybridnorm")
+  c, scale = scaled_config(arg, "hybridnorm")
   m, t = c.model, c.train
   m.norm.kind = "hybridnorm_star"
   m.init_std = 0.0  # 1/sqrt(2.5 d)
   m.init_out_scaling = "total_depth"  # Megatron init
   t.b2 = 0.95
   t.log_layer_grad_norms = True  # the gradient-norm profile of Fig. 2
-  if a["scale"] == "paper":
+  if scale == "paper":
     m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 16, 1536, 16, 4
     m.channel.d_ff = 4096
     m.attention.rope_theta = 500_000.0

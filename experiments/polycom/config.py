@@ -15,26 +15,20 @@ The `paper` scale is the "1.3B" dense model: 24 layers, width 2048, 16 heads, Sw
 (plain activations 8256), context 4096.
 """
 
-from research.config import default_config, parse_arg
-from research.scales import SCALES, apply_scale
+from research.scales import SCALES, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
 
 CLAIM = ("PolyNorm / PolyReLU activations lower LM loss vs SwiGLU, GELU and ReLU^2 at equal "
          "parameters")
 
-_ARGS = dict(scale="tiny", corpus="", tokenizer="", seed=0)
-
 
 def get_config(arg: str = ""):
-  a = parse_arg(arg, _ARGS)
-  c = default_config()
-  c.seed = a["seed"]
-  apply_scale(c, a["scale"], corpus=a["corpus"], tokenizer=a["tokenizer"], experiment="polycom")
+  c, scale = scaled_config(arg, "polycom")
   m, t = c.model, c.train
   m.channel.activation = "polynorm"
   m.channel.poly_order = 3
   m.init_std = 0.0  # 1/sqrt(2.5 d)
   t.b2 = 0.95
-  if a["scale"] == "paper":
+  if scale == "paper":
     m.num_layers, m.d_model, m.num_heads = 24, 2048, 16
     m.channel.d_ff = 8256  # 1.5 x 5504 for the two-matrix PolyNorm FFN
     m.head.tie_embeddings = False

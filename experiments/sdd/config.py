@@ -17,26 +17,20 @@ matrices only (alpha is not decayed), clip 1.0, cosine.
 The `paper` scale is SDD-1B: 16 layers, width 2048, 32 heads, 8 KV heads, SwiGLU 8192.
 """
 
-from research.config import default_config, parse_arg
-from research.scales import SCALES, apply_scale
+from research.scales import SCALES, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
 
 CLAIM = ("SDD linear layers make post-norm trainable and robust, and beat a pre-norm baseline")
 
-_ARGS = dict(scale="tiny", corpus="", tokenizer="", seed=0)
-
 
 def get_config(arg: str = ""):
-  a = parse_arg(arg, _ARGS)
-  c = default_config()
-  c.seed = a["seed"]
-  apply_scale(c, a["scale"], corpus=a["corpus"], tokenizer=a["tokenizer"], experiment="sdd")
+  c, scale = scaled_config(arg, "sdd")
   m, t = c.model, c.train
   m.norm.kind = "post"
   m.linear.kind = "sdd"
   m.init_std = 0.0  # 1/sqrt(2.5 d)
   t.b2 = 0.95
   t.log_layer_grad_norms = True  # the gradient-norm profile of Fig. 7
-  if a["scale"] == "paper":
+  if scale == "paper":
     m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = 16, 2048, 32, 8
     m.channel.d_ff = 8192
     m.attention.rope_theta = 500_000.0

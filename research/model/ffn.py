@@ -119,7 +119,7 @@ class FeedForward(nnx.Module):
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     c = cfg.channel
     act = ACTIVATIONS.get(c.activation)
-    self.gated = getattr(act, "gated", False)
+    self.gated = is_gated(c.activation)
     self.act = act(cfg, dtype=dtype) if isinstance(act, type) else act
     d, f = cfg.d_model, c.d_ff
     lin = dict(layer=layer, dtype=dtype, rngs=rngs)
