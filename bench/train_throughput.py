@@ -2,6 +2,7 @@
 
   python bench/train_throughput.py                      # baseline tiny (nanoGPT baby), fp32 on CPU
   python bench/train_throughput.py --spec baseline:scale=small --steps 20
+  python bench/train_throughput.py --spec moda --set model.attention.kind=dense   # its baseline
 
 Prints step time, tokens/s and MFU (against research.train.mfu's peak table; on CPU the peak is
 measured). Data comes from the real pipeline; the timing covers the jitted step and the host
@@ -17,6 +18,7 @@ import time
 import jax
 import numpy as np
 
+from research import config as config_lib
 from research import experiments, sharding
 from research.train import mfu as mfu_lib
 from research.train.trainer import Trainer
@@ -28,8 +30,16 @@ def main() -> None:
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--warmup", type=int, default=20)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a dotted config override, e.g. model.attention.kind=dense (repeatable)")
   args = p.parse_args()
-  config = experiments.get_config(args.spec)
+  overrides = {}
+  for item in args.set:
+    if "=" not in item:
+      p.error(f"--set '{item}' is not of the form key=value")
+    key, value = item.split("=", 1)
+    overrides[key] = config_lib.parse_value(value)
+  config = experiments.get_config(args.spec, overrides)
   with tempfile.TemporaryDirectory() as tmp:
     trainer = Trainer(config, tmp, log=lambda *_: None)
     r = trainer.build()
@@ -54,7 +64,7 @@ def main() -> None:
   best = min(times)
   peak = mfu_lib.peak_flops_per_device() * jax.device_count()
   flops = r.summary["flops_per_token_train"] * tokens
-  print(f"{args.spec}: {r.summary['params'] / 1e6:.3f}M params, batch {c.train.batch_size} x "
+  print(f"{args.spec} {' '.join(args.set)}: {r.summary['params'] / 1e6:.3f}M params, batch {c.train.batch_size} x "
         f"{c.data.seq_len}, {jax.device_count()} {jax.default_backend()} device(s), "
         f"precision {c.train.precision}")
   print(f"step time {best * 1e3:.2f} ms (median {np.median(times) * 1e3:.2f} ms over "

@@ -44,17 +44,71 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # 0: 1/sqrt(2.5 d_model)
   m.init_out_scaling = "total_depth"  # output projections: none | total_depth | layer_depth
   m.remat = "none"  # none | block
-  m.embed = ml_collections.ConfigDict(dict(kind="plain"))
-  m.residual = ml_collections.ConfigDict(dict(kind="plain"))
+  m.embed = ml_collections.ConfigDict(
+      dict(kind="plain", factorized=False))  # over_width (VWN): factorized = E_base W_expand
+  # residual: streams = n (hyper); fracs = m (frac, vwn); expansion = r = n/m (vwn, D' = r D);
+  # dynamic / tanh: input-dependent weights and their tanh (hyper, frac, vwn); vwn only:
+  # reduce_norm auto|on|off (group norm before W_reduce; auto: when D' % D == 0),
+  # reduce_init random|select (W_reduce picks the first D features), temperature sqrt|width
+  # (tanh logits / sqrt(D/m) as the paper's pseudocode, or / (D/m) as its text)
+  m.residual = ml_collections.ConfigDict(
+      dict(kind="plain", streams=4, fracs=4, expansion=2.0, dynamic=True, tanh=True,
+           reduce_norm="auto", reduce_init="random", temperature="sqrt"))
   m.norm = ml_collections.ConfigDict(dict(kind="pre"))
   m.attention = ml_collections.ConfigDict(
       dict(kind="dense", impl="xla", rope_theta=10000.0,
            norms=""))  # norms inside attention: letters of "qkvc" ("qk" = QK-norm)
+  # Inference only (research/infer): attention of a prompt's prefill; training is always dense.
+  m.attention.prefill = "dense"  # dense | flexprefill
+  m.attention.flexprefill = ml_collections.ConfigDict(dict(
+      gamma=0.9, tau=0.1, block_size=128,  # FlexPrefill defaults (the official README/scripts)
+      min_budget=1024, max_budget=0,  # tokens, per vertical / slash part; max 0 = no cap
+      mode="flex",  # flex | vertical_slash | query_aware | fixed_budget (the ablations)
+      budget=0,  # tokens; fixed_budget only
+      count_rule="block",  # block | token (see kernels_pallas/sparse_prefill/README.md)
+      impl="auto"))  # auto (kernel on GPU/TPU, jnp reference on CPU) | xla | pallas
+  # MoDA (attention.kind="moda"): which sublayers write depth K/V (Table 3 of the paper)
+  m.attention.moda = ml_collections.ConfigDict(
+      dict(ffn_kv=True,  # a K/V projection beside each FFN writes a depth slot (the default)
+           extra_attn_kv=False,  # attention writes a separate projection, not its sequence K/V
+           ffn_kv_last_block=False))  # the last block's FFN K/V projection (it has no reader)
   m.channel = ml_collections.ConfigDict(
       dict(kind="ffn", activation="swiglu", d_ff=0, ff_multiple_of=32,
            poly_order=3))  # poly_order: PolyReLU / PolyNorm
+  # channel.kind="moe" (research/model/moe.py): top-k softmax router, Switch balance loss
+  m.channel.moe = ml_collections.ConfigDict(dict(
+      num_experts=8, top_k=2,
+      d_expert=0,  # 0: d_ff // top_k (activated FFN compute = the dense FFN's)
+      dispatch="dropless",  # dropless (capacity = group size) | capacity
+      capacity_factor=1.25,  # capacity: ceil(factor * seq * top_k / num_experts) slots
+      aux_coef=0.01, z_coef=0.0,  # Switch load-balancing loss; router z-loss (ST-MoE)
+      norm_topk=False))  # renormalize the top-k gates to sum 1
+  # channel.kind="ultramem" / "ultramem_v2" (research/model/memory.py); 0 / "" = derived
+  memory = dict(
+      layers="",  # units "source:target,..."; "" = pairs 0:1,2:3,... (v1), every block (v2)
+      num_keys=112,  # n physical keys per side: n^2 value rows per memory layer
+      d_key=0, d_value=0,  # 0: d/4; d/2 (v1) or d/4 (v2)
+      d_pre_value=0, peer=False,  # PEER pre-values (v2), 0: d/4
+      heads=2, top_k=16,  # retrieval heads (one shared query), slots per head
+      side_top_k=0,  # first-stage rows / columns per side; 0: min(top_k, 128)
+      rank=2, cores=2,  # Tucker rank r (TDQKR), cores h (multi-core scoring)
+      retrieval="tucker",  # tucker (TDQKR) | product (plain product keys: rank=cores=1)
+      expansion=4,  # IVE rate E (a perfect square); 1 = off
+      ive_projectors=True,  # one projector per virtual block (v1) or one shared (v2)
+      per_rank_query=False,  # a separate query per Tucker rank (v2)
+      tucker_aux_coef=0.0, tucker_aux_margin=0.15,  # the Tucker-core penalty (paper 0.001)
+      init="code",  # code (official constants) | paper (calibrated scores, variance rule)
+      value_lr=4.0, value_lr_decay=True,  # value-table lr multiplier, decaying to 1x
+      impl="auto",  # memory_lookup: auto (kernel on GPU/TPU, xla on CPU) | xla | pallas
+      match_flops=True,  # shrink the FFNs so FLOPs/token equal the dense d_ff model's
+      ffn_width=0)  # the FFN width that runs; 0: derived (d_ff, or matched)
+  m.channel.ultramem = ml_collections.ConfigDict(memory)
+  m.channel.ultramem_v2 = ml_collections.ConfigDict(dict(
+      memory, heads=1, expansion=1, ive_projectors=False, per_rank_query=True, peer=True,
+      init="paper"))
   m.linear = ml_collections.ConfigDict(dict(kind="plain", use_bias=False))
-  m.head = ml_collections.ConfigDict(dict(kind="plain", tie_embeddings=True))
+  m.head = ml_collections.ConfigDict(
+      dict(kind="plain", tie_embeddings=True, mtp_weight=0.3))  # mtp_weight: head.kind=mtp
 
   # ---- data
   d = c.data = ml_collections.ConfigDict()
@@ -62,6 +116,13 @@ def default_config() -> ml_collections.ConfigDict:
   d.tokenizer = "char"  # bytes | char | gpt2
   d.data_dir = ""  # '' -> $RESEARCH_DATA_DIR
   d.seq_len = 64
+  # corpus mqar | facts (research/data/synthetic.py; tokenizer "synthetic"): sizes of the tasks
+  d.synthetic = ml_collections.ConfigDict(dict(
+      num_keys=128, num_values=128,  # MQAR key / value vocabularies (facts use the values too)
+      pairs=16,  # MQAR key-value pairs per sequence
+      entities=1024, attributes=4,  # facts: entities x attributes facts, each one value
+      train_sequences=20000, valid_sequences=512,  # instances generated per split
+      seed=0))  # which facts / instances (the run seed only orders them)
 
   # ---- train
   t = c.train = ml_collections.ConfigDict()
@@ -215,6 +276,9 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     mult = m.channel.ff_multiple_of
     gated = int(mult * -(-int(8 / 3 * m.d_model) // mult))
     m.channel.d_ff = gated if ffn_lib.is_gated(m.channel.activation) else 3 * gated // 2
+  mixer = ffn_lib.CHANNEL_MIXERS.get(m.channel.kind)
+  if hasattr(mixer, "resolve"):  # a channel mixer's own derived fields (moe.py, memory.py)
+    mixer.resolve(m)
   t = c.train
   if t.batch_size % t.grad_accum:
     raise ConfigError(

@@ -6,6 +6,8 @@ An experiment is a directory `experiments/<name>/` holding
               SCALES (tuple of scale names), and a docstring with the launch command
   sweep.py    get_sweep() -> Sweep: the paper's ablation tables as named groups of arms
   README.md   the claim, the paper's numbers, our results and verdicts
+  analysis.py optional: analyze(experiment, runs_root, groups, out_dir) -> Markdown that
+              `research report` appends (fits, heat maps)
 
 The experiments directory is `experiments/` beside the `research` package (an editable
 install), or `$RESEARCH_EXPERIMENTS_DIR`.

@@ -18,7 +18,14 @@ A *run directory* holds:
 * ``summary.json``, only once the run finished: ``{"step", "valid_loss", "valid_bpb",
   "train_loss", "tokens_per_s", "params", "diverged", "layer_cosine"}`` (``diverged``: the run
   stopped on a non-finite loss; ``layer_cosine``: [num_layers] adjacent-layer similarity, see
-  research/eval/diagnostics.py). Training lines may also hold ``grad_norm/block_<i>``.
+  research/eval/diagnostics.py). Training lines may also hold ``grad_norm/block_<i>``. Newer
+  summaries add ``step_time_s``, ``params_activated``, ``flops_per_token_fwd``,
+  ``param_bytes_per_token`` (research/model/accounting.py) and, on a synthetic task,
+  ``valid_exact_match`` (valid lines then carry ``exact_match``); the tables show them when
+  present.
+* ``connections.json``, for hyper / frac / vwn residuals: each sublayer's static connection
+  matrix and the unfolded map (research/eval/connections.py); an experiment's ``analysis.py``
+  may plot them (see ``_analysis_hook``).
 
 A *sweep* of experiment E, group G lives in ``<runs_dir>/<E>/<G>/manifest.json``::
 
@@ -260,6 +267,12 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
       "valid_bpb": _stats([r.summary["valid_bpb"] for r in done]),
       "tokens_per_s": _mean_finite([r.summary.get("tokens_per_s") for r in done]),
       "layer_cosine": _mean_profile([r.summary.get("layer_cosine") for r in done]),
+      # synthetic tasks (MQAR accuracy, fact recall) and the per-token costs of the arm
+      "exact_match": _stats([r.summary["valid_exact_match"] for r in done
+                             if "valid_exact_match" in r.summary]),
+      "step_time_s": _mean_finite([r.summary.get("step_time_s") for r in done]),
+      **{k: _mean_finite([r.summary.get(k) for r in done])
+         for k in ("params", "params_activated", "flops_per_token_fwd", "param_bytes_per_token")},
       "overrides": arm.entries[0].get("overrides", {}),
       "paper": arm.paper,
     })
@@ -283,6 +296,10 @@ def _markdown(experiment: str, group: dict, date: str) -> str:
   header = ["arm", "seeds", "valid loss", "valid bpb"] + (["diverged"] if show_diverged else [])
   show_cos = any(row.get("layer_cosine") for row in rows)
   header += ["tokens/s"] + (["adjacent-layer cos"] if show_cos else [])
+  show_em = any(row.get("exact_match", {}).get("values") for row in rows)
+  show_cost = any(row.get("params_activated") for row in rows)
+  header += (["exact match"] if show_em else []) + (
+      ["ms/step", "params (activated)", "MFLOPs/token", "param KB read/token"] if show_cost else [])
   header += [f"paper: {label}" for label in labels]
   lines = [
     f"## {group['group']}", "",
@@ -307,6 +324,15 @@ def _markdown(experiment: str, group: dict, date: str) -> str:
     if show_cos:
       cos = row.get("layer_cosine")
       cells.append(f"{np.mean(cos):.3f}" if cos else "–")
+    if show_em:
+      cells.append(_fmt(row["exact_match"]) if row["exact_match"]["values"] else "–")
+    if show_cost:
+      num = lambda k, f: f(row[k]) if row.get(k) is not None else "–"  # noqa: E731
+      cells += [num("step_time_s", lambda v: f"{1e3 * v:.1f}"),
+                f"{num('params', lambda v: f'{v / 1e6:.2f}M')} "
+                f"({num('params_activated', lambda v: f'{v / 1e6:.2f}M')})",
+                num("flops_per_token_fwd", lambda v: f"{v / 1e6:.2f}"),
+                num("param_bytes_per_token", lambda v: f"{v / 1e3:,.0f}")]
     for label in labels:
       value = row["paper"].get(label)
       cells.append("–" if value is None else f"{value:g}" if isinstance(value, float) else str(value))
@@ -414,6 +440,15 @@ def _plot_diagnostics(experiment: str, group: dict, arms: list[_Arm], out_png: P
   return True
 
 
+def _analysis_hook(experiment: str):
+  """`analyze(experiment, runs_root, groups, out_dir) -> str` (Markdown) from the experiment's
+  optional analysis.py, or None."""
+  from research import experiments  # pylint: disable=import-outside-toplevel
+  if not (experiments.experiments_dir() / experiment / "analysis.py").is_file():
+    return None
+  return experiments._load_module(experiment, "analysis.py").analyze  # pylint: disable=protected-access
+
+
 def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
       groups: list[str] | None = None) -> Path:
   """Writes results.md, results.json and per-group PNGs for a sweep; returns results.md."""
@@ -443,6 +478,9 @@ def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
     sections.append(f"![{name} curves]({name}_curves.png)\n\n![{name} final]({name}_final.png)\n")
     if _plot_diagnostics(experiment, group, arms, out_dir / f"{name}_diagnostics.png"):
       sections.append(f"![{name} diagnostics]({name}_diagnostics.png)\n")
+  analyze = _analysis_hook(experiment)
+  if analyze is not None:  # the experiment's own analysis (fits, heat maps): Markdown
+    sections.append(analyze(experiment, root, results, out_dir) or "")
   (out_dir / "results.json").write_text(json.dumps(
     {"experiment": experiment, "date": date, "command": f"research report {experiment}",
      "groups": results}, indent=2) + "\n")

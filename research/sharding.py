@@ -39,10 +39,12 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp", "expert")),
     ("seq", None),
     ("act_embed", None),
+    ("act_stream", None),  # hyper-connection streams / VWN groups: [batch, seq, stream, embed]
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    ("act_experts", "expert"),  # MoE expert buffers [experts, groups, capacity, embed]
     # parameters
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -52,6 +54,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("experts", "expert"),
     ("memory_slots", ("fsdp", "tensor")),
     ("norm", None),
+    ("stream", None),  # residual connection weights (hyper, frac, vwn): small, replicated
     ("layers", None),
 )
 

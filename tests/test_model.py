@@ -168,5 +168,5 @@ def test_unknown_option_names_the_registered_ones():
 
 
 def test_unavailable_attention_impl_is_a_clear_error():
-  with pytest.raises(ValueError, match="model.attention.impl='pallas' is not available"):
-    create_model(small_config(**{"attention.impl": "pallas"}))
+  with pytest.raises(ValueError, match="model.attention.impl='flash' is not available"):
+    create_model(small_config(**{"attention.impl": "flash"}))

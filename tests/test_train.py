@@ -249,3 +249,17 @@ def test_aux_losses_are_collected_and_trained(accum):
   x = jax.random.randint(jax.random.key(0), (4, 9), 0, 32)
   _, metrics = step(state, {"inputs": x[:, :-1], "targets": x[:, 1:]})
   assert "aux/out_sq" in metrics and float(metrics["aux/out_sq"]) > 0
+
+
+def test_a_run_from_before_a_new_option_still_resumes():
+  """config.json of a run started before an option existed lacks its key: no difference while
+  the option is at its default, a difference once it is changed."""
+  from research.train.trainer import config_differences
+  new = config_lib.resolve(config_lib.default_config()).to_dict()
+  old = json.loads(json.dumps(new))
+  del old["model"]["attention"]["moda"]
+  assert config_differences(old, new) == []
+  changed = json.loads(json.dumps(new))
+  changed["model"]["attention"]["moda"]["ffn_kv"] = False
+  changed["train"]["lr"] = 5.0
+  assert config_differences(old, changed) == ["model.attention.moda.ffn_kv", "train.lr"]

@@ -89,15 +89,24 @@ class Plan:
     return self.tp // self.bk
 
 
-def make_plan(q, k, s: int, *, causal: bool, sm_scale, block_q, block_k, interpret: bool) -> Plan:
-  """Tiling for the Triton-style kernels; all padded extents are powers of two (>= 16 for dots)."""
+def requested_tiles(q, k, *, block_q, block_k, default_rows: int, default_block_k: int):
+  """(b, t, hq, hk, g, d, tq, bk): the call's shape and the tile asked for (shared with tpu.py):
+  tq query positions per tile (default: default_rows folded rows), bk keys per block."""
   b, t, hq, d = q.shape
   hk = k.shape[2]
   g = hq // hk
-  tq = max(1, DEFAULT_TILE_ROWS // g) if block_q is None else block_q
-  bk = DEFAULT_BLOCK_K if block_k is None else block_k
+  tq = max(1, default_rows // g) if block_q is None else block_q
+  bk = default_block_k if block_k is None else block_k
   if tq < 1:
     raise ValueError(f"block_q must be >= 1 (query positions per tile); got {tq}")
+  return b, t, hq, hk, g, d, tq, bk
+
+
+def make_plan(q, k, s: int, *, causal: bool, sm_scale, block_q, block_k, interpret: bool) -> Plan:
+  """Tiling for the Triton-style kernels; all padded extents are powers of two (>= 16 for dots)."""
+  b, t, hq, hk, g, d, tq, bk = requested_tiles(q, k, block_q=block_q, block_k=block_k,
+                                               default_rows=DEFAULT_TILE_ROWS,
+                                               default_block_k=DEFAULT_BLOCK_K)
   if bk < 16 or bk & (bk - 1):
     raise ValueError(f"block_k must be a power of two >= 16 for the GPU kernel; got {bk}")
   tq = min(tq, t)

@@ -47,13 +47,9 @@ def _round_up(n: int, m: int) -> int:
 
 def make_plan(q, k, s: int, *, causal: bool, sm_scale, block_q, block_k, interpret: bool) -> Plan:
   """Tiling for the Mosaic kernels: row extents are multiples of 8, the head dim is not padded."""
-  b, t, hq, d = q.shape
-  hk = k.shape[2]
-  g = hq // hk
-  tq = max(1, DEFAULT_TILE_ROWS // g) if block_q is None else block_q
-  bk = DEFAULT_BLOCK_K if block_k is None else block_k
-  if tq < 1:
-    raise ValueError(f"block_q must be >= 1 (query positions per tile); got {tq}")
+  b, t, hq, hk, g, d, tq, bk = gpu.requested_tiles(q, k, block_q=block_q, block_k=block_k,
+                                                   default_rows=DEFAULT_TILE_ROWS,
+                                                   default_block_k=DEFAULT_BLOCK_K)
   if bk < 8 or bk % 8:
     raise ValueError(f"block_k must be a positive multiple of 8 for the TPU kernel; got {bk}")
   tq = min(tq, t)

@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.sparse_prefill import _compat
+from kernels_pallas.sparse_prefill.reference import block_layout
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LOG2E = math.log2(math.e)
@@ -66,15 +67,11 @@ def block_sparse_attention(q, k, v, indices, counts, *, block_size: int, sm_scal
 
   T is padded to nQB * block_size inside; head_dim must be a power of two >= 16 (Triton tiles).
   """
-  b, t, hq, d = q.shape
-  hk = k.shape[2]
-  g = hq // hk
+  lay = block_layout(q, k, block_size)
+  b, t, hq, g, d, nb, tp = lay.b, lay.t, lay.hq, lay.g, lay.d, lay.num_blocks, lay.padded
   bs = block_size
-  nb = -(-t // bs)
-  tp = nb * bs
   m = indices.shape[-1]
-  pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-  qp, kp, vp = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
+  qp, kp, vp = lay.pad(q), lay.pad(k), lay.pad(v)
   idx = indices.astype(jnp.int32)
   cnt = counts.astype(jnp.int32).reshape(b, hq, nb, 1)
 

@@ -124,6 +124,30 @@ def check_indices(q, indices, counts, block_size) -> None:
 # Small helpers.
 
 
+class BlockLayout(NamedTuple):
+  """A kernel call's shape with T padded to whole blocks (shared by gpu.py and tpu.py)."""
+  b: int
+  t: int
+  hq: int
+  hk: int
+  g: int
+  d: int
+  num_blocks: int
+  padded: int
+
+  def pad(self, x):
+    """[B, T, H, d] -> [B, padded, H, d] with zeros after the last token."""
+    return jnp.pad(x, ((0, 0), (0, self.padded - self.t), (0, 0), (0, 0)))
+
+
+def block_layout(q, k, block_size: int) -> BlockLayout:
+  b, t, hq, d = q.shape
+  hk = k.shape[2]
+  nb = -(-t // block_size)
+  return BlockLayout(b=b, t=t, hq=hq, hk=hk, g=hq // hk, d=d, num_blocks=nb,
+                     padded=nb * block_size)
+
+
 def _scale(d: int, sm_scale) -> float:
   return 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from kernels_pallas.sparse_prefill import _compat
+from kernels_pallas.sparse_prefill.reference import block_layout
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 LANES = 128
@@ -74,17 +75,13 @@ def _kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *,
 def block_sparse_attention(q, k, v, indices, counts, *, block_size: int, sm_scale: float,
                            interpret: bool = False):
   """q [B, T, Hq, d]; k, v [B, T, Hk, d]; indices [B, Hq, nQB, m]; counts [B, Hq, nQB]."""
-  b, t, hq, d = q.shape
-  hk = k.shape[2]
-  g = hq // hk
+  lay = block_layout(q, k, block_size)
+  b, t, hq, g, d, nb, tp = lay.b, lay.t, lay.hq, lay.g, lay.d, lay.num_blocks, lay.padded
   bs = block_size
-  nb = -(-t // bs)
-  tp = nb * bs
   width = indices.shape[-1]
-  pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-  qh = jnp.pad(q, pad).transpose(0, 2, 1, 3)  # [B, Hq, Tp, d]
-  kh = jnp.pad(k, pad).transpose(0, 2, 1, 3)  # [B, Hk, Tp, d]
-  vh = jnp.pad(v, pad).transpose(0, 2, 1, 3)
+  qh = lay.pad(q).transpose(0, 2, 1, 3)  # [B, Hq, Tp, d]
+  kh = lay.pad(k).transpose(0, 2, 1, 3)  # [B, Hk, Tp, d]
+  vh = lay.pad(v).transpose(0, 2, 1, 3)
   idx = jnp.clip(indices.astype(jnp.int32), 0, nb - 1).reshape(-1)
   cnt = counts.astype(jnp.int32).reshape(-1)
 

@@ -1,7 +1,8 @@
 """Token streams and the grain pipelines that cut them into language-modelling batches.
 
 `load_tokenized` turns `config.data` into a train and a valid token stream (1-D int32), encoding
-each split once and caching it as `.npy` in the cache directory.
+each split once and caching it as `.npy` in the cache directory. The synthetic tasks (`mqar`,
+`facts`: research/data/synthetic.py) are generated instead, as streams of whole instances.
 
 `make_train_iterator` yields `{"inputs", "targets"}` int32 [batch, seq_len] forever. An example is
 a window of seq_len + 1 consecutive tokens (targets = inputs shifted by one). Each epoch:
@@ -45,6 +46,9 @@ class TokenizedCorpus:
   tokenizer: Tokenizer
   # UTF-8 bytes of the valid text per valid token: bits/byte = loss_nats / ln 2 / this.
   valid_bytes_per_token: float
+  # A synthetic task (research/data/synthetic.py) whose streams are whole instances of
+  # seq_len + 1 tokens: windows start on that grid (make_train_iterator(aligned=True)).
+  task: Any = None
 
 
 def _encode_cached(tokenizer: Tokenizer, corpus_name: str, split: str, text: str) -> np.ndarray:
@@ -62,6 +66,9 @@ def _encode_cached(tokenizer: Tokenizer, corpus_name: str, split: str, text: str
 
 def load_tokenized(data_cfg) -> TokenizedCorpus:
   """Train and valid token streams for `data_cfg.corpus` / `.tokenizer` / `.data_dir` ('' = unset)."""
+  from research.data import synthetic  # imported here: it builds a TokenizedCorpus
+  if data_cfg.corpus in synthetic.TASKS:
+    return synthetic.load_tokenized(data_cfg)
   data_dir = getattr(data_cfg, "data_dir", "") or None
   corpus = load_corpus(data_cfg.corpus, data_dir)
   tokenizer = get_tokenizer(data_cfg.tokenizer, corpus, data_dir)
@@ -138,8 +145,13 @@ class TrainIterator:
 
 
 def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
-                        process_index: int = 0, process_count: int = 1) -> TrainIterator:
-  """Batches {"inputs", "targets"}: int32 [batch_size, seq_len] (batch_size per process)."""
+                        process_index: int = 0, process_count: int = 1,
+                        aligned: bool = False) -> TrainIterator:
+  """Batches {"inputs", "targets"}: int32 [batch_size, seq_len] (batch_size per process).
+
+  `aligned`: the stream is whole instances of seq_len + 1 tokens (a synthetic task), so every
+  epoch's window grid starts at 0 instead of a random offset.
+  """
   _check_positive(seq_len=seq_len, batch_size=batch_size)
   _check_process(process_index, process_count)
   tokens = np.asarray(tokens)
@@ -147,6 +159,8 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
     raise DataError(f"tokens must be a 1-D stream, got shape {tokens.shape}")
   window = seq_len + 1
   n = epoch_windows(len(tokens), seq_len, process_count)
+  if aligned:
+    n = (len(tokens) // window // process_count) * process_count
   if n == 0:
     raise DataError(f"{len(tokens)} tokens hold no window of seq_len + 1 = {window} tokens for"
                     f" each of {process_count} processes: lower seq_len or use a larger split")
@@ -154,6 +168,8 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
 
   @functools.lru_cache(maxsize=64)
   def epoch_offset(epoch: int) -> int:
+    if aligned:
+      return 0
     return int(np.random.default_rng([offset_seed, epoch]).integers(0, seq_len + 1))
 
   # Index g of the (infinite) epoch-major order carries its epoch: g = epoch * n + window.
@@ -173,6 +189,8 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
 
   settings = dict(seq_len=seq_len, batch_size=batch_size, seed=int(seed), num_tokens=len(tokens),
                   process_index=process_index, process_count=process_count)
+  if aligned:  # only when set, so text runs' saved iterator states still match
+    settings["aligned"] = True
   return TrainIterator(ds.map(gather), settings, epoch_offset, lambda k: ds[k])
 
 

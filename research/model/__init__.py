@@ -9,9 +9,16 @@ from flax import nnx
 from research import sharding
 from research.model.context import ForwardContext
 from research.model.lm import DecoderLM, abstract_model, compute_dtype, count_params, model_summary
+from research.model import ffn, memory, moe  # noqa: F401  (memory, moe register channel mixers)
 
 __all__ = ["DecoderLM", "ForwardContext", "create_model", "param_shardings", "abstract_model",
-           "compute_dtype", "count_params", "model_summary"]
+           "compute_dtype", "count_params", "model_summary", "lr_multipliers"]
+
+
+def lr_multipliers(cfg, steps: int) -> list:
+  """Per-parameter lr multipliers the channel mixer asks for (research.train.optim)."""
+  mixer = ffn.CHANNEL_MIXERS.get(cfg.channel.kind)
+  return mixer.lr_multipliers(cfg, steps) if hasattr(mixer, "lr_multipliers") else []
 
 
 def _is_var(x) -> bool:

@@ -4,13 +4,20 @@
 norms inside (`model.attention.norms`, letters of "qkvc"): q, k and v are RMS-normalized per
 head over head_dim with one gain shared by the heads, before RoPE (QK-norm, Dehghani et al.
 2023; QKV-norm, HybridNorm eq. (4)); c normalizes the context (the heads' concatenated output)
-over its full width before W_O (the C of HybridNorm Table 6, SDD's context norm). The core op `attention` dispatches on `impl`: `xla` is plain jnp (the reference); the
-Pallas kernels add `pallas` and `auto` when they land in kernels_pallas/.
+over its full width before W_O (the C of HybridNorm Table 6, SDD's context norm).
+
+The core op `attention` dispatches on `impl`: `xla` is plain jnp (the reference); `pallas`,
+`pallas_gpu`, `pallas_tpu` and `auto` run the flash-attention kernels of kernels_pallas/moda.
+A forward's keys come from `sequence_keys`: its own k, v in training, a KV cache's contents
+when decoding; sequence mixers built on `DenseAttention` reuse that path. At inference,
+`model.attention.prefill = flexprefill` makes a prompt's prefill block-sparse (`attend`,
+model/prefill.py); training and decode steps stay dense.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +25,28 @@ from flax import nnx
 
 from research.config import ConfigError
 from research.model.linear import make_linear
+from research.model import prefill as prefill_lib
 from research.model.norms import RMSNorm
 from research.model.registry import Registry
 from research.sharding import constrain
 
 SEQUENCE_MIXERS = Registry("model.attention.kind")
-ATTENTION_IMPLS = ("xla",)
+# xla: plain jnp; the others run the Pallas flash-attention kernel of kernels_pallas.moda
+# (auto: the kernel on GPU/TPU, jnp on CPU; pallas: this backend's kernel, interpreted on CPU).
+ATTENTION_IMPLS = ("xla", "auto", "pallas", "pallas_gpu", "pallas_tpu")
+
+
+class SequenceKeys(NamedTuple):
+  """What a forward's queries attend over: k, v [b, s, kv_heads, d], their positions [b, s],
+  an optional validity mask [b, s] (cache slots not yet written, padding), and whether they
+  come from a KV cache (then s may differ from the query length)."""
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  valid: jax.Array | None = None
+  cached: bool = False
+
+
 ATTENTION_NORMS = "qkvc"
 
 
@@ -72,11 +95,12 @@ def _rotate_bwd(res, dy):
 _rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
-def xla_attention(q, k, v, *, q_positions, k_positions, causal: bool = True):
+def xla_attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool = True):
   """softmax(q k^T / sqrt(d) + mask) v with GQA folding.
 
   q: [b, t, h, d]; k, v: [b, s, kv, d] with h = kv * g. Positions give the causal mask
-  (key position <= query position), so offsets and decoding work unchanged.
+  (key position <= query position), so offsets and decoding work unchanged; `k_valid` [b, s]
+  masks keys out (unwritten cache slots, padding).
   """
   b, t, h, d = q.shape
   kv = k.shape[2]
@@ -85,30 +109,43 @@ def xla_attention(q, k, v, *, q_positions, k_positions, causal: bool = True):
   if causal:
     mask = k_positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  if k_valid is not None:
+    scores = jnp.where(k_valid[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
-def attention(q, k, v, *, q_positions, k_positions, causal: bool = True, impl: str = "xla"):
-  if impl == "xla":
+def attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool = True,
+              impl: str = "xla"):
+  """The attention op. The kernels cover self-attention over the forward's own tokens (q and k
+  of one length, positions increasing along each row); attention over a cache or with a
+  validity mask runs the jnp path whatever `impl` says."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"model.attention.impl='{impl}' is not available "
+                     f"(available: {', '.join(ATTENTION_IMPLS)})")
+  if impl == "xla" or k_valid is not None or q.shape[1] != k.shape[1]:
     return xla_attention(q, k, v, q_positions=q_positions, k_positions=k_positions,
-                         causal=causal)
-  raise ValueError(
-      f"model.attention.impl='{impl}' is not available (available: {', '.join(ATTENTION_IMPLS)})")
+                         k_valid=k_valid, causal=causal)
+  from kernels_pallas.moda import flash_attention  # pylint: disable=import-outside-toplevel
+  return flash_attention(q, k, v, causal=causal, impl=impl)
 
 
 @SEQUENCE_MIXERS.register("dense")
 class DenseAttention(nnx.Module):
   """Causal multi-head (or grouped-query) self-attention."""
 
+  impls = ATTENTION_IMPLS  # values of model.attention.impl this mixer runs
+
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     a = cfg.attention
-    if a.impl not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention.impl='{a.impl}' is not available "
-                       f"(available: {', '.join(ATTENTION_IMPLS)})")
+    if a.impl not in self.impls:
+      raise ConfigError(f"model.attention.impl='{a.impl}' is not available "
+                        f"(available: {', '.join(self.impls)})")
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.theta, self.impl = a.rope_theta, a.impl
+    self.layer = layer  # names this layer's KV-cache entries
+    self.prefill = prefill_lib.prefill_settings(a)  # inference prefill: dense | flexprefill
     d, hd, kvd = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     self.d_model = d
     lin = dict(layer=layer, dtype=dtype, rngs=rngs)
@@ -125,6 +162,14 @@ class DenseAttention(nnx.Module):
     self.c_norm = norm("c", hd)
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
+    q, k, v = self.project_qkv(x, ctx)
+    keys = self.sequence_keys(k, v, ctx)
+    out = self.attend(q, keys, ctx)
+    return self.project_out(out)
+
+  # The steps of __call__, shared with the sequence mixers built on this one (MoDA).
+  def project_qkv(self, x: jax.Array, ctx):
+    """q [b, t, heads, d], k and v [b, t, kv_heads, d]: projected, normed, q and k rotated."""
     b, t, _ = x.shape
     q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -133,9 +178,43 @@ class DenseAttention(nnx.Module):
     k = constrain(k, ("batch", "seq", "act_kv_heads", None))
     q, k, v = (x if n is None else n(x) for x, n in ((q, self.q_norm), (k, self.k_norm),
                                                      (v, self.v_norm)))
-    q = rope(q, ctx.positions, self.theta)
-    k = rope(k, ctx.positions, self.theta)
-    out = attention(q, k, v, q_positions=ctx.positions, k_positions=ctx.positions, impl=self.impl)
+    return rope(q, ctx.positions, self.theta), rope(k, ctx.positions, self.theta), v
+
+  def sequence_keys(self, k: jax.Array, v: jax.Array, ctx) -> "SequenceKeys":
+    """The keys/values this forward's queries attend over (the KV-cache protocol).
+
+    Training (`ctx.cache` None): the forward's own k, v at ctx.positions. Inference: k and v
+    (post-norm, post-RoPE) are appended to this layer's cache entries `layer<i>/k`, `layer<i>/v`
+    at each row's offset and `ctx.cache` is replaced by the updated cache; a prefill into an
+    empty cache still attends over its own k, v (the cache holds nothing else), later forwards
+    over the whole cache [b, max_len, kv_heads, d] with slot positions and validity
+    (cached=True). Mixers with more per-token state add entries with `ctx.cache.append`.
+    """
+    if ctx.cache is None:
+      return SequenceKeys(k=k, v=v, positions=ctx.positions)
+    cache, k_all = ctx.cache.append(f"layer{self.layer}/k", k)
+    cache, v_all = cache.append(f"layer{self.layer}/v", v)
+    ctx.cache = cache
+    if cache.prefill:
+      return SequenceKeys(k=k, v=v, positions=ctx.positions)
+    positions, valid = cache.key_positions(k.shape[1])
+    return SequenceKeys(k=k_all, v=v_all, positions=positions, valid=valid, cached=True)
+
+  def attend(self, q: jax.Array, keys: "SequenceKeys", ctx) -> jax.Array:
+    """The attention op over `keys`: FlexPrefill for a prompt's prefill when
+    `model.attention.prefill = flexprefill` (its selection statistics are recorded in the
+    cache), dense otherwise (training, decode steps, continuations over a cache)."""
+    if self.prefill.kind == "flexprefill" and ctx.cache is not None and ctx.cache.prefill:
+      out, stats = prefill_lib.flexprefill(q, keys.k, keys.v, self.prefill)
+      for name, value in stats.items():
+        ctx.cache = ctx.cache.record(f"flexprefill/{name}/layer{self.layer}", value)
+      return out
+    return attention(q, keys.k, keys.v, q_positions=ctx.positions, k_positions=keys.positions,
+                     k_valid=keys.valid, impl=self.impl)
+
+  def project_out(self, out: jax.Array) -> jax.Array:
+    """[b, t, heads, d] attention output -> [b, t, d_model] (context norm, then W_O)."""
+    b, t = out.shape[:2]
     out = out.reshape(b, t, self.num_heads * self.head_dim)
     if self.c_norm is not None:
       out = self.c_norm(out)

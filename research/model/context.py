@@ -3,6 +3,7 @@
 Everything that one forward pass shares across layers travels here rather than in globals or
 module attributes: token positions, the dropout key, auxiliary losses that modules add (a MoE
 balance loss, say), and cross-layer state (MoDA's depth keys/values, hyper-connection streams).
+At inference the KV cache travels here too (`cache`; None in training).
 The context lives only inside one traced forward; modules read it and add to it.
 """
 
@@ -22,6 +23,9 @@ class ForwardContext:
   dropout_key: jax.Array | None = None
   aux_losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
   state: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Inference only: the KV cache (research/infer/cache.py KVCache) this forward reads and
+  # appends to; None in training. Modules replace it functionally (ctx.cache = ...).
+  cache: Any = None
 
   def add_aux_loss(self, name: str, value: jax.Array) -> None:
     """Adds a scalar to the named auxiliary loss (summed over layers); the trainer logs each

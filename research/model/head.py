@@ -1,17 +1,30 @@
 """Output-head family (`model.head.kind`).
 
 The head turns the final hidden state into vocabulary logits. `plain` is tied to the input
-embedding (`tie_embeddings=True`) or owns a separate [embed, vocab] matrix. Multi-token
-prediction heads (VWN) register here.
+embedding (`tie_embeddings=True`) or owns a separate [embed, vocab] matrix.
+
+  plain  logits = h E^T (tied) or h W
+  mtp    plain, plus one sequential multi-token-prediction module (DeepSeek-V3's sequential
+         MTP, as Virtual Width Networks' Fig. 3c uses it) that predicts token t+2 and adds
+         `head.mtp_weight` x its cross-entropy to the objective as the auxiliary loss `mtp`
+
+A head with `add_loss(model, tokens, ctx)` is called by the decoder after the logits; heads
+report their forward FLOPs per token.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
-from research.model.linear import init_std
+from research.config import ConfigError
+from research.model import residual as residual_lib
+from research.model.linear import PlainLinear, init_std
+from research.model.norms import RMSNorm
 from research.model.registry import Registry
 
 HEADS = Registry("model.head.kind")
@@ -23,6 +36,7 @@ class PlainHead(nnx.Module):
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
     self.tied = cfg.head.tie_embeddings
     self.dtype = dtype
+    self.d_model, self.vocab = cfg.d_model, cfg.vocab_size
     if not self.tied:
       init = jax.nn.initializers.normal(init_std(cfg))
       self.kernel = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), jnp.float32),
@@ -36,3 +50,67 @@ class PlainHead(nnx.Module):
     else:
       logits = jnp.dot(h, self.kernel[...].astype(h.dtype))
     return logits.astype(jnp.float32)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    del seq_len
+    return 2.0 * self.d_model * self.vocab
+
+
+@HEADS.register("mtp")
+class MultiTokenHead(PlainHead):
+  """The plain head plus one MTP depth predicting token t+2 (VWN Fig. 3c):
+
+    H-Norm(last block's stream at t), E-Norm(stream-space embedding of token t+1)
+      -> concatenate segment by segment -> one shared (2w -> w) linear per segment
+      -> one extra block (same options as the others, its own connections)
+      -> the decoder's collapse, final norm and unembedding -> cross-entropy against t+2
+
+  A segment is d_model wide (plain / hyper / frac: the DeepSeek-V3 fusion, 2D -> D, per copy for
+  hyper) or D/m wide (VWN's block-level linear over its n slots). The norms are RMSNorms over a
+  segment with one gain shared by the segments. Only the inputs are needed: position t < T-2
+  fuses token t+1 and predicts token t+2, so the trainer needs no second target array (the
+  last position of each window is not trained by this loss).
+  """
+
+  def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+    super().__init__(cfg, dtype=dtype, rngs=rngs)
+    from research.model.lm import Block  # lm imports this module
+    w = residual_lib.segment_width(cfg)
+    self.weight = cfg.head.mtp_weight
+    if self.weight < 0:
+      raise ConfigError(f"model.head.mtp_weight={self.weight} must be >= 0")
+    self.segment = w
+    self.h_norm = RMSNorm(w, eps=cfg.norm_eps, dtype=dtype)
+    self.e_norm = RMSNorm(w, eps=cfg.norm_eps, dtype=dtype)
+    self.fuse = PlainLinear(2 * w, w, axes=(None, "embed"), std=init_std(cfg), use_bias=False,
+                            dtype=dtype, rngs=rngs)
+    # layer L + 1: its dropout sites (2L + 2, 2L + 3) do not collide with the embedding's (2L)
+    self.block = Block(cfg, layer=cfg.num_layers + 1, dtype=dtype, rngs=rngs)
+    adapter = residual_lib.RESIDUALS.get(cfg.residual.kind).stream_adapter
+    self._stream_flops = adapter.flops(cfg)
+    self._stream_width = adapter.width_of(cfg)
+
+  def add_loss(self, model, tokens: jax.Array, ctx) -> None:
+    """Adds `mtp_weight` x the next-2-token cross-entropy to `ctx` as aux loss `mtp`."""
+    stream = ctx.state["final_stream"][:, :-1]  # [b, T-1, ...]: the last block's output at t
+    b, t = stream.shape[:2]
+    nxt = model.stream.expand(model.embed(tokens[:, 1:]))  # token t+1, in stream space
+    w = self.segment
+    hs = self.h_norm(stream.reshape(b, t, -1, w))
+    es = self.e_norm(nxt.reshape(b, t, -1, w))
+    z = self.fuse(jnp.concatenate([hs, es], axis=-1)).reshape(stream.shape)
+    inner = dataclasses.replace(ctx, positions=ctx.positions[:, :-1])  # shares aux_losses
+    z = self.block(z, inner)
+    h = model.stream.collapse(z)
+    if model.final_norm is not None:
+      h = model.final_norm(h)
+    logits = self(h[:, :-1], model.embed, ctx)  # position t predicts token t+2
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 2:])
+    ctx.add_aux_loss("mtp", self.weight * jnp.mean(nll))
+
+  def flops_per_token(self, seq_len: int) -> float:
+    w = self.segment
+    fuse = 2.0 * (self._stream_width // w) * 2 * w * w  # one 2w x w linear per segment
+    extra = (fuse + self.block.flops_per_token(seq_len) + self._stream_flops
+             + 2.0 * self.d_model * self.vocab)
+    return super().flops_per_token(seq_len) + extra

@@ -1,7 +1,10 @@
 """The decoder LM, assembled from the composition points named in `config.model`.
 
-  tokens -> embed -> residual.expand -> [Block] x num_layers -> residual.collapse
+  tokens -> embed -> stream.expand -> [Block] x num_layers -> stream.collapse
          -> final norm (pre-norm placements) -> head -> logits
+
+(`stream` is the residual option's stream adapter, one per decoder: the identity for plain,
+n copies / their sum for hyper-connections, VWN's layout / group norm + reduce.)
 
 A Block is two sublayers (sequence mixer, channel mixer); each is wrapped by its norm
 placement and joined to the stream by its own residual connection:
@@ -21,10 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.model import accounting
 from research.model import attention as attention_lib
 from research.model import embedding as embedding_lib
 from research.model import ffn as ffn_lib
 from research.model import head as head_lib
+from research.model import moda as _moda  # noqa: F401  registers the "moda" sequence mixer
 from research.model import norms as norms_lib
 from research.model import residual as residual_lib
 from research.model.context import ForwardContext
@@ -41,8 +46,12 @@ class Block(nnx.Module):
     self.dropout = cfg.dropout
     self.attn_norm = placement(d, cfg=cfg, layer=layer, sublayer="attn", dtype=dtype, rngs=rngs)
     self.attn_residual = residual(d, cfg=cfg, layer=2 * layer, dtype=dtype, rngs=rngs)
-    self.attn = attention_lib.SEQUENCE_MIXERS.get(cfg.attention.kind)(
-        cfg, layer=layer, dtype=dtype, rngs=rngs)
+    mixer = attention_lib.SEQUENCE_MIXERS.get(cfg.attention.kind)
+    self.attn = mixer(cfg, layer=layer, dtype=dtype, rngs=rngs)
+    # A sequence mixer may run a module beside the channel mixer, reading what it reads
+    # (MoDA's FFN-side K/V projection); None for the others.
+    writer = getattr(mixer, "channel_writer", None)
+    self.channel_side = writer(cfg, layer=layer, dtype=dtype, rngs=rngs) if writer else None
     self.channel_norm = placement(d, cfg=cfg, layer=layer, sublayer="channel", dtype=dtype,
                                   rngs=rngs)
     self.channel_residual = residual(d, cfg=cfg, layer=2 * layer + 1, dtype=dtype, rngs=rngs)
@@ -56,6 +65,8 @@ class Block(nnx.Module):
       return ctx.dropout(self.attn(x, ctx), self.dropout, site)
 
     def channel(x):
+      if self.channel_side is not None:
+        self.channel_side(x, ctx)
       return ctx.dropout(self.channel(x, ctx), self.dropout, site + 1)
 
     stream = self.attn_norm(stream, attn, self.attn_residual)
@@ -63,7 +74,10 @@ class Block(nnx.Module):
     return stream
 
   def flops_per_token(self, seq_len: int) -> float:
-    return self.attn.flops_per_token(seq_len) + self.channel.flops_per_token(seq_len)
+    side = self.channel_side.flops_per_token(seq_len) if self.channel_side is not None else 0.0
+    connections = self.attn_residual.flops_per_token() + self.channel_residual.flops_per_token()
+    return (self.attn.flops_per_token(seq_len) + self.channel.flops_per_token(seq_len) + side
+            + connections)
 
 
 class DecoderLM(nnx.Module):
@@ -81,22 +95,32 @@ class DecoderLM(nnx.Module):
     self.final_norm = (norms_lib.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
                        if needs_final else None)
     self.head = head_lib.HEADS.get(cfg.head.kind)(cfg, dtype=dtype, rngs=rngs)
+    # expand / collapse of the residual stream (parameters for VWN); made last so that the
+    # other parameters draw the same random numbers whatever the residual option
+    self.stream = self.residual_cls.stream_adapter(cfg, dtype=dtype, rngs=rngs)
     self.remat = cfg.remat
     if self.remat not in ("none", "block"):
       raise ValueError(f"model.remat='{self.remat}' is not one of none, block")
 
-  def __call__(self, tokens: jax.Array, ctx: ForwardContext | None = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, ctx: ForwardContext | None = None, *,
+               logits_at: jax.Array | None = None) -> jax.Array:
     """tokens: [batch, seq] int32 -> logits [batch, seq, vocab] fp32.
 
-    Auxiliary losses that modules add land in `ctx.aux_losses`.
+    Auxiliary losses that modules add land in `ctx.aux_losses`. `logits_at` [batch, k] int32
+    (inference: the last prompt token of each row) computes the logits at those sequence
+    indices only -> [batch, k, vocab].
     """
     if ctx is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
       ctx = ForwardContext(positions=positions)
     h = self._run_blocks(tokens, ctx)
+    if logits_at is not None:
+      h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
     if self.final_norm is not None:
       h = self.final_norm(h)
     logits = self.head(h, self.embed, ctx)
+    if hasattr(self.head, "add_loss") and logits_at is None and ctx.cache is None:
+      self.head.add_loss(self, tokens, ctx)  # multi-token prediction (head.py): training only
     return constrain(logits, ("batch", "seq", "act_vocab"))
 
   def _run_blocks(self, tokens, ctx: ForwardContext, hidden: list | None = None) -> jax.Array:
@@ -105,12 +129,14 @@ class DecoderLM(nnx.Module):
     tokens = constrain(tokens, ("batch", "seq"))
     h = self.embed(tokens)
     h = ctx.dropout(h, self.cfg.dropout, site=2 * self.cfg.num_layers)
-    stream = self.residual_cls.expand(h, self.cfg)
+    stream = self.stream.expand(h)
     for block in self.blocks:
       if hidden is not None:
-        hidden.append(self.residual_cls.collapse(stream, self.cfg))
+        hidden.append(self.stream.collapse(stream))
       stream = self._apply_block(block, stream, ctx)
-    h = self.residual_cls.collapse(stream, self.cfg)
+    if hasattr(self.head, "add_loss"):
+      ctx.state["final_stream"] = stream  # uncollapsed, for a multi-token head (head.py)
+    h = self.stream.collapse(stream)
     if hidden is not None:
       hidden.append(h)
     return h
@@ -131,18 +157,20 @@ class DecoderLM(nnx.Module):
 
     # Under remat the block runs in its own trace: the context's mutable parts go in and out
     # explicitly so nothing traced inside leaks out.
-    def run(block, stream, aux, state):
-      inner = dataclasses.replace(ctx, aux_losses=dict(aux), state=dict(state))
+    def run(block, stream, aux, state, cache):
+      inner = dataclasses.replace(ctx, aux_losses=dict(aux), state=dict(state), cache=cache)
       out = block(stream, inner)
-      return out, inner.aux_losses, inner.state
+      return out, inner.aux_losses, inner.state, inner.cache
 
-    out, ctx.aux_losses, ctx.state = nnx.remat(run)(block, stream, ctx.aux_losses, ctx.state)
+    out, ctx.aux_losses, ctx.state, ctx.cache = nnx.remat(run)(
+        block, stream, ctx.aux_losses, ctx.state, ctx.cache)
     return out
 
   def flops_per_token(self, seq_len: int) -> float:
     """Forward FLOPs per token (multiply-add = 2), analytic; training is 3x this."""
-    head = 2 * self.cfg.d_model * self.cfg.vocab_size
-    return sum(b.flops_per_token(seq_len) for b in self.blocks) + head
+    ends = (self.embed.flops_per_token() + self.stream.flops_per_token()
+            + self.head.flops_per_token(seq_len))
+    return sum(b.flops_per_token(seq_len) for b in self.blocks) + ends
 
 
 def compute_dtype(precision: str, platform: str | None = None):
@@ -173,4 +201,5 @@ def model_summary(model: DecoderLM, seq_len: int) -> dict[str, float]:
   n_embed = math.prod(model.embed.table.shape)
   fwd = model.flops_per_token(seq_len)
   return dict(params=n, params_non_embedding=n - n_embed, flops_per_token_fwd=fwd,
-              flops_per_token_train=3 * fwd)
+              flops_per_token_train=3 * fwd, params_activated=accounting.params_activated(model),
+              param_bytes_per_token=accounting.param_bytes_per_token(model))

@@ -7,11 +7,15 @@ and other vectors do not). Schedules, each with linear warmup:
   cosine    cosine decay to min_lr_ratio * lr at the last step
   wsd       warmup-stable-decay: constant, then linear decay to min_lr_ratio * lr over the
             last decay_fraction of the steps
+
+Per-parameter lr multipliers (`scale_by_path`): a module family may ask for a multiplier on
+some of its parameters, matched by tree path (UltraMem's value tables: 4x decaying to 1x).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "cosine", "wsd")
@@ -41,11 +45,46 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def _names(path) -> tuple[str, ...]:
+  """A parameter's tree path as names: ('blocks', '0', 'channel', 'memory', 'values')."""
+  names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+  return tuple(names[:-1] if names and names[-1] == "value" else names)
+
+
+def scale_by_path(rules) -> optax.GradientTransformation:
+  """Multiplies the update of every parameter that a rule matches by the rule's multiplier at
+  this step: an lr multiplier (it scales the Adam step and the decoupled weight decay alike).
+  `rules`: [(match(names) -> bool, multiplier(step) -> scalar)], the first match wins."""
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def scale(path, u):
+      names = _names(path)
+      for match, multiplier in rules:
+        if match(names):
+          return u * jnp.asarray(multiplier(state.count), u.dtype)
+      return u
+
+    updates = jax.tree_util.tree_map_with_path(scale, updates)
+    return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(t, lr_multipliers=()) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (+ clipping); `lr_multipliers` as for `scale_by_path` (e.g. the memory layers' value
+  tables, research.model.lr_multipliers)."""
   schedule = make_schedule(t)
   parts = []
   if t.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(t.clip_norm))
   parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps,
                            weight_decay=t.weight_decay, mask=decay_mask))
+  if lr_multipliers:
+    parts.append(scale_by_path(list(lr_multipliers)))
   return optax.chain(*parts), schedule

@@ -5,7 +5,7 @@ A run lives in a work directory:
   config.json     resolved config, experiment and overrides, git revision, package versions
   metrics.jsonl   one JSON object per line: {"split": "train", "step", "loss", "lr",
                   "grad_norm", "tokens_per_s", "mfu", "time", "aux/<name>"...} and
-                  {"split": "valid", "step", "loss", "bpb"}
+                  {"split": "valid", "step", "loss", "bpb"} (+ "exact_match" on a synthetic task)
   checkpoints/    orbax: train state (params, optimizer state, step) and data-iterator state
   summary.json    written when the run finishes
   loss.png        the run's loss curves
@@ -33,14 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+import ml_collections
 import optax
 from tqdm import tqdm
 
 from research import config as config_lib
 from research import data as data_lib
 from research import sharding
-from research.eval import diagnostics, lm_eval
+from research.eval import connections, diagnostics, lm_eval
+from research.eval import synthetic as synthetic_eval
 from research.model import ForwardContext, create_model, compute_dtype, model_summary
+from research.model import lr_multipliers
+from research.model import overhead as overhead_lib
 from research.train import mfu as mfu_lib
 from research.train.checkpoint import CheckpointError, Checkpointer
 from research.train.optim import make_optimizer
@@ -149,6 +153,7 @@ class Run:
   valid_batches: list
   batch_sharding: Any
   summary: dict
+  exact_match_step: Any = None  # synthetic tasks: (params, other, batch) -> (correct, answers)
 
 
 class Trainer:
@@ -180,9 +185,7 @@ class Trainer:
     path = self.workdir / "config.json"
     if path.exists():
       old = json.loads(path.read_text()).get("config", {})
-      ignore = {("train", "progress")}
-      diffs = [k for k in config_lib.flat_keys(c)
-               if tuple(k.split(".")) not in ignore and _get(old, k) != _get(record["config"], k)]
+      diffs = config_differences(old, record["config"])
       if diffs:
         raise RunError(
             f"{self.workdir} holds a run with a different config (differs in {', '.join(diffs[:5])}); "
@@ -210,7 +213,7 @@ class Trainer:
     model = create_model(c.model, mesh=mesh, seed=c.seed, dtype=dtype)
     summary = model_summary(model, c.data.seq_len)
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    tx, schedule = make_optimizer(t)
+    tx, schedule = make_optimizer(t, lr_multipliers(c.model, t.steps))
     with sharding.use_mesh(mesh):
       opt_state = jax.jit(tx.init)(params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -222,7 +225,7 @@ class Trainer:
     pi, pc = jax.process_index(), jax.process_count()
     train_iter = data_lib.make_train_iterator(
         corpus.train, seq_len=c.data.seq_len, batch_size=t.batch_size // pc, seed=c.seed,
-        process_index=pi, process_count=pc)
+        process_index=pi, process_count=pc, aligned=getattr(corpus, "task", None) is not None)
     e = c.eval
     valid_batches = data_lib.make_valid_batches(
         corpus.valid, seq_len=c.data.seq_len, batch_size=e.batch_size // pc,
@@ -230,7 +233,9 @@ class Trainer:
     return Run(config=c, mesh=mesh, corpus=corpus, graphdef=graphdef, state=state,
                step_fn=step_fn, eval_step=lm_eval.make_eval_step(graphdef),
                train_iter=train_iter, valid_batches=valid_batches,
-               batch_sharding=batch_sharding, summary=summary)
+               batch_sharding=batch_sharding, summary=summary,
+               exact_match_step=(synthetic_eval.make_exact_match_step(graphdef, corpus.task)
+                                 if getattr(corpus, "task", None) is not None else None))
 
   def _describe(self, r: Run) -> None:
     c, s = r.config, r.summary
@@ -239,6 +244,11 @@ class Trainer:
     largest = sorted(jax.tree.leaves_with_path(r.state["params"]), key=lambda kv: -kv[1].size)[:3]
     self.log(f"model: {s['params'] / 1e6:.3f}M parameters ({s['params_non_embedding'] / 1e6:.3f}M "
              f"non-embedding), {s['flops_per_token_train'] / 1e6:.2f} MFLOPs/token (train)")
+    if s.get("params_activated", s["params"]) < s["params"]:
+      self.log(f"  activated per token: {s['params_activated'] / 1e6:.3f}M parameters, "
+               f"{s['param_bytes_per_token'] / 1e6:.3f} MB of parameters read")
+    for o in overhead_lib.overheads(c.model, c.data.seq_len):
+      self.log(f"  overhead: {overhead_lib.describe(o)}")
     self.log(f"data: {c.data.corpus}/{c.data.tokenizer} vocab {c.model.vocab_size}, "
              f"{len(r.corpus.train):,} train tokens; global batch {c.train.batch_size} x "
              f"{c.data.seq_len} = {tokens_per_step:,} tokens/step, {c.train.steps} steps")
@@ -299,10 +309,16 @@ class Trainer:
       metrics_file.write(json.dumps(record) + "\n")
       metrics_file.flush()
 
+    scores = {}  # last evaluation's task scores, for the summary
+
     def run_eval(step):
       loss = lm_eval.evaluate(r.eval_step, state["params"], state["other"], valid_batches)
       bpb = lm_eval.bits_per_byte(loss, bytes_per_token)
-      write({"split": "valid", "step": step, "loss": loss, "bpb": bpb})
+      record = {"split": "valid", "step": step, "loss": loss, "bpb": bpb}
+      if r.exact_match_step is not None:  # synthetic task: MQAR accuracy / fact recall
+        record["exact_match"] = scores["valid_exact_match"] = synthetic_eval.exact_match(
+            r.exact_match_step, state["params"], state["other"], valid_batches)
+      write(record)
       return loss, bpb
 
     with sharding.use_mesh(r.mesh):
@@ -382,19 +398,30 @@ class Trainer:
       bar.close()
       ckpt.wait()
       return self._finish(r, step, last_valid, train_loss, trained_steps, train_time,
-                          state=state, valid_batch=valid_batches[0] if valid_batches else None)
+                          state=state, valid_batch=valid_batches[0] if valid_batches else None,
+                          extra=scores)
 
   def _finish(self, r: Run, step: int, last_valid, train_loss: float, trained_steps: int,
-              train_time: float, *, diverged: bool = False, state=None, valid_batch=None) -> dict:
+              train_time: float, *, diverged: bool = False, state=None, valid_batch=None,
+              extra: dict | None = None) -> dict:
     """Writes summary.json (and loss.png): the run is finished, or ended as diverged."""
     tokens_per_step = r.config.train.batch_size * r.config.data.seq_len
     summary = {"step": step, "valid_loss": last_valid[0], "valid_bpb": last_valid[1],
                "train_loss": train_loss,
                "tokens_per_s": trained_steps * tokens_per_step / max(train_time, 1e-9),
                "params": r.summary["params"], "diverged": diverged}
+    summary["step_time_s"] = train_time / max(trained_steps, 1)
+    for k in ("params_activated", "flops_per_token_fwd", "param_bytes_per_token"):
+      if k in r.summary:
+        summary[k] = r.summary[k]
+    summary.update(extra or {})
     if state is not None and valid_batch is not None:
       model = nnx.merge(r.graphdef, state["params"], state["other"])
       summary["layer_cosine"] = diagnostics.layer_cosine(model, valid_batch["inputs"])
+      try:  # hyper / frac / vwn: connections.json and connections.png (their heat maps)
+        connections.write(model, self.workdir, title=f"{self.experiment}: {self.arg}")
+      except Exception as e:  # a plot must never cost a finished run
+        self.log(f"could not write the connection matrices of {self.workdir}: {e}")
     (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
       from research import report
@@ -427,10 +454,34 @@ class _StopRequest:
       self._previous = None
 
 
-def _get(d: dict, dotted: str):
+_MISSING = object()
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  """Dotted keys whose value in the config of a run on disk (`old`) differs from `new`.
+
+  A key the old run does not have (an option added to the code since it started) is no
+  difference when `new` holds the key's default value: the default reproduces the old code's
+  behaviour, so such a run still resumes. `train.progress` (a display switch) is ignored.
+  """
+  defaults = config_lib.default_config().to_dict()
+  diffs = []
+  for k in config_lib.flat_keys(ml_collections.ConfigDict(new)):
+    if k == "train.progress":
+      continue
+    was, now = _get(old, k, _MISSING), _get(new, k)
+    if was is _MISSING:
+      if now != _get(defaults, k):
+        diffs.append(k)
+    elif was != now:
+      diffs.append(k)
+  return diffs
+
+
+def _get(d: dict, dotted: str, missing=None):
   for k in dotted.split("."):
     if not isinstance(d, dict) or k not in d:
-      return None
+      return missing
     d = d[k]
   return d
 

@@ -1,0 +1,64 @@
+"""Frac-Connections (Zhu et al. 2025): the residual stream of width D split into m fractions of
+D/m that hyper-connection-style weights read, write and mix; the state stays D wide.
+
+  research run frac_connections                           # DFC x4, tiny (16 x 64), char Shakespeare
+  research run frac_connections:variant=sfc2              # static, m = 2
+  research run frac_connections:variant=dhc2              # hyper-connections, for comparison
+  research run frac_connections:scale=smoke               # seconds; used by the tests
+  research sweep frac_connections --group frac_rate && research report frac_connections
+
+Argument keys: scale (smoke | tiny | small | paper), corpus, tokenizer, seed, variant
+(pre | sfc<m> | dfc<m> | shc<n> | dhc<n>, optionally with _notanh; default dfc4).
+
+The tiny scale is the deep-narrow one of hyper_connections (16 blocks of width 64, 4 heads), so
+the two experiments' arms are directly comparable; with m = 4 a fraction is 16 wide. AdamW
+(0.9, 0.95), weight decay 0.1 on matrices only (never on the static weights or the scales).
+The `paper` scale is the dense OLMo2-1B2 of Table 4 (16 layers, width 2048, 16 heads, context
+4096) with DFC x4.
+"""
+
+import re
+
+from research.config import ConfigError, apply_overrides, default_config, parse_arg
+from research.scales import SCALE_ARGS, SCALES, apply_scale  # noqa: F401  (SCALES: `research list`)
+
+CLAIM = ("frac-connections (m fractions of the stream, dynamic) lower LM loss vs the pre-norm "
+         "residual at no extra state memory, landing between it and hyper-connections")
+DEFAULT_VARIANT = "dfc4"
+_VARIANT = re.compile(r"(?P<kind>[sd])(?P<family>fc|hc)(?P<rate>\d+)(?P<notanh>_notanh)?")
+
+
+def variant_overrides(variant: str) -> dict:
+  """Config overrides of a variant name: pre, {s,d}fc<m>, {s,d}hc<n>, optionally _notanh."""
+  if variant == "pre":
+    return {"model.residual.kind": "plain"}
+  match = _VARIANT.fullmatch(variant)
+  if not match:
+    raise ConfigError(f"frac_connections: unknown variant '{variant}' "
+                      "(expected pre, sfc<m>, dfc<m>, shc<n> or dhc<n>, optionally with _notanh)")
+  rate = int(match["rate"])
+  out = {"model.residual.dynamic": match["kind"] == "d", "model.residual.tanh": not match["notanh"]}
+  if match["family"] == "fc":
+    return {"model.residual.kind": "frac", "model.residual.fracs": rate, **out}
+  return {"model.residual.kind": "hyper", "model.residual.streams": rate, **out}
+
+
+def get_config(arg: str = ""):
+  a = parse_arg(arg, {**SCALE_ARGS, "variant": DEFAULT_VARIANT})
+  c = default_config()
+  c.seed = a["seed"]
+  scale = a["scale"]
+  apply_scale(c, scale, corpus=a["corpus"], tokenizer=a["tokenizer"],
+              experiment="frac_connections")
+  m, t = c.model, c.train
+  apply_overrides(c, variant_overrides(a["variant"]))
+  t.b2 = 0.95
+  t.log_layer_grad_norms = True
+  if scale == "tiny":
+    m.num_layers, m.d_model, m.num_heads = 16, 64, 4
+  if scale == "paper":
+    m.num_layers, m.d_model, m.num_heads = 16, 2048, 16
+    m.channel.d_ff = 8192
+    c.data.seq_len = 4096
+    t.lr = 4e-4
+  return c

@@ -1,0 +1,65 @@
+"""Hyper-Connections (Zhu et al., ICLR 2025): n copies of the residual stream joined to every
+sublayer by learned read / write / mix weights, static (SHC) or input-dependent (DHC).
+
+  research run hyper_connections                          # DHC x4, tiny (16 x 64), char Shakespeare
+  research run hyper_connections:variant=shc2             # static, n = 2
+  research run hyper_connections:variant=dhc4_notanh      # dynamic without tanh
+  research run hyper_connections:variant=pre              # the pre-norm residual baseline
+  research run hyper_connections:scale=smoke              # seconds; used by the tests
+  research sweep hyper_connections --group table1 && research report hyper_connections
+
+Argument keys: scale (smoke | tiny | small | paper), corpus, tokenizer, seed, variant
+(pre | shc<n> | dhc<n>, optionally with _notanh; default dhc4).
+
+The tiny scale is deep and narrow (16 blocks of width 64, 4 heads; the shared tiny context,
+batch, steps and lr), where the paper expects the pre-norm residual to collapse: the same
+FLOPs per token as the shared 4 x 128 tiny model, more sequential depth. AdamW (0.9, 0.95),
+weight decay 0.1 on matrices only (so never on the static connection weights or the scales,
+as the paper says); per-block gradient norms are logged and the connection matrices plotted
+at the end of each run (connections.png).
+The `paper` scale is OLMo-1B with DHC x4 (16 layers, width 2048, 16 heads, 500B tokens there).
+"""
+
+import re
+
+from research.config import ConfigError, apply_overrides, default_config, parse_arg
+from research.scales import SCALE_ARGS, SCALES, apply_scale  # noqa: F401  (SCALES: `research list`)
+
+CLAIM = ("hyper-connections (n >= 2 streams, dynamic) lower LM loss vs the pre-norm residual "
+         "and reduce adjacent-layer similarity; n = 1 does not help")
+DEFAULT_VARIANT = "dhc4"
+_VARIANT = re.compile(r"(?P<kind>[sd])hc(?P<n>\d+)(?P<notanh>_notanh)?")
+
+
+def variant_overrides(variant: str) -> dict:
+  """Config overrides of a variant name: pre, shc<n>, dhc<n>, with optional _notanh."""
+  if variant == "pre":
+    return {"model.residual.kind": "plain"}
+  match = _VARIANT.fullmatch(variant)
+  if not match:
+    raise ConfigError(f"hyper_connections: unknown variant '{variant}' "
+                      "(expected pre, shc<n> or dhc<n>, optionally with _notanh)")
+  return {"model.residual.kind": "hyper", "model.residual.streams": int(match["n"]),
+          "model.residual.dynamic": match["kind"] == "d",
+          "model.residual.tanh": not match["notanh"]}
+
+
+def get_config(arg: str = ""):
+  a = parse_arg(arg, {**SCALE_ARGS, "variant": DEFAULT_VARIANT})
+  c = default_config()
+  c.seed = a["seed"]
+  scale = a["scale"]
+  apply_scale(c, scale, corpus=a["corpus"], tokenizer=a["tokenizer"],
+              experiment="hyper_connections")
+  m, t = c.model, c.train
+  apply_overrides(c, variant_overrides(a["variant"]))
+  t.b2 = 0.95
+  t.log_layer_grad_norms = True  # the gradient-norm profile over depth
+  if scale == "tiny":
+    m.num_layers, m.d_model, m.num_heads = 16, 64, 4
+  if scale == "paper":
+    m.num_layers, m.d_model, m.num_heads = 16, 2048, 16
+    m.channel.d_ff = 8192
+    c.data.seq_len = 2048
+    t.lr = 4e-4
+  return c

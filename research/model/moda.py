@@ -1,0 +1,224 @@
+"""Mixture-of-depths attention (MoDA; Zhu et al. 2026, arXiv 2603.15619) as a sequence mixer.
+
+`model.attention.kind = "moda"`: each attention head at token t attends, under one softmax, to
+the causal sequence keys of its layer and to the *depth* keys/values written at the same token
+t by earlier sublayers (sec. 2.2; the digest's eqs. of sec. 3.4):
+
+  s_seq(u) = <q_t, k_u> / sqrt(d)  (u <= t),    s_dep(i) = <q_t, k^dep_{t,i}> / sqrt(d)
+  [p_seq; p_dep] = softmax([s_seq; s_dep]),     o_t = sum_u p_seq(u) v_u + sum_i p_dep(i) v^dep_{t,i}
+
+Writers of the depth stream (Table 3), chosen by `model.attention.moda`:
+  * every attention sublayer writes its own sequence K/V (post-RoPE, post-norm): "depth KV";
+  * `ffn_kv`: a K/V projection beside each FFN reads what the FFN reads and writes one more
+    slot (the paper's default, S = 2b for block b);
+  * `extra_attn_kv`: the attention writes K/V from a separate projection of its input instead
+    of its sequence K/V (Table 3 row 5).
+
+The depth stream lives in the forward context (`ctx.state`) as one buffer per K and V of shape
+[batch, seq, slots, kv_heads, head_dim] whose slots are fixed by the layer index, so the same
+code runs unrolled, under remat, and when decoding: a token's depth K/V are produced and used in
+its own forward, so decoding keeps no depth cache (Table 1, decode cache O(L D / G) is the
+per-token buffer only).
+
+Choices where the paper is silent (README of experiments/moda):
+  * RoPE: reused sequence keys are post-RoPE; projected depth keys are rotated at their own
+    position, so q and every depth key carry the same rotation and depth logits are
+    position-free (the rotations cancel).
+  * Norms: projected depth keys/values get their own k/v RMSNorm when the attention uses k/v
+    norms (`model.attention.norms`), so depth and sequence logits share a scale.
+  * The last block's FFN K/V projection has no reader and is omitted unless
+    `moda.ffn_kv_last_block` (the 700M parameter count implies L - 1 projections; Table 6
+    implies L).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.config import ConfigError
+from research.model.attention import SEQUENCE_MIXERS, DenseAttention, rope
+from research.model.linear import make_linear
+from research.model.norms import RMSNorm
+
+DEPTH_K, DEPTH_V = "moda/depth_k", "moda/depth_v"
+IMPLS = ("xla", "auto", "pallas", "pallas_gpu", "pallas_tpu")
+
+
+def slots_per_block(cfg) -> int:
+  """Depth slots one block writes: its attention's K/V, plus the FFN side's when ffn_kv."""
+  return 1 + int(cfg.attention.moda.ffn_kv)
+
+
+def has_channel_writer(cfg, layer: int) -> bool:
+  o = cfg.attention.moda
+  return bool(o.ffn_kv) and (layer < cfg.num_layers - 1 or bool(o.ffn_kv_last_block))
+
+
+def attention_slot(cfg, layer: int) -> int:
+  return layer * slots_per_block(cfg)
+
+
+def channel_slot(cfg, layer: int) -> int:
+  return layer * slots_per_block(cfg) + 1
+
+
+def total_slots(cfg) -> int:
+  """Size of the depth buffer: every slot any block writes."""
+  return cfg.num_layers * slots_per_block(cfg)
+
+
+def write_depth(ctx, cfg, slot: int, k: jax.Array, v: jax.Array) -> None:
+  """Writes one sublayer's per-token K/V ([b, t, kv_heads, d]) into depth slot `slot`."""
+  if DEPTH_K not in ctx.state:
+    shape = k.shape[:2] + (total_slots(cfg),) + k.shape[2:]
+    ctx.state[DEPTH_K] = jnp.zeros(shape, k.dtype)
+    ctx.state[DEPTH_V] = jnp.zeros(shape, v.dtype)
+  ctx.state[DEPTH_K] = ctx.state[DEPTH_K].at[:, :, slot].set(k.astype(ctx.state[DEPTH_K].dtype))
+  ctx.state[DEPTH_V] = ctx.state[DEPTH_V].at[:, :, slot].set(v.astype(ctx.state[DEPTH_V].dtype))
+
+
+def read_depth(ctx, slots: int):
+  """The first `slots` depth slots ([b, t, slots, kv_heads, d] each), or (None, None)."""
+  if slots == 0 or DEPTH_K not in ctx.state:
+    return None, None
+  return ctx.state[DEPTH_K][:, :, :slots], ctx.state[DEPTH_V][:, :, :slots]
+
+
+def moda_xla(q, k, v, depth_k, depth_v, *, q_positions, k_positions, k_valid=None):
+  """MoDA attention in jnp for any key set (training or a KV cache): one softmax over the
+  causal sequence keys (key position <= query position, and `k_valid` when given) and the
+  query token's own depth slots.
+
+  q: [b, t, h, d]; k, v: [b, s, kv, d]; depth_k, depth_v: [b, t, S, kv, d] or None.
+  Query head h uses KV head h // (h / kv) (research.model.attention.xla_attention's grouping).
+  """
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  g = h // kv
+  scale = 1.0 / math.sqrt(d)
+  qg = q.reshape(b, t, kv, g, d)
+  seq = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale
+  mask = k_positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
+  if k_valid is not None:
+    mask = mask & k_valid[:, None, None, None, :]
+  seq = jnp.where(mask, seq, jnp.finfo(jnp.float32).min)
+  if depth_k is None:
+    probs = jax.nn.softmax(seq, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+  dep = jnp.einsum("btkgd,btskd->bkgts", qg, depth_k).astype(jnp.float32) * scale
+  probs = jax.nn.softmax(jnp.concatenate([seq, dep], axis=-1), axis=-1)  # one normaliser
+  p_seq, p_dep = probs[..., :k.shape[1]].astype(v.dtype), probs[..., k.shape[1]:].astype(v.dtype)
+  out = (jnp.einsum("bkgts,bskd->btkgd", p_seq, v)
+         + jnp.einsum("bkgts,btskd->btkgd", p_dep, depth_v))
+  return out.reshape(b, t, h, d)
+
+
+def check_moda_config(cfg) -> None:
+  o = cfg.attention.moda
+  if cfg.attention.impl not in IMPLS:
+    raise ConfigError(f"model.attention.impl='{cfg.attention.impl}' is not available for moda "
+                      f"(choose one of {', '.join(IMPLS)})")
+  if cfg.attention.prefill != "dense":
+    raise ConfigError(f"model.attention.prefill='{cfg.attention.prefill}' is not available for "
+                      "moda (its depth slots have no block-sparse form): use dense")
+  if o.extra_attn_kv and not o.ffn_kv:
+    raise ConfigError("model.attention.moda.extra_attn_kv needs moda.ffn_kv (Table 3 row 5 adds "
+                      "the attention K/V projection on top of the FFN one)")
+
+
+class _DepthKV(nnx.Module):
+  """A K/V projection of a sublayer's input into one depth slot, with the attention's k/v
+  norms and RoPE at the token's own position (see the module docstring)."""
+
+  def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
+    kvd = cfg.num_kv_heads * cfg.head_dim
+    lin = dict(layer=layer, dtype=dtype, rngs=rngs)
+    self.k = make_linear(cfg, cfg.d_model, kvd, axes=("embed", "kv_heads"), role="in", **lin)
+    self.v = make_linear(cfg, cfg.d_model, kvd, axes=("embed", "kv_heads"), role="in", **lin)
+    norms = cfg.attention.norms
+
+    def norm(letter):
+      return RMSNorm(cfg.head_dim, eps=cfg.norm_eps, dtype=dtype) if letter in norms else None
+
+    self.k_norm, self.v_norm = norm("k"), norm("v")
+    self.kv_heads, self.head_dim, self.theta = cfg.num_kv_heads, cfg.head_dim, cfg.attention.rope_theta
+    self.d_model = cfg.d_model
+
+  def __call__(self, x, positions):
+    b, t, _ = x.shape
+    k = self.k(x).reshape(b, t, self.kv_heads, self.head_dim)
+    v = self.v(x).reshape(b, t, self.kv_heads, self.head_dim)
+    if self.k_norm is not None:
+      k = self.k_norm(k)
+    if self.v_norm is not None:
+      v = self.v_norm(v)
+    return rope(k, positions, self.theta), v
+
+  def flops_per_token(self) -> float:
+    return 2 * 2 * self.d_model * self.kv_heads * self.head_dim
+
+
+class ChannelDepthWriter(nnx.Module):
+  """The FFN-side K/V projection (Fig. 1, "Linear KV Projection"): reads the tensor the FFN
+  reads and writes it into this block's channel slot."""
+
+  def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
+    self.cfg, self.layer = cfg, layer
+    self.proj = _DepthKV(cfg, layer=layer, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, ctx) -> None:
+    k, v = self.proj(x, ctx.positions)
+    write_depth(ctx, self.cfg, channel_slot(self.cfg, self.layer), k, v)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    del seq_len
+    return self.proj.flops_per_token()
+
+
+@SEQUENCE_MIXERS.register("moda")
+class MoDAAttention(DenseAttention):
+  """Dense attention whose softmax also covers the token's depth slots (eqs. in the module
+  docstring); writes its own K/V (or a projection's, `extra_attn_kv`) into its depth slot."""
+
+  impls = IMPLS
+
+  def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
+    check_moda_config(cfg)
+    super().__init__(cfg, layer=layer, dtype=dtype, rngs=rngs)
+    self.cfg, self.layer = cfg, layer
+    self.depth_slots = attention_slot(cfg, layer)  # slots written before this sublayer
+    self.depth_proj = (_DepthKV(cfg, layer=layer, dtype=dtype, rngs=rngs)
+                       if cfg.attention.moda.extra_attn_kv else None)
+
+  @staticmethod
+  def channel_writer(cfg, *, layer: int, dtype, rngs: nnx.Rngs):
+    """The module the block runs beside its channel mixer (None: this block has none)."""
+    if not has_channel_writer(cfg, layer):
+      return None
+    return ChannelDepthWriter(cfg, layer=layer, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, ctx) -> jax.Array:
+    q, k, v = self.project_qkv(x, ctx)
+    depth_k, depth_v = read_depth(ctx, self.depth_slots)
+    keys = self.sequence_keys(k, v, ctx)
+    if keys.cached or self.impl == "xla":
+      out = moda_xla(q, keys.k, keys.v, depth_k, depth_v, q_positions=ctx.positions,
+                     k_positions=keys.positions, k_valid=keys.valid)
+    else:
+      from kernels_pallas.moda import moda_attention  # pylint: disable=import-outside-toplevel
+      out = moda_attention(q, k, v, depth_k, depth_v, causal=True, impl=self.impl)
+    if self.depth_proj is not None:
+      k, v = self.depth_proj(x, ctx.positions)
+    write_depth(ctx, self.cfg, attention_slot(self.cfg, self.layer), k, v)
+    return self.project_out(out)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Dense attention plus q.k^dep and p.v^dep over this layer's depth slots and the extra
+    projection when present."""
+    depth = 2 * 2 * self.num_heads * self.head_dim * self.depth_slots
+    extra = self.depth_proj.flops_per_token() if self.depth_proj is not None else 0.0
+    return super().flops_per_token(seq_len) + depth + extra

@@ -1,0 +1,246 @@
+"""Mixture-of-experts channel mixer (`model.channel.kind = "moe"`), in three separable pieces.
+
+  router    TopKRouter: logits = x W_r (fp32), p = softmax(logits), the top-k experts of each
+            token and their gates (the top-k probabilities, renormalized if `norm_topk`)
+  dispatch  plan_dispatch / dispatch_tokens / combine: every (token, choice) assignment gets a
+            slot in its expert's buffer of `capacity` slots per group (a group = one sequence);
+            first choices of a group are placed before second choices (GShard), assignments
+            past the capacity are dropped (their output is 0; the residual carries the token)
+  experts   Experts: E SwiGLU (or any function activation) FFNs applied batched to the
+            buffers [experts, groups, capacity, embed]; the weights carry the logical axis
+            `experts`, which the rules table maps to the `expert` mesh axis
+
+  y = sum_k gate_k * kept_k * Expert_{e_k}(x)                       (Switch eq. 2, top-k form)
+
+`dispatch = "dropless"` sets the capacity to the group size: a token picks an expert at most
+once, so nothing can drop and the output is exactly the per-token expert sum (the price on
+static-shape hardware is E/k times the expert FLOPs actually executed; FLOPs/token reports the
+activated k experts). `dispatch = "capacity"` uses ceil(capacity_factor * S * k / E) slots.
+
+Losses (added to the objective through the forward context):
+  moe_balance  aux_coef * E * sum_i f_i P_i, f_i = share of the T*k assignments routed to expert
+               i, P_i = mean router probability of i (Switch Transformer eqs. 4-6; = aux_coef
+               when perfectly balanced)
+  moe_z        z_coef * mean(logsumexp(logits)^2) (ST-MoE eq. 5), when z_coef > 0
+
+The number of dropped assignments is added to `ctx.state["moe/dropped"]` (summed over layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.config import ConfigError
+from research.model import ffn as ffn_lib
+from research.model.linear import init_std, out_depth_factor
+from research.sharding import constrain
+
+DISPATCHES = ("dropless", "capacity")
+
+
+# ------------------------------------------------------------------------------------ router
+
+@dataclasses.dataclass
+class Routing:
+  logits: jax.Array   # [..., E] fp32
+  probs: jax.Array    # [..., E] fp32, softmax(logits)
+  experts: jax.Array  # [..., k] int32, chosen experts in descending probability
+  gates: jax.Array    # [..., k] fp32, their weights
+
+
+class TopKRouter(nnx.Module):
+  """Softmax router with top-k selection; logits and probabilities in fp32."""
+
+  def __init__(self, d_model: int, num_experts: int, top_k: int, *, std: float,
+               norm_topk: bool, rngs: nnx.Rngs):
+    init = jax.nn.initializers.normal(std)
+    self.kernel = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32),
+                            out_sharding=("embed", None))
+    self.top_k, self.norm_topk = top_k, norm_topk
+
+  def __call__(self, x: jax.Array) -> Routing:
+    logits = jnp.dot(x.astype(jnp.float32), self.kernel[...])
+    probs = jax.nn.softmax(logits, axis=-1)
+    gates, experts = jax.lax.top_k(probs, self.top_k)
+    if self.norm_topk:
+      gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+    return Routing(logits, probs, experts.astype(jnp.int32), gates)
+
+
+def switch_balance_loss(routing: Routing) -> jax.Array:
+  """E * sum_i f_i P_i over all tokens (Switch eqs. 4-6, with f over the T*k assignments)."""
+  num_experts = routing.probs.shape[-1]
+  onehot = jax.nn.one_hot(routing.experts, num_experts, dtype=jnp.float32)  # [..., k, E]
+  f = jnp.mean(onehot.reshape(-1, num_experts), axis=0)
+  p = jnp.mean(routing.probs.reshape(-1, num_experts), axis=0)
+  return num_experts * jnp.sum(f * p)
+
+
+def router_z_loss(routing: Routing) -> jax.Array:
+  """mean over tokens of logsumexp(logits)^2 (ST-MoE eq. 5)."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(routing.logits, axis=-1)))
+
+
+# ---------------------------------------------------------------------------------- dispatch
+
+@dataclasses.dataclass
+class DispatchPlan:
+  slot_token: jax.Array  # [G, E, C] int32: token of the group in each slot, S where empty
+  position: jax.Array    # [G, S, k] int32: slot of each assignment in its expert's buffer
+  kept: jax.Array        # [G, S, k] bool: False where the assignment overflowed
+  capacity: int
+
+  @property
+  def dropped(self) -> jax.Array:
+    return jnp.sum(~self.kept)
+
+
+def capacity_for(dispatch: str, group_size: int, num_experts: int, top_k: int,
+                 capacity_factor: float) -> int:
+  if dispatch == "dropless":
+    return group_size
+  if dispatch == "capacity":
+    return max(1, min(group_size, math.ceil(capacity_factor * group_size * top_k / num_experts)))
+  raise ConfigError(f"model.channel.moe.dispatch='{dispatch}' is not one of "
+                    f"{', '.join(DISPATCHES)}")
+
+
+def plan_dispatch(experts: jax.Array, num_experts: int, capacity: int) -> DispatchPlan:
+  """Slots for the assignments experts [G, S, k]: choice 0 of every token of a group is placed
+  before choice 1 (GShard's priority), tokens in sequence order; overflow is dropped."""
+  g, s, k = experts.shape
+  onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32)            # [G, S, k, E]
+  ordered = onehot.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)       # choice-major
+  taken = jnp.cumsum(ordered, axis=1) - 1                                     # slot if chosen
+  position = jnp.sum(taken * ordered, axis=-1).reshape(g, k, s).transpose(0, 2, 1)
+  kept = position < capacity
+  groups = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
+  tokens = jnp.broadcast_to(jnp.arange(s)[None, :, None], (g, s, k))
+  slot = jnp.where(kept, position, capacity)                                  # overflow column
+  slot_token = jnp.full((g, num_experts, capacity + 1), s, jnp.int32)
+  slot_token = slot_token.at[groups, experts, slot].set(tokens)[:, :, :capacity]
+  return DispatchPlan(slot_token, position.astype(jnp.int32), kept, capacity)
+
+
+def dispatch_tokens(x: jax.Array, plan: DispatchPlan) -> jax.Array:
+  """x [G, S, d] -> expert buffers [E, G, C, d] (empty slots hold zeros)."""
+  g = x.shape[0]
+  padded = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)            # row S = empty
+  buffers = padded[jnp.arange(g)[:, None, None], plan.slot_token]            # [G, E, C, d]
+  return buffers.transpose(1, 0, 2, 3)
+
+
+def combine(expert_out: jax.Array, plan: DispatchPlan, experts: jax.Array,
+            gates: jax.Array) -> jax.Array:
+  """Expert outputs [E, G, C, d] -> y [G, S, d] = sum_k gate_k kept_k out[e_k, g, slot_k]."""
+  g, s, k = experts.shape
+  out = expert_out.transpose(1, 0, 2, 3)                                      # [G, E, C, d]
+  slot = jnp.minimum(plan.position, plan.capacity - 1)
+  picked = out[jnp.arange(g)[:, None, None], experts, slot]                  # [G, S, k, d]
+  weight = jnp.where(plan.kept, gates, 0.0).astype(picked.dtype)
+  return jnp.einsum("gsk,gskd->gsd", weight, picked)
+
+
+# ----------------------------------------------------------------------------------- experts
+
+class Experts(nnx.Module):
+  """E independent FFNs applied to their buffers [E, G, C, d]; init as `make_linear` would
+  (in: N(0, init_std^2), out: scaled by the depth rule of `model.init_out_scaling`)."""
+
+  def __init__(self, cfg, num_experts: int, d_expert: int, *, layer: int, dtype,
+               rngs: nnx.Rngs):
+    act = ffn_lib.ACTIVATIONS.get(cfg.channel.activation)
+    if isinstance(act, type):
+      raise ConfigError(f"model.channel.activation='{cfg.channel.activation}' has parameters; "
+                        "MoE experts take a parameter-free activation")
+    self.act, self.gated = act, ffn_lib.is_gated(cfg.channel.activation)
+    d, std = cfg.d_model, init_std(cfg)
+    init_in = jax.nn.initializers.normal(std)
+    init_out = jax.nn.initializers.normal(std * out_depth_factor(cfg, layer))
+    shape_in, axes_in = (num_experts, d, d_expert), ("experts", "embed", "mlp")
+    self.up = nnx.Param(init_in(rngs.params(), shape_in, jnp.float32), out_sharding=axes_in)
+    self.gate = (nnx.Param(init_in(rngs.params(), shape_in, jnp.float32), out_sharding=axes_in)
+                 if self.gated else None)
+    self.down = nnx.Param(init_out(rngs.params(), (num_experts, d_expert, d), jnp.float32),
+                          out_sharding=("experts", "mlp", "embed"))
+    self.dtype = dtype
+
+  def __call__(self, xe: jax.Array) -> jax.Array:
+    cast = lambda w: w[...].astype(self.dtype)  # noqa: E731
+    xe = xe.astype(self.dtype)
+    up = jnp.einsum("egcd,edf->egcf", xe, cast(self.up))
+    if self.gated:
+      h = self.act(jnp.einsum("egcd,edf->egcf", xe, cast(self.gate)), up)
+    else:
+      h = self.act(up)
+    return jnp.einsum("egcf,efd->egcd", h, cast(self.down))
+
+  def params_per_expert(self) -> int:
+    return sum(math.prod(p.shape[1:]) for p in (self.up, self.gate, self.down) if p is not None)
+
+
+# ------------------------------------------------------------------------------ the mixer
+
+def resolve(m) -> None:
+  """config.resolve hook: d_expert = 0 -> d_ff // top_k (activated FFN compute = the dense
+  FFN's); checks the combination."""
+  e = m.channel.moe
+  if not 1 <= e.top_k <= e.num_experts:
+    raise ConfigError(f"model.channel.moe.top_k={e.top_k} must be in [1, num_experts="
+                      f"{e.num_experts}]")
+  if e.dispatch not in DISPATCHES:
+    raise ConfigError(f"model.channel.moe.dispatch='{e.dispatch}' is not one of "
+                      f"{', '.join(DISPATCHES)}")
+  if e.d_expert == 0:
+    e.d_expert = max(1, m.channel.d_ff // e.top_k)
+
+
+@ffn_lib.CHANNEL_MIXERS.register("moe")
+class MoE(nnx.Module):
+  """Top-k routed mixture of FFN experts (see the module docstring)."""
+
+  resolve = staticmethod(resolve)
+
+  def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
+    e = cfg.channel.moe
+    if e.d_expert <= 0:
+      raise ConfigError("model.channel.moe.d_expert is 0: resolve the config first")
+    self.num_experts, self.top_k = e.num_experts, e.top_k
+    self.dispatch, self.capacity_factor = e.dispatch, e.capacity_factor
+    self.aux_coef, self.z_coef = e.aux_coef, e.z_coef
+    self.router = TopKRouter(cfg.d_model, e.num_experts, e.top_k, std=init_std(cfg),
+                             norm_topk=e.norm_topk, rngs=rngs)
+    self.experts = Experts(cfg, e.num_experts, e.d_expert, layer=layer, dtype=dtype, rngs=rngs)
+    self.d_model, self.d_expert = cfg.d_model, e.d_expert
+
+  def __call__(self, x: jax.Array, ctx) -> jax.Array:
+    # x: [batch, seq, embed]; groups are sequences.
+    routing = self.router(x)
+    if ctx is not None:
+      if self.aux_coef > 0:
+        ctx.add_aux_loss("moe_balance", self.aux_coef * switch_balance_loss(routing))
+      if self.z_coef > 0:
+        ctx.add_aux_loss("moe_z", self.z_coef * router_z_loss(routing))
+    capacity = capacity_for(self.dispatch, x.shape[1], self.num_experts, self.top_k,
+                            self.capacity_factor)
+    plan = plan_dispatch(routing.experts, self.num_experts, capacity)
+    if ctx is not None:
+      ctx.state["moe/dropped"] = ctx.state.get("moe/dropped", 0) + plan.dropped
+    buffers = constrain(dispatch_tokens(x, plan), ("act_experts", "batch", None, "act_embed"))
+    out = constrain(self.experts(buffers), ("act_experts", "batch", None, "act_embed"))
+    return combine(out, plan, routing.experts, routing.gates).astype(x.dtype)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    del seq_len
+    matrices = 3 if self.experts.gated else 2
+    router = 2 * self.d_model * self.num_experts
+    return router + self.top_k * 2 * self.d_model * self.d_expert * matrices
+
+  def sparse_parameters(self) -> list[tuple[int, int, int]]:
+    """The experts: E of them, k read per token (research/model/accounting.py)."""
+    return [(self.num_experts, self.experts.params_per_expert(), self.top_k)]
