@@ -224,13 +224,19 @@ def test_sdd_with_bias_is_an_error():
 ACTS = ["swiglu", "gelu", "relu2", "polyrelu", "polynorm"]
 
 
+# the other families' options every placement / linear / activation must compose with
+STACKS = {"dense": {}, "moda_hyper": {"attention.kind": "moda", "num_kv_heads": 2,
+                                      "residual.kind": "hyper", "residual.streams": 2}}
+
+
+@pytest.mark.parametrize("stack", list(STACKS))
 @pytest.mark.parametrize("i,kind", list(enumerate(PLACEMENT_MODES)))
-def test_every_option_composes(i, kind):
+def test_every_option_composes(i, kind, stack):
   """Every placement, with the linear layers and activations cycled over it, builds, is causal
-  and finite."""
+  and finite, with dense attention and plain residuals and with MoDA and hyper-connections."""
   linear_kind, act = ("plain", "sdd")[i % 2], ACTS[i % len(ACTS)]
   cfg = small_config(**{"norm.kind": kind, "linear.kind": linear_kind,
-                        "channel.activation": act})
+                        "channel.activation": act, **STACKS[stack]})
   model = create_model(cfg)
   x = tokens()
   y = x.at[:, 9:].set((x[:, 9:] + 3) % cfg.vocab_size)
