@@ -62,8 +62,15 @@ def apply_scale(c: ml_collections.ConfigDict, scale: str, *, corpus: str = "",
 def scaled_config(arg: str, experiment: str) -> tuple[ml_collections.ConfigDict, str]:
   """(config, scale) for the argument string "scale=...,corpus=...,tokenizer=...,seed=...":
   the default config with the seed set and the scale applied."""
-  a = parse_arg(arg, SCALE_ARGS)
+  c, a = scaled_config_with_args(arg, experiment, {})
+  return c, a["scale"]
+
+
+def scaled_config_with_args(arg: str, experiment: str, extra: dict):
+  """(config, args) as `scaled_config`, for an experiment that accepts the argument keys of
+  `extra` (name -> typed default) besides the shared ones; args holds every key's value."""
+  a = parse_arg(arg, {**SCALE_ARGS, **extra})
   c = default_config()
   c.seed = a["seed"]
   apply_scale(c, a["scale"], corpus=a["corpus"], tokenizer=a["tokenizer"], experiment=experiment)
-  return c, a["scale"]
+  return c, a

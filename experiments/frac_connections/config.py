@@ -19,8 +19,8 @@ The `paper` scale is the dense OLMo2-1B2 of Table 4 (16 layers, width 2048, 16 h
 
 import re
 
-from research.config import ConfigError, apply_overrides, default_config, parse_arg
-from research.scales import SCALE_ARGS, SCALES, apply_scale  # noqa: F401  (SCALES: `research list`)
+from research.config import ConfigError, apply_overrides
+from research.scales import SCALES, scaled_config_with_args  # noqa: F401  (SCALES: `research list`)
 
 CLAIM = ("frac-connections (m fractions of the stream, dynamic) lower LM loss vs the pre-norm "
          "residual at no extra state memory, landing between it and hyper-connections")
@@ -44,12 +44,8 @@ def variant_overrides(variant: str) -> dict:
 
 
 def get_config(arg: str = ""):
-  a = parse_arg(arg, {**SCALE_ARGS, "variant": DEFAULT_VARIANT})
-  c = default_config()
-  c.seed = a["seed"]
+  c, a = scaled_config_with_args(arg, "frac_connections", {"variant": DEFAULT_VARIANT})
   scale = a["scale"]
-  apply_scale(c, scale, corpus=a["corpus"], tokenizer=a["tokenizer"],
-              experiment="frac_connections")
   m, t = c.model, c.train
   apply_overrides(c, variant_overrides(a["variant"]))
   t.b2 = 0.95

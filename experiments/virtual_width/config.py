@@ -28,8 +28,8 @@ setting of the paper's largest run (its backbone sizes are internal); for planni
 
 import re
 
-from research.config import ConfigError, apply_overrides, default_config, parse_arg
-from research.scales import SCALE_ARGS, SCALES, apply_scale  # noqa: F401  (SCALES: `research list`)
+from research.config import ConfigError, apply_overrides
+from research.scales import SCALES, scaled_config_with_args  # noqa: F401  (SCALES: `research list`)
 
 CLAIM = ("widening only the embedding and residual state (virtual width r) lowers LM loss "
          "log-linearly in r at the same backbone compute, more so with an MTP head")
@@ -52,11 +52,8 @@ def variant_overrides(variant: str) -> dict:
 
 
 def get_config(arg: str = ""):
-  a = parse_arg(arg, {**SCALE_ARGS, "variant": DEFAULT_VARIANT})
-  c = default_config()
-  c.seed = a["seed"]
+  c, a = scaled_config_with_args(arg, "virtual_width", {"variant": DEFAULT_VARIANT})
   scale = a["scale"]
-  apply_scale(c, scale, corpus=a["corpus"], tokenizer=a["tokenizer"], experiment="virtual_width")
   m, t = c.model, c.train
   m.head.tie_embeddings = False
   apply_overrides(c, variant_overrides(a["variant"]))
