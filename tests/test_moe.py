@@ -94,7 +94,7 @@ def test_dropless_equals_explicit_per_token_expert_sum():
   x = jax.random.normal(jax.random.key(1), (3, 16, cfg.d_model))
   ctx = ctx_for(x)
   y = np.asarray(layer(x, ctx), np.float64)
-  assert int(ctx.state["moe/dropped"]) == 0
+  assert float(ctx.stats()["moe_dropped"]) == 0.0
   r = layer.router(x)
   w_up, w_gate, w_down = (np.asarray(p[...], np.float64)
                           for p in (layer.experts.up, layer.experts.gate, layer.experts.down))
@@ -125,7 +125,8 @@ def test_capacity_drops_are_counted_and_zero_the_output():
         used[e] += 1
   ctx = ctx_for(x)
   y = layer(x, ctx)
-  assert int(ctx.state["moe/dropped"]) == expected > 0
+  assert expected > 0
+  np.testing.assert_allclose(float(ctx.stats()["moe_dropped"]), expected / (2 * 16 * 2))
   plan = moe.plan_dispatch(r.experts, 4, capacity)
   fully_dropped = ~np.asarray(plan.kept).any(-1)
   assert fully_dropped.any()
@@ -192,3 +193,27 @@ def test_expert_sharded_equals_unsharded(dispatch):
                                                            rel=1e-5)
   for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  assert float(got[2]["stat/moe_dropped"]) == pytest.approx(float(ref[2]["stat/moe_dropped"]))
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_train_step_logs_the_dropped_fraction_outside_the_objective(grad_accum):
+  """The step logs `stat/moe_dropped` (mean over layers of the dropped fraction of assignments),
+  and it is a measurement: the parameters after the step do not depend on it."""
+  c = moe_config(num_layers=2, dispatch="capacity", capacity_factor=0.25)
+  c.train.grad_accum = grad_accum
+  mesh = sharding.make_mesh("dp", devices=jax.devices()[:1])
+  _, params, metrics, _ = _one_step(c, mesh)
+  dropped = float(metrics["stat/moe_dropped"])
+  assert 0.0 < dropped < 1.0
+  assert "aux/moe_dropped" not in metrics and "aux/stat/moe_dropped" not in metrics
+  # the same fraction, counted by hand from the first step's routing of each layer
+  model = create_model(c.model, mesh=mesh, seed=1)
+  x = jax.random.randint(jax.random.key(0), (c.train.batch_size, c.data.seq_len + 1), 0, 61)
+  ctx = ForwardContext(positions=jnp.broadcast_to(jnp.arange(c.data.seq_len), x[:, :-1].shape))
+  model(x[:, :-1], ctx)
+  if grad_accum == 1:
+    assert dropped == pytest.approx(float(ctx.stats()["moe_dropped"]), rel=1e-6)
+  c.train.grad_accum = 1
+  c.model.channel.moe.dispatch = "dropless"
+  assert float(_one_step(c, mesh)[2]["stat/moe_dropped"]) == 0.0

@@ -249,6 +249,23 @@ def test_config_errors_name_the_problem(overrides, match):
     model(tokens())
 
 
+@pytest.mark.parametrize("variant, expected", [
+    ("pre", {"residual.kind": "plain"}),
+    ("shc1", {"residual.kind": "hyper", "residual.streams": 1, "residual.dynamic": False,
+              "residual.tanh": True}),
+    ("dhc8_notanh", {"residual.kind": "hyper", "residual.streams": 8, "residual.dynamic": True,
+                     "residual.tanh": False}),
+    ("dfc4", {"residual.kind": "frac", "residual.fracs": 4, "residual.dynamic": True,
+              "residual.tanh": True}),
+])
+def test_variant_names_set_the_paper_rows(variant, expected):
+  """The papers' row names map to the config they mean, in every residual experiment."""
+  for name in ("hyper_connections", "frac_connections"):
+    c = experiments.get_config(f"{name}:scale=smoke,variant={variant}")
+    for key, value in expected.items():
+      assert c.model[key.split(".")[0]][key.split(".")[1]] == value, (name, key)
+
+
 @pytest.mark.parametrize("spec", ["hyper_connections:variant=dhc", "frac_connections:variant=fc4",
                                   "virtual_width:variant=vwn"])
 def test_unknown_variant_is_a_config_error(spec):

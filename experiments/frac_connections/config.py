@@ -17,30 +17,18 @@ The `paper` scale is the dense OLMo2-1B2 of Table 4 (16 layers, width 2048, 16 h
 4096) with DFC x4.
 """
 
-import re
-
-from research.config import ConfigError, apply_overrides
+from research.config import apply_overrides
+from research.model import residual
 from research.scales import SCALES, scaled_config_with_args  # noqa: F401  (SCALES: `research list`)
 
 CLAIM = ("frac-connections (m fractions of the stream, dynamic) lower LM loss vs the pre-norm "
          "residual at no extra state memory, landing between it and hyper-connections")
 DEFAULT_VARIANT = "dfc4"
-_VARIANT = re.compile(r"(?P<kind>[sd])(?P<family>fc|hc)(?P<rate>\d+)(?P<notanh>_notanh)?")
 
 
 def variant_overrides(variant: str) -> dict:
-  """Config overrides of a variant name: pre, {s,d}fc<m>, {s,d}hc<n>, optionally _notanh."""
-  if variant == "pre":
-    return {"model.residual.kind": "plain"}
-  match = _VARIANT.fullmatch(variant)
-  if not match:
-    raise ConfigError(f"frac_connections: unknown variant '{variant}' "
-                      "(expected pre, sfc<m>, dfc<m>, shc<n> or dhc<n>, optionally with _notanh)")
-  rate = int(match["rate"])
-  out = {"model.residual.dynamic": match["kind"] == "d", "model.residual.tanh": not match["notanh"]}
-  if match["family"] == "fc":
-    return {"model.residual.kind": "frac", "model.residual.fracs": rate, **out}
-  return {"model.residual.kind": "hyper", "model.residual.streams": rate, **out}
+  """Config overrides of a variant name (research.model.residual.variant_overrides)."""
+  return residual.variant_overrides(variant, "frac_connections")
 
 
 def get_config(arg: str = ""):

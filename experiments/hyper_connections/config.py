@@ -9,7 +9,7 @@ sublayer by learned read / write / mix weights, static (SHC) or input-dependent 
   research sweep hyper_connections --group table1 && research report hyper_connections
 
 Argument keys: scale (smoke | tiny | small | paper), corpus, tokenizer, seed, variant
-(pre | shc<n> | dhc<n>, optionally with _notanh; default dhc4).
+(pre | shc<n> | dhc<n> | sfc<m> | dfc<m>, optionally with _notanh; default dhc4).
 
 The tiny scale is deep and narrow (16 blocks of width 64, 4 heads; the shared tiny context,
 batch, steps and lr), where the paper expects the pre-norm residual to collapse: the same
@@ -20,28 +20,18 @@ at the end of each run (connections.png).
 The `paper` scale is OLMo-1B with DHC x4 (16 layers, width 2048, 16 heads, 500B tokens there).
 """
 
-import re
-
-from research.config import ConfigError, apply_overrides
+from research.config import apply_overrides
+from research.model import residual
 from research.scales import SCALES, scaled_config_with_args  # noqa: F401  (SCALES: `research list`)
 
 CLAIM = ("hyper-connections (n >= 2 streams, dynamic) lower LM loss vs the pre-norm residual "
          "and reduce adjacent-layer similarity; n = 1 does not help")
 DEFAULT_VARIANT = "dhc4"
-_VARIANT = re.compile(r"(?P<kind>[sd])hc(?P<n>\d+)(?P<notanh>_notanh)?")
 
 
 def variant_overrides(variant: str) -> dict:
-  """Config overrides of a variant name: pre, shc<n>, dhc<n>, with optional _notanh."""
-  if variant == "pre":
-    return {"model.residual.kind": "plain"}
-  match = _VARIANT.fullmatch(variant)
-  if not match:
-    raise ConfigError(f"hyper_connections: unknown variant '{variant}' "
-                      "(expected pre, shc<n> or dhc<n>, optionally with _notanh)")
-  return {"model.residual.kind": "hyper", "model.residual.streams": int(match["n"]),
-          "model.residual.dynamic": match["kind"] == "d",
-          "model.residual.tanh": not match["notanh"]}
+  """Config overrides of a variant name (research.model.residual.variant_overrides)."""
+  return residual.variant_overrides(variant, "hyper_connections")
 
 
 def get_config(arg: str = ""):

@@ -2,7 +2,8 @@
 
 Everything that one forward pass shares across layers travels here rather than in globals or
 module attributes: token positions, the dropout key, auxiliary losses that modules add (a MoE
-balance loss, say), and cross-layer state (MoDA's depth keys/values, hyper-connection streams).
+balance loss, say), scalar statistics the trainer logs (a MoE's dropped fraction), and
+cross-layer state (MoDA's depth keys/values, hyper-connection streams).
 At inference the KV cache travels here too (`cache`; None in training).
 The context lives only inside one traced forward; modules read it and add to it.
 """
@@ -32,6 +33,18 @@ class ForwardContext:
     name and adds their sum to the training objective."""
     value = jnp.asarray(value, jnp.float32)
     self.aux_losses[name] = self.aux_losses.get(name, 0.0) + value
+
+  def add_stat(self, name: str, value: jax.Array) -> None:
+    """Records a scalar measured in the forward (not a loss), averaged over the calls of one
+    forward (e.g. over layers); the trainer logs it as `stat/<name>`. It lives in `state` under
+    "stat/<name>" as [sum, count] so it travels wherever the cross-layer state does."""
+    entry = jnp.stack([jnp.asarray(value, jnp.float32), jnp.float32(1)])
+    key = f"stat/{name}"
+    self.state[key] = self.state[key] + entry if key in self.state else entry
+
+  def stats(self) -> dict[str, jax.Array]:
+    """{name: mean of the values recorded with add_stat} of this forward."""
+    return {k[len("stat/"):]: v[0] / v[1] for k, v in self.state.items() if k.startswith("stat/")}
 
   def dropout(self, x: jax.Array, rate: float, site: int) -> jax.Array:
     """Inverted dropout with a key derived from (per-step key, site): no hidden rng state."""

@@ -23,7 +23,8 @@ Losses (added to the objective through the forward context):
                when perfectly balanced)
   moe_z        z_coef * mean(logsumexp(logits)^2) (ST-MoE eq. 5), when z_coef > 0
 
-The number of dropped assignments is added to `ctx.state["moe/dropped"]` (summed over layers).
+The fraction of token-expert assignments dropped is recorded as the statistic `moe_dropped`
+(mean over MoE layers; the trainer logs it as `stat/moe_dropped`).
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ class MoE(nnx.Module):
                             self.capacity_factor)
     plan = plan_dispatch(routing.experts, self.num_experts, capacity)
     if ctx is not None:
-      ctx.state["moe/dropped"] = ctx.state.get("moe/dropped", 0) + plan.dropped
+      ctx.add_stat("moe_dropped", plan.dropped / plan.kept.size)
     buffers = constrain(dispatch_tokens(x, plan), ("act_experts", "batch", None, "act_embed"))
     out = constrain(self.experts(buffers), ("act_experts", "batch", None, "act_embed"))
     return combine(out, plan, routing.experts, routing.gates).astype(x.dtype)

@@ -4,7 +4,7 @@ A run lives in a work directory:
 
   config.json     resolved config, experiment and overrides, git revision, package versions
   metrics.jsonl   one JSON object per line: {"split": "train", "step", "loss", "lr",
-                  "grad_norm", "tokens_per_s", "mfu", "time", "aux/<name>"...} and
+                  "grad_norm", "tokens_per_s", "mfu", "time", "aux/<name>", "stat/<name>"...} and
                   {"split": "valid", "step", "loss", "bpb"} (+ "exact_match" on a synthetic task)
   checkpoints/    orbax: train state (params, optimizer state, step) and data-iterator state
   summary.json    written when the run finishes
@@ -97,6 +97,8 @@ def make_train_step(graphdef, tx, schedule, cfg):
     loss = lm_eval.cross_entropy(logits, targets).mean()
     aux = dict(ctx.aux_losses)
     total = loss + sum(aux.values()) if aux else loss
+    # statistics (ctx.add_stat) ride beside the aux losses to the log, outside the objective
+    aux.update({f"stat/{k}": jax.lax.stop_gradient(v) for k, v in ctx.stats().items()})
     return total, (loss, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -132,7 +134,7 @@ def make_train_step(graphdef, tx, schedule, cfg):
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
     if cfg.train.log_layer_grad_norms:
       metrics.update(diagnostics.block_grad_norms(grads))
-    metrics.update({f"aux/{k}": v for k, v in aux.items()})
+    metrics.update({k if k.startswith("stat/") else f"aux/{k}": v for k, v in aux.items()})
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -371,7 +373,7 @@ class Trainer:
                       "mfu": flops_per_step * interval_steps / (now - interval_start) / peak,
                       "time": time.time()}
             for k in fetched[-1]:
-              if k.startswith(("aux/", "grad_norm/")):
+              if k.startswith(("aux/", "stat/", "grad_norm/")):
                 record[k] = float(np.mean([m[k] for m in fetched]))
             write(record)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
