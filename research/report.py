@@ -275,10 +275,67 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
          for k in ("params", "params_activated", "flops_per_token_fwd", "param_bytes_per_token")},
       "overrides": arm.entries[0].get("overrides", {}),
       "paper": arm.paper,
+      "curves": _row_curves(done),
     })
   seeds = sorted({row["seeds_total"] for row in rows})
   return {"group": manifest.get("group"), "arg": manifest.get("arg", ""), "seeds_per_arm": seeds,
       "arms": rows}
+
+
+def _row_curves(runs: list[Run]) -> dict | None:
+  """The arm's mean loss curves over its finished seeds, kept in results.json so that the plot
+  can be drawn again when the runs themselves are gone: {"valid": {"step", "mean", "min", "max"},
+  "train": {"step", "mean"}}."""
+  if not runs:
+    return None
+  out = {}
+  for split in ("valid", "train"):
+    steps, mean, lo, hi = _mean_curve(runs, split)
+    out[split] = {"step": [int(v) for v in steps], "mean": _rounded(mean)}
+    if split == "valid":
+      out[split].update(min=_rounded(lo), max=_rounded(hi))
+  return out
+
+
+def _rounded(values: np.ndarray) -> list[float | None]:
+  return [round(float(v), 5) if math.isfinite(v) else None for v in values]
+
+
+def _carry_over(group: dict, previous: dict | None, date: str) -> None:
+  """Keeps the numbers of arms whose runs are not in this runs directory.
+
+  A row with no finished seed (and none running) takes the row of the same arm, overrides and
+  argument from the previous results.json, marked with the date of the report that measured
+  it, so that regenerating a report from a runs directory that holds only some groups or arms
+  does not erase results measured earlier.
+  """
+  for row in group["arms"]:
+    row.setdefault("date", date)
+  if not previous or previous.get("arg") != group["arg"]:
+    return
+  old_rows = {row["arm"]: row for row in previous.get("arms", [])}
+  for i, row in enumerate(group["arms"]):
+    old = old_rows.get(row["arm"])
+    if (row["seeds_finished"] == 0 and row["status"] != "running" and old
+        and old.get("seeds_finished") and old.get("overrides") == row["overrides"]):
+      group["arms"][i] = {**old, "date": old.get("date", previous.get("date")), "carried": True}
+
+
+def _previous_results(out_dir: Path, experiment: str) -> dict[str, dict]:
+  """Group name -> group of the results.json already in `out_dir` (empty when there is none)."""
+  path = out_dir / "results.json"
+  if not path.is_file():
+    return {}
+  data = _read_json(path)
+  if data.get("experiment") != experiment:
+    return {}
+  groups = {}
+  for group in data.get("groups", []):
+    group.setdefault("date", data.get("date"))
+    for row in group.get("arms", []):
+      row.setdefault("date", group["date"])
+    groups[group["group"]] = group
+  return groups
 
 
 def _mean_profile(profiles: list) -> list[float] | None:
@@ -289,8 +346,8 @@ def _mean_profile(profiles: list) -> list[float] | None:
   return [float(v) for v in np.mean(np.asarray(profiles, np.float64), axis=0)]
 
 
-def _markdown(experiment: str, group: dict, date: str) -> str:
-  rows = group["arms"]
+def _markdown(experiment: str, group: dict) -> str:
+  rows, date = group["arms"], group["date"]
   labels = list(dict.fromkeys(label for row in rows for label in row["paper"]))
   show_diverged = any(row["diverged"] for row in rows)
   header = ["arm", "seeds", "valid loss", "valid bpb"] + (["diverged"] if show_diverged else [])
@@ -309,13 +366,21 @@ def _markdown(experiment: str, group: dict, date: str) -> str:
     "(mean ± sample std over finished seeds; diverged seeds excluded: a loss that is not "
     f"finite, or a valid loss ending more than {SPIKE_NATS:g} nat above its best)",
     f"- date: {date}",
-    f"- regenerate: `research report {experiment}`", "",
+    f"- regenerate: `research report {experiment}`",
+  ]
+  carried = sorted({row["date"] for row in rows if row.get("carried")})
+  if carried:
+    lines.append(f"- arms marked * are carried over from the report of {', '.join(carried)}: "
+                 "their runs are not in the runs directory this report was made from")
+  lines += [
+    "",
     "| " + " | ".join(header) + " |",
     "|" + "---|" * len(header),
   ]
   for row in rows:
     done = row["seeds_finished"] > 0
-    cells = [row["arm"].replace("|", "\\|"), f"{row['seeds_finished']}/{row['seeds_total']}",
+    name = row["arm"].replace("|", "\\|") + (" *" if row.get("carried") else "")
+    cells = [name, f"{row['seeds_finished']}/{row['seeds_total']}",
          _fmt(row["valid_loss"]) if done else row["status"],
          _fmt(row["valid_bpb"]) if done else row["status"]]
     if show_diverged:
@@ -351,16 +416,20 @@ def _mean_curve(runs: list[Run], split: str) -> tuple[np.ndarray, np.ndarray, np
   return np.asarray(steps), values.mean(0), values.min(0), values.max(0)
 
 
-def _plot_curves(experiment: str, group: dict, arms: list[_Arm], out_png: Path) -> None:
+def _plot_curves(experiment: str, group: dict, out_png: Path) -> None:
   fig = Figure(figsize=(8, 5))
   ax = fig.subplots()
-  for i, arm in enumerate(a for a in arms if a.finished):
+  rows = [row for row in group["arms"] if row["seeds_finished"] and row.get("curves")]
+  for i, row in enumerate(rows):
     color = f"C{i % 10}"
-    steps, mean, lo, hi = _mean_curve(arm.finished, "valid")
-    ax.plot(steps, mean, color=color, marker="o", markersize=3, label=f"{arm.name} (n={len(arm.finished)})")
-    ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0)
-    steps, mean, _, _ = _mean_curve(arm.finished, "train")
-    ax.plot(steps, mean, color=color, linestyle="--", linewidth=0.7, alpha=0.7)
+    valid, train = row["curves"]["valid"], row["curves"]["train"]
+    nan = lambda v: np.asarray([np.nan if x is None else x for x in v], np.float64)  # noqa: E731
+    ax.plot(valid["step"], nan(valid["mean"]), color=color, marker="o", markersize=3,
+            label=f"{row['arm']} (n={row['seeds_finished']})")
+    ax.fill_between(valid["step"], nan(valid["min"]), nan(valid["max"]), color=color, alpha=0.2,
+                    linewidth=0)
+    ax.plot(train["step"], nan(train["mean"]), color=color, linestyle="--", linewidth=0.7,
+            alpha=0.7)
   ax.set_xlabel("step")
   ax.set_ylabel("loss (valid: solid, min–max band; train: dashed)")
   ax.set_title(f"{experiment} / {group['group']} ({group['arg']})")
@@ -451,7 +520,12 @@ def _analysis_hook(experiment: str):
 
 def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
       groups: list[str] | None = None) -> Path:
-  """Writes results.md, results.json and per-group PNGs for a sweep; returns results.md."""
+  """Writes results.md, results.json and per-group PNGs for a sweep; returns results.md.
+
+  Groups and arms that have no finished run under `runs_dir` keep what the results.json
+  already in `out_dir` holds for them (see `_carry_over`): a report regenerated after some
+  groups were re-run, or on another machine, adds to the results instead of erasing them.
+  """
   root = Path(runs_dir) / experiment
   manifests = {p.parent.name: p for p in sorted(root.glob("*/manifest.json"))}
   if not manifests:
@@ -466,24 +540,34 @@ def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   date = datetime.date.today().isoformat()
-  sections, results = [f"# Results: {experiment}\n"], []
+  previous = _previous_results(out_dir, experiment)
+  results, diagnostics = {}, {}
   for name, manifest_path in manifests.items():
     manifest, arms = _load_sweep(manifest_path)
     manifest.setdefault("group", name)
     group = _group_results(manifest, arms)
-    results.append(group)
-    sections.append(_markdown(experiment, group, date))
-    _plot_curves(experiment, group, arms, out_dir / f"{name}_curves.png")
+    group["date"] = date
+    _carry_over(group, previous.get(name), date)
+    results[name] = group
+    _plot_curves(experiment, group, out_dir / f"{name}_curves.png")
     _plot_final(experiment, group, out_dir / f"{name}_final.png")
+    diagnostics[name] = _plot_diagnostics(experiment, group, arms, out_dir / f"{name}_diagnostics.png")
+  for name, group in previous.items():  # groups with no sweep in this runs directory: kept
+    results.setdefault(name, group)
+  sections = [f"# Results: {experiment}\n"]
+  for name in sorted(results):
+    group = results[name]
+    sections.append(_markdown(experiment, group))
     sections.append(f"![{name} curves]({name}_curves.png)\n\n![{name} final]({name}_final.png)\n")
-    if _plot_diagnostics(experiment, group, arms, out_dir / f"{name}_diagnostics.png"):
+    if diagnostics.get(name, (out_dir / f"{name}_diagnostics.png").is_file()):
       sections.append(f"![{name} diagnostics]({name}_diagnostics.png)\n")
+  groups = [results[name] for name in sorted(results)]
   analyze = _analysis_hook(experiment)
   if analyze is not None:  # the experiment's own analysis (fits, heat maps): Markdown
-    sections.append(analyze(experiment, root, results, out_dir) or "")
+    sections.append(analyze(experiment, root, groups, out_dir) or "")
   (out_dir / "results.json").write_text(json.dumps(
     {"experiment": experiment, "date": date, "command": f"research report {experiment}",
-     "groups": results}, indent=2) + "\n")
+     "groups": groups}, indent=2) + "\n")
   md_path = out_dir / "results.md"
   md_path.write_text("\n".join(sections))
   return md_path

@@ -1,21 +1,32 @@
 """Runs an experiment's ablation group: every arm x seed in sequence, resumable.
 
 Runs go to `<runs_dir>/<experiment>/<group>/<arm>/seed<k>/`; the group's `manifest.json` lists
-each (arm, seed) with its overrides, the paper's numbers and a status (pending, running, done,
-failed). A finished run (summary.json present) is skipped; an interrupted one resumes from
-its checkpoint, so re-running the same sweep command continues where it stopped.
+every (arm, seed) of the group with its overrides, the paper's numbers and a status (pending,
+running, done, failed), also when `--arms` runs only some of them. A finished run
+(summary.json present) is skipped; an interrupted one resumes from its checkpoint, so
+re-running the same sweep command continues where it stopped.
+
+Groups of one experiment often share arms (the baseline of one table is the pre-norm arm of
+another). Before training an (arm, seed), the sweep looks for a finished run of the same
+experiment whose resolved config is the same (`same_config`); if there is one, the manifest
+entry points at it (`"reused": "<group>/<arm>/seed<k>"`) and nothing is trained twice.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from pathlib import Path
 from typing import Any
 
 from research import config as config_lib
 from research import experiments
-from research.train.trainer import Trainer
+from research.train.trainer import Trainer, config_differences
+
+# Keys that do not change what a run computes: where the corpora live, the progress bar, and
+# the vocabulary size (0 in a config means "the tokenizer's", filled in when the run starts).
+_IRRELEVANT_KEYS = frozenset({"data.data_dir", "train.progress", "model.vocab_size"})
 
 
 def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
@@ -33,23 +44,33 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   """
   sweep = experiments.get_sweep(name)
   group, group_arms = sweep.group(group)
+  selected = {a.name for a in group_arms}
   if arms:
     known = {a.name: a for a in group_arms}
     for a in arms:
       if a not in known:
         raise config_lib.unknown_key_error(a, known, what=f"arm of sweep group '{group}'")
-    group_arms = [known[a] for a in arms]
+    selected = set(arms)
   seeds = sweep.seeds if seeds is None else seeds
   arg = sweep.arg if arg is None else arg
   root = Path(runs_dir) / name / group
+  path = manifest_path(runs_dir, name, group)
+  previous = {}  # (arm, seed) -> entry of an earlier invocation's manifest
+  if path.exists():
+    previous = {(e["arm"], e["seed"]): e for e in json.loads(path.read_text()).get("arms", [])}
   entries = []
   for arm in group_arms:
     for seed in range(seeds):
-      entries.append({"arm": arm.name, "seed": seed, "workdir": f"{arm.name}/seed{seed}",
-                      "overrides": {**arm.overrides, **(overrides or {}), "seed": seed},
-                      "paper": arm.paper, "status": "pending"})
+      entry = {"arm": arm.name, "seed": seed, "workdir": f"{arm.name}/seed{seed}",
+               "overrides": {**arm.overrides, **(overrides or {}), "seed": seed},
+               "paper": arm.paper, "status": "pending"}
+      old = previous.get((arm.name, seed))
+      if old and old.get("reused") and old["overrides"] == entry["overrides"]:
+        entry.update(workdir=old["workdir"], reused=old["reused"])
+      if arm.name not in selected and old and old["overrides"] == entry["overrides"]:
+        entry["status"] = old.get("status", "pending")  # another invocation's business
+      entries.append(entry)
   manifest = {"experiment": name, "group": group, "arg": arg, "arms": entries}
-  path = manifest_path(runs_dir, name, group)
   path.parent.mkdir(parents=True, exist_ok=True)
 
   def save():
@@ -60,18 +81,28 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       e["status"] = "done"
   save()
   failed = []
-  for i, e in enumerate(entries):
+  todo = [e for e in entries if e["arm"] in selected]
+  for i, e in enumerate(todo):
+    tag = f"[{i + 1}/{len(todo)}] {e['arm']} seed {e['seed']}"
     if e["status"] == "done":
-      log(f"[{i + 1}/{len(entries)}] {e['arm']} seed {e['seed']}: finished, skipped")
+      log(f"{tag}: finished, skipped")
       continue
-    log(f"[{i + 1}/{len(entries)}] {e['arm']} seed {e['seed']}")
-    e["status"] = "running"
-    save()
     ov = dict(e["overrides"])
     if data_dir:
       ov["data.data_dir"] = data_dir
     try:
       config = experiments.get_config(f"{name}:{arg}", ov)
+      twin = None if (root / e["workdir"]).exists() else find_finished_twin(
+          Path(runs_dir) / name, config, exclude=root / e["workdir"])
+      if twin is not None:  # the same run, finished in another group: point at it
+        e.update(workdir=os.path.relpath(twin, root), status="done",
+                 reused=twin.relative_to(Path(runs_dir) / name).as_posix())
+        log(f"{tag}: same config as {e['reused']}, reused")
+        save()
+        continue
+      log(tag)
+      e["status"] = "running"
+      save()
       Trainer(config, root / e["workdir"], experiment=name, arg=arg, overrides=ov,
               log=log).run()
       e["status"] = "done"
@@ -87,3 +118,24 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   if failed:
     raise RuntimeError(f"sweep {name}/{group}: {len(failed)} run(s) failed: {', '.join(failed)}")
   return path
+
+
+def same_config(run_config: dict, config) -> bool:
+  """Whether a run on disk (its config.json's "config") computes what `config` would."""
+  resolved = config_lib.resolve(config).to_dict()
+  return not [k for k in config_differences(run_config, resolved) if k not in _IRRELEVANT_KEYS]
+
+
+def find_finished_twin(experiment_root: Path, config, exclude: Path | None = None) -> Path | None:
+  """A finished run under `<runs_dir>/<experiment>/` whose config is `config`, or None."""
+  for summary in sorted(Path(experiment_root).glob("*/*/seed*/summary.json")):
+    workdir = summary.parent
+    if exclude is not None and workdir.resolve() == Path(exclude).resolve():
+      continue
+    try:
+      run_config = json.loads((workdir / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+      continue
+    if same_config(run_config, config):
+      return workdir
+  return None

@@ -59,7 +59,8 @@ def test_sweep_and_report(tmp_path, capsys):
   assert code == 0, err
   manifest = json.loads((runs / "baseline" / "lr" / "manifest.json").read_text())
   assert [(e["arm"], e["seed"], e["status"]) for e in manifest["arms"]] == [
-      ("lr=3e-4", 0, "done"), ("lr=3e-4", 1, "done"), ("lr=1e-3", 0, "done"), ("lr=1e-3", 1, "done")]
+      ("lr=3e-4", 0, "done"), ("lr=3e-4", 1, "done"), ("lr=1e-3", 0, "done"), ("lr=1e-3", 1, "done"),
+      ("lr=3e-3", 0, "pending"), ("lr=3e-3", 1, "pending")]  # the whole group, the rest not run
   # a second invocation skips the finished runs
   code, out, _ = run(capsys, *args)
   assert code == 0 and out.count("finished, skipped") == 4
@@ -71,6 +72,34 @@ def test_sweep_and_report(tmp_path, capsys):
   assert "paper: valid_loss (nanoGPT)" in table
   for png in ("lr_curves.png", "lr_final.png"):
     assert (out_dir / png).stat().st_size > 5000
+
+
+@pytest.mark.needs_data
+def test_sweep_reuses_a_finished_twin_from_another_group(tmp_path, capsys):
+  """MoDA's table3 baseline is table6's pre-norm baseline: trained once, listed in both."""
+  runs = tmp_path / "runs"
+  common = ("--arg", "scale=smoke,corpus=tinyshakespeare", "--seeds", "1", "--runs_dir", str(runs),
+            "--config.train.progress=False")
+  code, _, err = run(capsys, "sweep", "moda", "--group", "table6", "--arms", "pre_baseline", *common)
+  assert code == 0, err
+  code, out, err = run(capsys, "sweep", "moda", "--group", "table3", "--arms", "baseline,depth_kv",
+                       *common)
+  assert code == 0, err
+  assert "baseline seed 0: same config as table6/pre_baseline/seed0, reused" in out
+  manifest = json.loads((runs / "moda" / "table3" / "manifest.json").read_text())
+  entries = {e["arm"]: e for e in manifest["arms"]}
+  assert entries["baseline"]["reused"] == "table6/pre_baseline/seed0"
+  assert entries["baseline"]["status"] == entries["depth_kv"]["status"] == "done"
+  assert not (runs / "moda" / "table3" / "baseline").exists()  # nothing trained twice
+  assert (runs / "moda" / "table3" / "depth_kv" / "seed0" / "summary.json").is_file()  # no twin
+  code, out, _ = run(capsys, "sweep", "moda", "--group", "table3", "--arms", "baseline", *common)
+  assert code == 0 and "finished, skipped" in out  # the reuse is remembered
+  out_dir = tmp_path / "results"
+  code, _, err = run(capsys, "report", "moda", "--runs_dir", str(runs), "--out", str(out_dir))
+  assert code == 0, err
+  table3 = json.loads((out_dir / "results.json").read_text())["groups"][0]
+  rows = {row["arm"]: row for row in table3["arms"]}
+  assert table3["group"] == "table3" and rows["baseline"]["seeds_finished"] == 1
 
 
 def test_list_shows_experiments(capsys):

@@ -40,9 +40,26 @@ def test_moda_xla_equals_reference_and_dense_without_depth():
   pos = positions(b, t)
   got = moda.moda_xla(q, k, v, dk, dv, q_positions=pos, k_positions=pos)
   np.testing.assert_allclose(got, moda_reference(q, k, v, dk, dv), rtol=1e-5, atol=1e-5)
+  slot_major = moda.moda_xla(q, k, v, jnp.moveaxis(dk, 2, 0), jnp.moveaxis(dv, 2, 0),
+                             q_positions=pos, k_positions=pos, slot_axis=0)  # the model's buffers
+  np.testing.assert_allclose(slot_major, got, rtol=1e-6, atol=1e-6)
   plain = moda.moda_xla(q, k, v, None, None, q_positions=pos, k_positions=pos)
   np.testing.assert_allclose(plain, attention.xla_attention(q, k, v, q_positions=pos,
                                                             k_positions=pos), rtol=1e-5, atol=1e-6)
+
+
+def test_depth_slots_are_written_in_order_and_read_only_once_written():
+  ctx = ForwardContext(positions=positions(1, 2))
+  cfg = None
+  k = rand(0, (1, 2, 1, 4))
+  moda.write_depth(ctx, cfg, 0, k, k)
+  moda.write_depth(ctx, cfg, 1, 2 * k, 2 * k)
+  dk, _ = moda.read_depth(ctx, 2)  # the kernels' layout [b, t, S, kv, d]
+  np.testing.assert_array_equal(dk[:, :, 1], 2 * k)
+  with pytest.raises(ValueError, match="out of order"):
+    moda.write_depth(ctx, cfg, 3, k, k)
+  with pytest.raises(ValueError, match=r"slots \[2\] were not written"):
+    moda.read_depth(ctx, 3)
 
 
 def test_a_tokens_depth_slots_reach_only_that_token():

@@ -192,3 +192,51 @@ def test_missing_sweep_raises(tmp_path):
 def test_unknown_group_raises(runs_dir, tmp_path):
   with pytest.raises(rp.ReportError, match="width"):
     rp.report("baseline", runs_dir, tmp_path / "out", groups=["width"])
+
+
+def test_report_keeps_results_whose_runs_are_gone(runs_dir, tmp_path):
+  """Regenerating from a runs directory that lacks some arms (or whole groups) keeps their
+  earlier numbers and curves, marked as carried over; arms with runs are recomputed."""
+  out = tmp_path / "results"
+  rp.report("baseline", runs_dir, out)
+  first = json.loads((out / "results.json").read_text())
+  first["groups"].append({**first["groups"][0], "group": "width"})  # a group run elsewhere
+  (out / "results.json").write_text(json.dumps(first))
+
+  sweep = runs_dir / "baseline" / "lr"
+  for seed in range(3):  # the lr=3e-3 runs are gone (another machine, a cleaned disk)
+    for f in (sweep / f"lr=3e-3/seed{seed}").iterdir():
+      f.unlink()
+  md = rp.report("baseline", runs_dir, out, groups=["lr"]).read_text()
+  results = json.loads((out / "results.json").read_text())
+  assert [g["group"] for g in results["groups"]] == ["lr", "width"]
+  rows = {row["arm"]: row for row in results["groups"][0]["arms"]}
+  old = {row["arm"]: row for row in first["groups"][0]["arms"]}
+  assert rows["lr=3e-3"]["carried"] and not rows["lr=1e-3"].get("carried")
+  assert rows["lr=3e-3"]["valid_loss"] == old["lr=3e-3"]["valid_loss"]
+  assert rows["lr=3e-3"]["curves"] == old["lr=3e-3"]["curves"]  # still plotted
+  assert rows["lr=1e-2"]["status"] == "running"  # nothing to carry: it never finished
+  header = _header(md)
+  assert _table_row(md, "lr=3e-3 *")[header.index("seeds")] == "2/3"
+  assert "arms marked * are carried over" in md and "## width" in md
+
+  # An arm whose overrides changed since is not carried: its old numbers are another config's.
+  manifest = json.loads((sweep / "manifest.json").read_text())
+  for entry in manifest["arms"]:
+    if entry["arm"] == "lr=3e-3":
+      entry["overrides"]["train.warmup_steps"] = 0
+  (sweep / "manifest.json").write_text(json.dumps(manifest))
+  md = rp.report("baseline", runs_dir, out, groups=["lr"]).read_text()
+  assert _table_row(md, "lr=3e-3")[header.index("valid loss")] == "not run"
+
+
+def test_curves_are_stored_in_results_json(runs_dir, tmp_path):
+  out = tmp_path / "results"
+  rp.report("baseline", runs_dir, out)
+  rows = {row["arm"]: row for row in json.loads((out / "results.json").read_text())["groups"][0]["arms"]}
+  valid = rows["lr=1e-3"]["curves"]["valid"]
+  assert valid["step"] == EVAL_STEPS
+  np.testing.assert_allclose(valid["mean"][-1], np.mean([FINAL[("lr=1e-3", s)][0] for s in range(3)]),
+                             atol=1e-5)  # rounded to 5 decimals
+  np.testing.assert_allclose(valid["min"][-1], 1.90)
+  assert rows["lr=1e-2"]["curves"] is None
