@@ -3,7 +3,7 @@
   research list
   research run NAME[:ARG] [--config.key=value ...] [--workdir DIR] [--data_dir DIR]
   research sweep NAME [--group G] [--seeds N] [--arg ARG] [--arms A,B] [--runs_dir DIR]
-                      [--config.key=value ...]
+                      [--skip_reported] [--config.key=value ...]
   research report NAME [--group G] [--runs_dir DIR] [--out DIR]
   research data list | fetch CORPUS
 
@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--arms", help="comma-separated arm names to run (default: all)")
   s.add_argument("--runs_dir", default="runs")
   s.add_argument("--data_dir")
+  s.add_argument("--skip_reported", action="store_true",
+                 help="skip arms that experiments/NAME/results/results.json already reports "
+                      "with every seed (the same overrides and argument)")
   rep = sub.add_parser("report", help="tables and plots from a sweep's runs")
   rep.add_argument("name")
   rep.add_argument("--group", action="append", help="only this group (repeatable)")
@@ -101,7 +104,8 @@ def cmd_sweep(args, overrides) -> None:
   from research.sweep import run_sweep
   arms = [a for a in args.arms.split(",") if a] if args.arms else None
   path = run_sweep(args.name, group=args.group, seeds=args.seeds, arg=args.arg, arms=arms,
-                   runs_dir=args.runs_dir, overrides=overrides, data_dir=args.data_dir)
+                   runs_dir=args.runs_dir, overrides=overrides, data_dir=args.data_dir,
+                   skip_reported=args.skip_reported)
   print(f"sweep finished: {path}")
 
 

@@ -301,6 +301,16 @@ def _rounded(values: np.ndarray) -> list[float | None]:
   return [round(float(v), 5) if math.isfinite(v) else None for v in values]
 
 
+# Override keys that do not change what a run computes (where the corpora are, the progress
+# bar): two arms whose overrides differ only in these are the same arm.
+INERT_OVERRIDES = frozenset({"data.data_dir", "train.progress"})
+
+
+def same_overrides(a: dict | None, b: dict | None) -> bool:
+  strip = lambda o: {k: v for k, v in (o or {}).items() if k not in INERT_OVERRIDES}  # noqa: E731
+  return strip(a) == strip(b)
+
+
 def _carry_over(group: dict, previous: dict | None, date: str) -> None:
   """Keeps the numbers of arms whose runs are not in this runs directory.
 
@@ -316,8 +326,9 @@ def _carry_over(group: dict, previous: dict | None, date: str) -> None:
   old_rows = {row["arm"]: row for row in previous.get("arms", [])}
   for i, row in enumerate(group["arms"]):
     old = old_rows.get(row["arm"])
-    if (row["seeds_finished"] == 0 and row["status"] != "running" and old
-        and old.get("seeds_finished") and old.get("overrides") == row["overrides"]):
+    if (row["seeds_finished"] == 0 and not row["diverged"] and row["status"] != "running"
+        and old and (old.get("seeds_finished") or old.get("diverged"))
+        and same_overrides(old.get("overrides"), row["overrides"])):
       group["arms"][i] = {**old, "date": old.get("date", previous.get("date")), "carried": True}
 
 

@@ -6,6 +6,11 @@ running, done, failed), also when `--arms` runs only some of them. A finished ru
 (summary.json present) is skipped; an interrupted one resumes from its checkpoint, so
 re-running the same sweep command continues where it stopped.
 
+With `skip_reported`, arms that the experiment's committed results (results/results.json,
+written by `research report`) already hold with every seed, under the same overrides and
+argument, are not trained: a table half measured in one place is finished in another without
+its runs, and the report carries those rows over.
+
 Groups of one experiment often share arms (the baseline of one table is the pre-norm arm of
 another). Before training an (arm, seed), the sweep looks for a finished run of the same
 experiment whose resolved config is the same (`same_config`); if there is one, the manifest
@@ -22,6 +27,7 @@ from typing import Any
 
 from research import config as config_lib
 from research import experiments
+from research import report as report_lib
 from research.train.trainer import Trainer, config_differences
 
 # Keys that do not change what a run computes: where the corpora live, the progress bar, and
@@ -36,7 +42,8 @@ def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
 def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
               arg: str | None = None, arms: list[str] | None = None,
               runs_dir: str | Path = "runs", overrides: dict[str, Any] | None = None,
-              data_dir: str | None = None, log=print) -> Path:
+              data_dir: str | None = None, skip_reported: bool = False,
+              results_dir: str | Path | None = None, log=print) -> Path:
   """Runs (or continues) a sweep group; returns the manifest path. Raises if an arm failed.
 
   `arg` replaces the sweep's experiment argument (e.g. "scale=smoke" to check a table end to
@@ -80,6 +87,14 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
     if (root / e["workdir"] / "summary.json").exists():
       e["status"] = "done"
   save()
+  if skip_reported:
+    results_dir = (experiments.experiments_dir() / name / "results" if results_dir is None
+                   else Path(results_dir))
+    for arm_name, date in reported_arms(results_dir, group, arg, entries, seeds).items():
+      if arm_name in selected:
+        selected.discard(arm_name)
+        log(f"{arm_name}: all {seeds} seeds reported in {results_dir / 'results.json'} "
+            f"({date}), skipped")
   failed = []
   todo = [e for e in entries if e["arm"] in selected]
   for i, e in enumerate(todo):
@@ -118,6 +133,27 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   if failed:
     raise RuntimeError(f"sweep {name}/{group}: {len(failed)} run(s) failed: {', '.join(failed)}")
   return path
+
+
+def reported_arms(results_dir: Path, group: str, arg: str, entries: list[dict],
+                  seeds: int) -> dict[str, str]:
+  """Arm -> date, for the arms of `entries` that results.json reports with `seeds` finished
+  seeds under the same overrides (those of seed 0) and experiment argument."""
+  path = Path(results_dir) / "results.json"
+  if not path.is_file():
+    return {}
+  data = json.loads(path.read_text())
+  stored = next((g for g in data.get("groups", []) if g.get("group") == group), None)
+  if stored is None or stored.get("arg") != arg:
+    return {}
+  rows = {row["arm"]: row for row in stored.get("arms", [])}
+  out = {}
+  for e in entries:
+    row = rows.get(e["arm"])
+    if (e["seed"] == 0 and row and row.get("seeds_finished", 0) + row.get("diverged", 0) >= seeds
+        and report_lib.same_overrides(row.get("overrides"), e["overrides"])):
+      out[e["arm"]] = row.get("date") or stored.get("date") or data.get("date", "")
+  return out
 
 
 def same_config(run_config: dict, config) -> bool:

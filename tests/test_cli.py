@@ -102,6 +102,29 @@ def test_sweep_reuses_a_finished_twin_from_another_group(tmp_path, capsys):
   assert table3["group"] == "table3" and rows["baseline"]["seeds_finished"] == 1
 
 
+@pytest.mark.needs_data
+def test_sweep_skips_arms_already_reported(tmp_path):
+  """--skip_reported: arms that results.json holds with every seed are not trained again."""
+  from research import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
+  arg = "scale=smoke,corpus=tinyshakespeare"
+  results = tmp_path / "results"
+  results.mkdir()
+  row = {"arm": "lr=3e-4", "seeds_finished": 1, "diverged": 0, "date": "2026-01-02",
+         "overrides": {"train.lr": 3e-4, "seed": 0}}
+  (results / "results.json").write_text(json.dumps(
+      {"experiment": "baseline", "date": "2026-01-02",
+       "groups": [{"group": "lr", "arg": arg, "arms": [row]}]}))
+  lines = []
+  path = sweep_lib.run_sweep("baseline", group="lr", seeds=1, arg=arg, arms=["lr=3e-4", "lr=1e-3"],
+                             runs_dir=tmp_path / "runs", overrides={"train.progress": False},
+                             skip_reported=True, results_dir=results, log=lines.append)
+  assert any("lr=3e-4: all 1 seeds reported" in line and "2026-01-02" in line for line in lines)
+  assert not (tmp_path / "runs" / "baseline" / "lr" / "lr=3e-4").exists()
+  assert (tmp_path / "runs" / "baseline" / "lr" / "lr=1e-3" / "seed0" / "summary.json").is_file()
+  entries = {e["arm"]: e["status"] for e in json.loads(path.read_text())["arms"]}
+  assert entries == {"lr=3e-4": "pending", "lr=3e-3": "pending", "lr=1e-3": "done"}
+
+
 def test_list_shows_experiments(capsys):
   code, out, _ = run(capsys, "list")
   assert code == 0
