@@ -116,6 +116,11 @@ def default_config() -> ml_collections.ConfigDict:
   d.tokenizer = "char"  # bytes | char | gpt2
   d.data_dir = ""  # '' -> $RESEARCH_DATA_DIR
   d.seq_len = 64
+  # a text corpus's training windows replaced, with this probability, by passkey prompts with
+  # their answers (research/data/passkey.py), 1..passkey_keys needles each; 0: plain text
+  d.passkey_mix = 0.0
+  d.passkey_keys = 1
+  d.passkey_key_len = 5
   # corpus mqar | facts (research/data/synthetic.py; tokenizer "synthetic"): sizes of the tasks
   d.synthetic = ml_collections.ConfigDict(dict(
       num_keys=128, num_values=128,  # MQAR key / value vocabularies (facts use the values too)

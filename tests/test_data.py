@@ -255,6 +255,63 @@ def test_train_iterator_resumes_exactly():
   assert "batch_size" in _one_line(err)
 
 
+MIX_TEXT = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to "
+            "suffer the slings and arrows of outrageous fortune. ") * 40
+
+
+def _mix_iterator(rate, seed=1, batch_size=8, seq_len=256, max_keys=3):
+  from research.data import passkey  # pylint: disable=import-outside-toplevel
+  tok = data.CharTokenizer(MIX_TEXT + passkey.NEEDLE + passkey.MULTI_NEEDLE
+                           + passkey.MULTI_QUESTION + "".join(passkey.NAMES) + "0123456789?")
+  stream = tok.encode(MIX_TEXT).astype(np.int32)
+  mix = data.PasskeyMix(rate, tok, max_keys=max_keys)
+  return tok, data.make_train_iterator(stream, seq_len=seq_len, batch_size=batch_size,
+                                       seed=seed, mix=mix)
+
+
+def test_passkey_mix_replaces_windows_with_answered_prompts():
+  """About `rate` of the windows become prompts whose last tokens answer their question."""
+  tok, it = _mix_iterator(0.3)
+  rows = [row for batch in _batches(it, 40) for row in np.concatenate(
+      [batch["inputs"], batch["targets"][:, -1:]], axis=1)]  # whole windows [seq_len + 1]
+  texts = [tok.decode(row) for row in rows]
+  prompts = [t for t in texts if "The pass key" in t]
+  assert 0.2 < len(prompts) / len(texts) < 0.4, len(prompts)
+  multi = 0
+  for text in prompts:
+    key = text[-6:-1]  # the answer " <5 digits>." ends the window
+    assert text.endswith(f" is {key}.") and key.isdigit(), text
+    if "pass key of" in text:  # asks one name's key among several needles
+      multi += 1
+      name = text.rsplit("pass key of ", 1)[1].split(" ", 1)[0]
+      assert f"The pass key of {name} is {key}." in text[:-len(key) - 40]
+    else:
+      assert text.count(key) == 3  # twice in the needle, once as the answer
+  assert 0 < multi < len(prompts)  # 1..3 needles drawn per prompt
+
+
+def test_passkey_mix_is_reproducible_and_resumes_exactly():
+  _, first = _mix_iterator(0.5)
+  uninterrupted = _batches(first, 30)
+  _, again = _mix_iterator(0.5)
+  _assert_same(_batches(again, 30), uninterrupted)
+  _, part = _mix_iterator(0.5)
+  _batches(part, 11)
+  state = json.loads(json.dumps(part.get_state()))
+  _, resumed = _mix_iterator(0.5)
+  resumed.set_state(state)
+  _assert_same(_batches(resumed, 5), uninterrupted[11:16])
+  _, other = _mix_iterator(0.25)  # another mix is another data order: refused
+  with pytest.raises(data.DataError, match="passkey_mix"):
+    other.set_state(state)
+  _, none = _mix_iterator(0.0)  # rate 0 is the plain text iterator
+  assert "passkey_mix" not in none.get_state()["settings"]
+  with pytest.raises(data.DataError, match=r"passkey_mix must be in \[0, 1\)"):
+    _mix_iterator(1.0)
+  with pytest.raises(data.DataError, match="cannot hold a passkey prompt with 3 needle"):
+    _mix_iterator(0.5, seq_len=100)
+
+
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_process_shards_are_disjoint_and_cover_each_epoch(process_count):
   tokens = np.arange(1000, dtype=np.int32)  # token value == position: inputs[:, 0] is the start

@@ -31,7 +31,8 @@ def get_config(arg: str = ""):
   m.attention.rope_theta = 10000.0
   f.gamma, f.tau, f.mode, f.impl = 0.9, 0.1, "flex", "auto"
   if scale == "smoke":
-    c.data.seq_len = 64
+    c.data.seq_len = 128  # room for a 2-needle passkey prompt: the smoke run mixes them in too
+    c.data.passkey_mix, c.data.passkey_keys = 0.5, 2
     f.block_size, f.min_budget = 16, 16
   elif scale == "tiny":
     # The shared tiny width at an 8x longer context, with about the shared tiny run's tokens
@@ -39,6 +40,10 @@ def get_config(arg: str = ""):
     # (--config.data.seq_len=1024; longer attention per token, see README.md).
     m.num_kv_heads = 2  # GQA, so the per-query-head patterns meet shared KV tiles
     c.data.seq_len = 512
+    # Half the training windows are passkey prompts with their answers (1-4 needles,
+    # research/data/passkey.py): a model trained on plain text never learns to retrieve, and
+    # retrieval accuracy is what FlexPrefill must preserve.
+    c.data.passkey_mix, c.data.passkey_keys = 0.5, 4
     t.batch_size, t.steps, t.warmup_steps = 4, 800, 50
     t.log_every, t.checkpoint_every = 50, 200
     c.eval.every, c.eval.batches = 200, 8

@@ -5,7 +5,7 @@ from research.data.corpora import (
     DataError, cache_dir, fetch_corpus, list_corpora, load_corpus, normalise_title,
     resolve_data_dir, shakespeare_manifest)
 from research.data.pipeline import (
-    TokenizedCorpus, TrainIterator, epoch_windows, load_tokenized, make_train_iterator,
+    PasskeyMix, TokenizedCorpus, TrainIterator, epoch_windows, load_tokenized, make_train_iterator,
     make_valid_batches)
 from research.data.tokenizers import (
     TOKENIZERS, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, get_tokenizer)
@@ -14,7 +14,7 @@ __all__ = [
     "CACHE_DIR_ENV", "DATA_DIR_ENV", "ChecksumError", "Corpus", "CorpusInfo",
     "CorpusNotFoundError", "DataError", "cache_dir", "fetch_corpus", "list_corpora",
     "load_corpus", "normalise_title", "resolve_data_dir", "shakespeare_manifest",
-    "TokenizedCorpus", "TrainIterator", "epoch_windows", "load_tokenized", "make_train_iterator",
+    "PasskeyMix", "TokenizedCorpus", "TrainIterator", "epoch_windows", "load_tokenized", "make_train_iterator",
     "make_valid_batches", "TOKENIZERS", "ByteTokenizer", "CharTokenizer", "GPT2Tokenizer",
     "Tokenizer", "get_tokenizer",
 ]

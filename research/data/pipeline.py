@@ -14,6 +14,11 @@ a window of seq_len + 1 consecutive tokens (targets = inputs shifted by one). Ea
      processes never share a window and together cover the epoch (n is cut to a multiple of P);
   4. batches run on across epoch boundaries (repeat before batch), like nanoGPT's sampling.
 
+  5. with a mix (`data.passkey_mix` > 0: `PasskeyMix`), each window is replaced, with that
+     probability, by a passkey prompt and its answer (research/data/passkey.py) whose haystack
+     is cut from the train stream; the coin and the prompt are drawn from (seed, epoch,
+     window), so the mix is as reproducible as the text.
+
 All of it is index arithmetic in grain `MapDataset`s, so batch k is a pure function of
 (seed, k, shapes): the iterator's state is just its position, which `get_state` returns as a
 JSON-serialisable dict and `set_state` restores exactly. No worker processes or threads are used.
@@ -111,6 +116,47 @@ def epoch_windows(num_tokens: int, seq_len: int, process_count: int = 1) -> int:
   return (n // process_count) * process_count
 
 
+@dataclasses.dataclass(frozen=True)
+class PasskeyMix:
+  """Training windows replaced by passkey prompts + answers (research/data/passkey.py)."""
+
+  rate: float  # probability that a window is a passkey prompt, in [0, 1)
+  tokenizer: Tokenizer
+  max_keys: int = 1  # needles per prompt drawn from 1..max_keys (> 1: the multi-key task)
+  key_len: int = 5
+
+  def __post_init__(self):
+    if not 0.0 <= self.rate < 1.0:
+      raise DataError(f"data.passkey_mix must be in [0, 1), got {self.rate}")
+    if self.max_keys < 1 or self.key_len < 1:
+      raise DataError(f"data.passkey_keys ({self.max_keys}) and data.passkey_key_len "
+                      f"({self.key_len}) must be positive")
+
+  def settings(self) -> dict:
+    return {"passkey_mix": float(self.rate), "passkey_keys": int(self.max_keys),
+            "passkey_key_len": int(self.key_len)}
+
+  def check(self, filler: np.ndarray, window: int) -> None:
+    """Fails now, not mid-training, when a prompt with max_keys needles cannot fit a window."""
+    from research.data import passkey  # pylint: disable=import-outside-toplevel
+    try:
+      passkey.training_window(self.tokenizer, filler, window, np.random.default_rng(0),
+                              key_len=self.key_len, num_keys=self.max_keys)
+    except ValueError as e:
+      raise DataError(f"data.passkey_mix: a window of seq_len + 1 = {window} tokens cannot hold "
+                      f"a passkey prompt with {self.max_keys} needle(s) ({e}): raise "
+                      "data.seq_len or lower data.passkey_keys") from None
+
+  def window(self, filler: np.ndarray, window: int, seed: int, epoch: int, index: int):
+    """The passkey window replacing window `index` of `epoch`, or None (drawn from the three)."""
+    from research.data import passkey  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng([seed, epoch, index])
+    if rng.random() >= self.rate:
+      return None
+    return passkey.training_window(self.tokenizer, filler, window, rng, max_keys=self.max_keys,
+                                   key_len=self.key_len)
+
+
 class TrainIterator:
   """Infinite iterator of train batches with `get_state()` / `set_state()`.
 
@@ -146,11 +192,12 @@ class TrainIterator:
 
 def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        aligned: bool = False) -> TrainIterator:
+                        aligned: bool = False, mix: PasskeyMix | None = None) -> TrainIterator:
   """Batches {"inputs", "targets"}: int32 [batch_size, seq_len] (batch_size per process).
 
   `aligned`: the stream is whole instances of seq_len + 1 tokens (a synthetic task), so every
-  epoch's window grid starts at 0 instead of a random offset.
+  epoch's window grid starts at 0 instead of a random offset. `mix`: passkey windows mixed in
+  (step 5 of the module docstring).
   """
   _check_positive(seq_len=seq_len, batch_size=batch_size)
   _check_process(process_index, process_count)
@@ -176,22 +223,36 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
   ds = grain.MapDataset.range(n).map_with_index(lambda g, j: (g // n, j))
   ds = ds.shuffle(seed=shuffle_seed)  # a different permutation each epoch
   ds = ds[process_index::process_count]  # n / P windows per process and epoch, disjoint
-  ds = ds.map(lambda ej: epoch_offset(ej[0]) + ej[1] * window)  # window start
+  # (window start, epoch, window index): the last two name the window for the passkey mix
+  ds = ds.map(lambda ej: (epoch_offset(ej[0]) + ej[1] * window, ej[0], ej[1]))
   ds = ds.repeat()  # forever; batches may span epochs
   ds = ds.batch(batch_size, drop_remainder=True,
-                batch_fn=lambda starts: np.asarray(starts, dtype=np.int64))
+                batch_fn=lambda rows: np.asarray(rows, dtype=np.int64))  # [batch, 3]
   columns = np.arange(window)
   tokens32 = tokens.astype(np.int32, copy=False)
+  mix_seed = _derive_seed(seed, 2)
 
-  def gather(starts: np.ndarray) -> dict[str, np.ndarray]:
-    windows = tokens32[starts[:, None] + columns[None, :]]  # [batch, seq_len + 1]
+  def gather(rows: np.ndarray) -> dict[str, np.ndarray]:
+    windows = tokens32[rows[:, :1] + columns[None, :]]  # [batch, seq_len + 1]
+    if mix is not None:
+      for r, (_, epoch, index) in enumerate(rows):
+        replaced = mix.window(tokens32, window, mix_seed, int(epoch), int(index))
+        if replaced is not None:
+          windows[r] = replaced
     return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
   settings = dict(seq_len=seq_len, batch_size=batch_size, seed=int(seed), num_tokens=len(tokens),
                   process_index=process_index, process_count=process_count)
   if aligned:  # only when set, so text runs' saved iterator states still match
     settings["aligned"] = True
-  return TrainIterator(ds.map(gather), settings, epoch_offset, lambda k: ds[k])
+  if mix is not None and mix.rate > 0:
+    if aligned:
+      raise DataError("data.passkey_mix needs a text corpus, not a synthetic task")
+    mix.check(tokens32, window)
+    settings.update(mix.settings())
+  else:
+    mix = None
+  return TrainIterator(ds.map(gather), settings, epoch_offset, lambda k: ds[k][:, 0])
 
 
 # ----------------------------------------------------------------------------- valid batches

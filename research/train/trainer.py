@@ -225,9 +225,14 @@ class Trainer:
     step_fn = jax.jit(make_train_step(graphdef, tx, schedule, c), donate_argnums=0,
                       out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     pi, pc = jax.process_index(), jax.process_count()
+    mix = None
+    if c.data.passkey_mix > 0:
+      mix = data_lib.PasskeyMix(c.data.passkey_mix, corpus.tokenizer, c.data.passkey_keys,
+                                c.data.passkey_key_len)
     train_iter = data_lib.make_train_iterator(
         corpus.train, seq_len=c.data.seq_len, batch_size=t.batch_size // pc, seed=c.seed,
-        process_index=pi, process_count=pc, aligned=getattr(corpus, "task", None) is not None)
+        process_index=pi, process_count=pc, aligned=getattr(corpus, "task", None) is not None,
+        mix=mix)
     e = c.eval
     valid_batches = data_lib.make_valid_batches(
         corpus.valid, seq_len=c.data.seq_len, batch_size=e.batch_size // pc,
