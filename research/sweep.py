@@ -11,10 +11,11 @@ written by `research report`) already hold with every seed, under the same overr
 argument, are not trained: a table half measured in one place is finished in another without
 its runs, and the report carries those rows over.
 
-Groups of one experiment often share arms (the baseline of one table is the pre-norm arm of
-another). Before training an (arm, seed), the sweep looks for a finished run of the same
-experiment whose resolved config is the same (`same_config`); if there is one, the manifest
-entry points at it (`"reused": "<group>/<arm>/seed<k>"`) and nothing is trained twice.
+Groups often share arms (the baseline of one table is the pre-norm arm of another; two papers
+at the same shape share their baseline). Before training an (arm, seed), the sweep looks for a
+finished run in the runs directory whose resolved config is the same (`same_config`); if there
+is one, the manifest entry points at it (`"reused": "<experiment>/<group>/<arm>/seed<k>"`) and
+nothing is trained twice.
 """
 
 from __future__ import annotations
@@ -108,10 +109,10 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
     try:
       config = experiments.get_config(f"{name}:{arg}", ov)
       twin = None if (root / e["workdir"]).exists() else find_finished_twin(
-          Path(runs_dir) / name, config, exclude=root / e["workdir"])
+          Path(runs_dir), config, exclude=root / e["workdir"])
       if twin is not None:  # the same run, finished in another group: point at it
         e.update(workdir=os.path.relpath(twin, root), status="done",
-                 reused=twin.relative_to(Path(runs_dir) / name).as_posix())
+                 reused=twin.relative_to(Path(runs_dir)).as_posix())
         log(f"{tag}: same config as {e['reused']}, reused")
         save()
         continue
@@ -157,14 +158,17 @@ def reported_arms(results_dir: Path, group: str, arg: str, entries: list[dict],
 
 
 def same_config(run_config: dict, config) -> bool:
-  """Whether a run on disk (its config.json's "config") computes what `config` would."""
-  resolved = config_lib.resolve(config).to_dict()
+  """Whether a run on disk (its config.json's "config") computes what `config` would (a
+  ConfigDict, or the dict of an already resolved one)."""
+  resolved = config if isinstance(config, dict) else config_lib.resolve(config).to_dict()
   return not [k for k in config_differences(run_config, resolved) if k not in _IRRELEVANT_KEYS]
 
 
-def find_finished_twin(experiment_root: Path, config, exclude: Path | None = None) -> Path | None:
-  """A finished run under `<runs_dir>/<experiment>/` whose config is `config`, or None."""
-  for summary in sorted(Path(experiment_root).glob("*/*/seed*/summary.json")):
+def find_finished_twin(runs_dir: Path, config, exclude: Path | None = None) -> Path | None:
+  """A finished sweep run under `<runs_dir>/<experiment>/<group>/<arm>/seed<k>/` (any
+  experiment: two papers' baselines are often the same model) whose config is `config`."""
+  resolved = config_lib.resolve(config).to_dict()
+  for summary in sorted(Path(runs_dir).glob("*/*/*/seed*/summary.json")):
     workdir = summary.parent
     if exclude is not None and workdir.resolve() == Path(exclude).resolve():
       continue
@@ -172,6 +176,6 @@ def find_finished_twin(experiment_root: Path, config, exclude: Path | None = Non
       run_config = json.loads((workdir / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
       continue
-    if same_config(run_config, config):
+    if same_config(run_config, resolved):
       return workdir
   return None
