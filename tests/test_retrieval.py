@@ -81,6 +81,13 @@ def test_exact_match():
   assert not retrieval.exact_match(" 40127", "40172")
 
 
+def test_key_char_accuracy_counts_matching_positions():
+  assert retrieval.key_char_accuracy(" 40172. Remember", "40172") == 1.0
+  assert retrieval.key_char_accuracy(" 40127", "40172") == pytest.approx(3 / 5)
+  assert retrieval.key_char_accuracy(" 401", "40172") == pytest.approx(3 / 5)  # short: misses
+  assert retrieval.key_char_accuracy("", "40172") == 0.0
+
+
 @pytest.fixture(scope="module")
 def byte_model():
   c = config_lib.default_config()
@@ -102,7 +109,8 @@ def test_retrieval_eval_end_to_end(byte_model):
     res = retrieval.retrieval_eval(model, tok, filler(tok), lengths=[160], num_examples=2,
                                    num_keys=2, batch_size=2)
     assert res["task"] == "multikey2" and set(res["lengths"]) == {160}
-    assert 0.0 <= res["accuracy"] <= 1.0
+    assert 0.0 <= res["accuracy"] <= res["char_accuracy"] <= 1.0
+    assert res["chance"] == pytest.approx(1 / 10)  # bytes encode the digits
     for v in res["lengths"].values():
       assert v["examples"] == 2 and 0 <= v["correct"] <= 2
       assert (v["density"] is not None) == sparse_prefill

@@ -102,10 +102,12 @@ def markdown(results: list[dict]) -> str:
   lengths = first["lengths"]
   head = (["arm", "group", "density (ppl)", "density (passkey)"]
           + [f"passkey@{n}" for n in lengths] + [f"multikey@{n}" for n in lengths]
-          + ["ppl", "Δppl vs dense", "rel Δppl"])
+          + ["passkey chars", "multikey chars", "ppl", "Δppl vs dense", "rel Δppl"])
   lines = [f"FlexPrefill evaluation: {len(results)} run(s), context {first['context']}, "
            f"continuation {first['arms']['dense']['ppl']['continuation_len']} tokens; density "
-           "= fraction of causal blocks computed (mean over layers, heads, prompts).", "",
+           "= fraction of causal blocks computed (mean over layers, heads, prompts); chars = "
+           "fraction of key characters right, mean over lengths (chance "
+           f"{first['arms']['dense']['passkey'].get('chance', float('nan')):.3f}).", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for name, arm in first["arms"].items():
     per = [r["arms"][name] for r in results]
@@ -113,6 +115,8 @@ def markdown(results: list[dict]) -> str:
     row = [name, arm["group"], _mean_std([p["ppl"]["density"] for p in per]), _mean_std(longest)]
     row += [_mean_std([p["passkey"]["lengths"][n]["accuracy"] for p in per]) for n in lengths]
     row += [_mean_std([p["multikey"]["lengths"][n]["accuracy"] for p in per]) for n in lengths]
+    row += [_mean_std([p[task].get("char_accuracy") for p in per])
+            for task in ("passkey", "multikey")]
     row += [_mean_std([p["ppl"]["ppl"] for p in per]),
             _mean_std([p["ppl"].get("delta_ppl") for p in per]),
             _mean_std([p["ppl"].get("rel_ppl") for p in per])]
