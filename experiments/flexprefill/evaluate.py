@@ -8,7 +8,8 @@
 For every run directory (one per seed) and every arm of sweep.eval_arms() (prefill overrides
 on the run's own parameters; "dense" always runs first, as the reference):
   * passkey and multi-key retrieval accuracy (research/eval/retrieval.py) per prompt length
-    (default: the training context and its half), greedy, exact match;
+    (default: the training context and its half), greedy, exact match, and the fraction
+    of key characters right (a graded score; its chance level is in the table's caption);
   * perplexity of the last `continuation` tokens of validation windows of the training context
     after prefilling the rest (research/eval/long_ppl.py), and its change against dense;
   * density: the fraction of causal blocks the sparse prefill computed, on the perplexity
