@@ -35,6 +35,20 @@ from research.train.trainer import Trainer, config_differences
 # the vocabulary size (0 in a config means "the tokenizer's", filled in when the run starts).
 _IRRELEVANT_KEYS = frozenset({"data.data_dir", "train.progress", "model.vocab_size"})
 
+# Settings of a component that only the selected component reads: (switch key, {switch value:
+# key prefix read only under that value}). While the switch has another value, keys under the
+# prefix change nothing (a dense-FFN run's `model.channel.moe.*` is never read), so two runs
+# that differ only there are twins. `attention.prefill` is inference-only, but the trained run
+# is what evaluation loads, so only the FlexPrefill settings of a dense-prefill run are inert.
+_SWITCHED_SETTINGS = (
+    ("model.channel.kind", {"moe": "model.channel.moe.",
+                            "ultramem": "model.channel.ultramem.",
+                            "ultramem_v2": "model.channel.ultramem_v2."}),
+    ("model.attention.prefill", {"flexprefill": "model.attention.flexprefill."}),
+    ("model.head.kind", {"mtp": "model.head.mtp_weight"}),
+)
+_SYNTHETIC_TASKS = ("mqar", "facts")  # research/data/synthetic.py TASKS: read data.synthetic
+
 
 def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
   return Path(runs_dir) / experiment / group / "manifest.json"
@@ -161,7 +175,27 @@ def same_config(run_config: dict, config) -> bool:
   """Whether a run on disk (its config.json's "config") computes what `config` would (a
   ConfigDict, or the dict of an already resolved one)."""
   resolved = config if isinstance(config, dict) else config_lib.resolve(config).to_dict()
-  return not [k for k in config_differences(run_config, resolved) if k not in _IRRELEVANT_KEYS]
+  inert = inert_prefixes(resolved)
+  return not [k for k in config_differences(run_config, resolved)
+              if k not in _IRRELEVANT_KEYS and not k.startswith(inert)]
+
+
+def inert_prefixes(config: dict) -> tuple[str, ...]:
+  """Key prefixes of `config` (a resolved config's dict) that its run never reads: the settings
+  of components it does not select (_SWITCHED_SETTINGS), and the synthetic-task sizes of a
+  text corpus. A difference in a switch itself is never inert."""
+  def get(dotted):
+    d = config
+    for k in dotted.split("."):
+      d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+  out = []
+  for switch, read_by in _SWITCHED_SETTINGS:
+    out += [prefix for value, prefix in read_by.items() if get(switch) != value]
+  if get("data.corpus") not in _SYNTHETIC_TASKS:
+    out.append("data.synthetic.")
+  return tuple(out)
 
 
 def find_finished_twin(runs_dir: Path, config, exclude: Path | None = None) -> Path | None:

@@ -185,3 +185,30 @@ def test_data_list(capsys):
   assert code == 0
   for name in ("tinyshakespeare", "wikitext2", "shakespeare"):
     assert name in out
+
+
+def test_twin_configs_ignore_settings_of_unselected_components():
+  """A dense-FFN run never reads model.channel.moe.*: two such runs differing only there are
+  twins (UltraMemV2's dense arm is UltraMem's), while the same difference under an MoE, or a
+  difference in the switch itself, is not."""
+  from research import config as config_lib, sweep  # pylint: disable=import-outside-toplevel
+
+  def resolved(**overrides):
+    c = config_lib.default_config()
+    for key, value in overrides.items():
+      node = c
+      *path, last = key.split("__")
+      for k in path:
+        node = node[k]
+      node[last] = value
+    return config_lib.resolve(c).to_dict()
+
+  dense_a = resolved(model__channel__moe__num_experts=8)
+  dense_b = resolved(model__channel__moe__num_experts=32, data__synthetic__pairs=8)
+  assert sweep.same_config(dense_a, dense_b) and sweep.same_config(dense_b, dense_a)
+  moe_a = resolved(model__channel__kind="moe", model__channel__moe__num_experts=8)
+  moe_b = resolved(model__channel__kind="moe", model__channel__moe__num_experts=32)
+  assert not sweep.same_config(moe_a, moe_b)
+  assert not sweep.same_config(dense_a, moe_a)  # the switch differs
+  assert not sweep.same_config(dense_a, resolved(model__channel__d_ff=64))  # a setting it reads
+  assert "model.channel.moe." not in sweep.inert_prefixes(moe_a)
