@@ -199,6 +199,15 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def get_dotted(d: dict, dotted: str, missing=None):
+  """The value at a dotted key of a nested dict (a config's `to_dict()`), or `missing`."""
+  for k in dotted.split("."):
+    if not isinstance(d, dict) or k not in d:
+      return missing
+    d = d[k]
+  return d
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> None:
   """Sets dotted keys in place; unknown keys and type mismatches raise ConfigError."""
   valid = flat_keys(config)

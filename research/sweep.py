@@ -29,6 +29,7 @@ from typing import Any
 from research import config as config_lib
 from research import experiments
 from research import report as report_lib
+from research.data import synthetic
 from research.train.trainer import Trainer, config_differences
 
 # Keys that do not change what a run computes: where the corpora live, the progress bar, and
@@ -47,7 +48,6 @@ _SWITCHED_SETTINGS = (
     ("model.attention.prefill", {"flexprefill": "model.attention.flexprefill."}),
     ("model.head.kind", {"mtp": "model.head.mtp_weight"}),
 )
-_SYNTHETIC_TASKS = ("mqar", "facts")  # research/data/synthetic.py TASKS: read data.synthetic
 
 
 def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
@@ -184,16 +184,11 @@ def inert_prefixes(config: dict) -> tuple[str, ...]:
   """Key prefixes of `config` (a resolved config's dict) that its run never reads: the settings
   of components it does not select (_SWITCHED_SETTINGS), and the synthetic-task sizes of a
   text corpus. A difference in a switch itself is never inert."""
-  def get(dotted):
-    d = config
-    for k in dotted.split("."):
-      d = d.get(k) if isinstance(d, dict) else None
-    return d
-
   out = []
   for switch, read_by in _SWITCHED_SETTINGS:
-    out += [prefix for value, prefix in read_by.items() if get(switch) != value]
-  if get("data.corpus") not in _SYNTHETIC_TASKS:
+    selected = config_lib.get_dotted(config, switch)
+    out += [prefix for value, prefix in read_by.items() if selected != value]
+  if config_lib.get_dotted(config, "data.corpus") not in synthetic.TASKS:
     out.append("data.synthetic.")
   return tuple(out)
 

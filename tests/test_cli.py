@@ -193,22 +193,18 @@ def test_twin_configs_ignore_settings_of_unselected_components():
   difference in the switch itself, is not."""
   from research import config as config_lib, sweep  # pylint: disable=import-outside-toplevel
 
-  def resolved(**overrides):
+  def resolved(overrides):
     c = config_lib.default_config()
-    for key, value in overrides.items():
-      node = c
-      *path, last = key.split("__")
-      for k in path:
-        node = node[k]
-      node[last] = value
+    config_lib.apply_overrides(c, overrides)
     return config_lib.resolve(c).to_dict()
 
-  dense_a = resolved(model__channel__moe__num_experts=8)
-  dense_b = resolved(model__channel__moe__num_experts=32, data__synthetic__pairs=8)
+  moe = "model.channel.moe.num_experts"
+  dense_a = resolved({moe: 8})
+  dense_b = resolved({moe: 32, "data.synthetic.pairs": 8})
   assert sweep.same_config(dense_a, dense_b) and sweep.same_config(dense_b, dense_a)
-  moe_a = resolved(model__channel__kind="moe", model__channel__moe__num_experts=8)
-  moe_b = resolved(model__channel__kind="moe", model__channel__moe__num_experts=32)
+  moe_a = resolved({"model.channel.kind": "moe", moe: 8})
+  moe_b = resolved({"model.channel.kind": "moe", moe: 32})
   assert not sweep.same_config(moe_a, moe_b)
   assert not sweep.same_config(dense_a, moe_a)  # the switch differs
-  assert not sweep.same_config(dense_a, resolved(model__channel__d_ff=64))  # a setting it reads
+  assert not sweep.same_config(dense_a, resolved({"model.channel.d_ff": 64}))  # a setting it reads
   assert "model.channel.moe." not in sweep.inert_prefixes(moe_a)

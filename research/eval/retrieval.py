@@ -58,7 +58,8 @@ def retrieval_eval(model, tokenizer, filler: np.ndarray, *, lengths: Sequence[in
   batches) and query_aware (fraction of query-aware heads) are None after a dense prefill.
   """
   rng = np.random.default_rng(seed)
-  max_new = len(tokenizer.encode(" " + key_alphabet(tokenizer)[0] * key_len)) + 2
+  alphabet = key_alphabet(tokenizer)
+  max_new = len(tokenizer.encode(" " + alphabet[0] * key_len)) + 2
   engine = engine or Engine(model, max_len=max(lengths) + max_new)
   out = {"task": "passkey" if num_keys == 1 else f"multikey{num_keys}", "lengths": {}}
   for length in lengths:
@@ -84,5 +85,5 @@ def retrieval_eval(model, tokenizer, filler: np.ndarray, *, lengths: Sequence[in
         "query_aware": float(np.mean(query_aware)) if query_aware else None}
   out["accuracy"] = float(np.mean([v["accuracy"] for v in out["lengths"].values()]))
   out["char_accuracy"] = float(np.mean([v["char_accuracy"] for v in out["lengths"].values()]))
-  out["chance"] = 1.0 / len(key_alphabet(tokenizer))
+  out["chance"] = 1.0 / len(alphabet)
   return out

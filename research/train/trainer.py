@@ -476,21 +476,14 @@ def config_differences(old: dict, new: dict) -> list[str]:
   for k in config_lib.flat_keys(ml_collections.ConfigDict(new)):
     if k == "train.progress":
       continue
-    was, now = _get(old, k, _MISSING), _get(new, k)
+    was, now = config_lib.get_dotted(old, k, _MISSING), config_lib.get_dotted(new, k)
     if was is _MISSING:
-      if now != _get(defaults, k):
+      if now != config_lib.get_dotted(defaults, k):
         diffs.append(k)
     elif was != now:
       diffs.append(k)
   return diffs
 
-
-def _get(d: dict, dotted: str, missing=None):
-  for k in dotted.split("."):
-    if not isinstance(d, dict) or k not in d:
-      return missing
-    d = d[k]
-  return d
 
 
 def train(config, workdir, **kwargs) -> dict:
