@@ -15,7 +15,8 @@ Groups often share arms (the baseline of one table is the pre-norm arm of anothe
 at the same shape share their baseline). Before training an (arm, seed), the sweep looks for a
 finished run in the runs directory whose resolved config is the same (`same_config`); if there
 is one, the manifest entry points at it (`"reused": "<experiment>/<group>/<arm>/seed<k>"`) and
-nothing is trained twice.
+nothing is trained twice. A finished twin is preferred to resuming the arm's own interrupted
+run: the two are the same run, and the twin is already done.
 """
 
 from __future__ import annotations
@@ -122,12 +123,13 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       ov["data.data_dir"] = data_dir
     try:
       config = experiments.get_config(f"{name}:{arg}", ov)
-      twin = None if (root / e["workdir"]).exists() else find_finished_twin(
-          Path(runs_dir), config, exclude=root / e["workdir"])
+      twin = find_finished_twin(Path(runs_dir), config, exclude=root / e["workdir"])
       if twin is not None:  # the same run, finished in another group: point at it
+        partial = root / e["workdir"]
         e.update(workdir=os.path.relpath(twin, root), status="done",
                  reused=twin.relative_to(Path(runs_dir)).as_posix())
-        log(f"{tag}: same config as {e['reused']}, reused")
+        log(f"{tag}: same config as {e['reused']}, reused"
+            + (f" (the interrupted run in {partial} is left as it is)" if partial.exists() else ""))
         save()
         continue
       log(tag)

@@ -82,15 +82,17 @@ def test_sweep_reuses_a_finished_twin_from_another_group(tmp_path, capsys):
             "--config.train.progress=False")
   code, _, err = run(capsys, "sweep", "moda", "--group", "table6", "--arms", "pre_baseline", *common)
   assert code == 0, err
+  interrupted = runs / "moda" / "table3" / "baseline" / "seed0"
+  interrupted.mkdir(parents=True)  # an own run stopped before its first checkpoint
   code, out, err = run(capsys, "sweep", "moda", "--group", "table3", "--arms", "baseline,depth_kv",
                        *common)
   assert code == 0, err
   assert "baseline seed 0: same config as moda/table6/pre_baseline/seed0, reused" in out
+  assert "interrupted run" in out and not any(interrupted.iterdir())  # the twin wins, not a resume
   manifest = json.loads((runs / "moda" / "table3" / "manifest.json").read_text())
   entries = {e["arm"]: e for e in manifest["arms"]}
   assert entries["baseline"]["reused"] == "moda/table6/pre_baseline/seed0"
   assert entries["baseline"]["status"] == entries["depth_kv"]["status"] == "done"
-  assert not (runs / "moda" / "table3" / "baseline").exists()  # nothing trained twice
   assert (runs / "moda" / "table3" / "depth_kv" / "seed0" / "summary.json").is_file()  # no twin
   code, out, _ = run(capsys, "sweep", "moda", "--group", "table3", "--arms", "baseline", *common)
   assert code == 0 and "finished, skipped" in out  # the reuse is remembered
