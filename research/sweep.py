@@ -123,19 +123,19 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       ov["data.data_dir"] = data_dir
     try:
       config = experiments.get_config(f"{name}:{arg}", ov)
-      twin = find_finished_twin(Path(runs_dir), config, exclude=root / e["workdir"])
+      workdir = root / e["workdir"]
+      twin = find_finished_twin(Path(runs_dir), config, exclude=workdir)
       if twin is not None:  # the same run, finished in another group: point at it
-        partial = root / e["workdir"]
         e.update(workdir=os.path.relpath(twin, root), status="done",
                  reused=twin.relative_to(Path(runs_dir)).as_posix())
         log(f"{tag}: same config as {e['reused']}, reused"
-            + (f" (the interrupted run in {partial} is left as it is)" if partial.exists() else ""))
+            + (f" (the interrupted run in {workdir} is left as it is)" if workdir.exists() else ""))
         save()
         continue
       log(tag)
       e["status"] = "running"
       save()
-      Trainer(config, root / e["workdir"], experiment=name, arg=arg, overrides=ov,
+      Trainer(config, workdir, experiment=name, arg=arg, overrides=ov,
               log=log).run()
       e["status"] = "done"
     except KeyboardInterrupt:

@@ -485,7 +485,6 @@ def config_differences(old: dict, new: dict) -> list[str]:
   return diffs
 
 
-
 def train(config, workdir, **kwargs) -> dict:
   """Convenience wrapper: `Trainer(config, workdir, ...).run()`."""
   return Trainer(config, workdir, **kwargs).run()
