@@ -32,9 +32,13 @@ A *sweep* of experiment E, group G lives in ``<runs_dir>/<E>/<G>/manifest.json``
     {"experiment": "baseline", "group": "lr", "arg": "scale=tiny",
      "arms": [{"arm": "lr=1e-3", "seed": 0, "workdir": "<absolute, or relative to the manifest>",
                "overrides": {"train.lr": 0.001}, "paper": {"valid_loss": 1.88} or null,
-               "status": "done" | "running" | "failed" | "pending"}, ...]}
+               "status": "done" | "running" | "failed" | "pending" | "reported"}, ...]}
 
-with one entry per arm x seed; ``paper`` maps a label to the paper's reported number.
+with one entry per arm x seed; ``paper`` maps a label to the paper's reported number. An entry
+may add ``"reused": "<experiment>/<group>/<arm>/seed<k>"`` (its workdir is that run) or
+``"reported": "<experiment>/<group>/<arm>"``: not trained, because that row of
+``experiments/<experiment>/results/results.json`` reports the same config; the report shows
+that row (``_carry_reported``).
 
 How a seed counts: it is *diverged* when any train/valid loss or its summary's valid loss is
 not finite, its summary says so, or its last valid loss is more than ``SPIKE_NATS`` above its
@@ -332,6 +336,51 @@ def _carry_over(group: dict, previous: dict | None, date: str) -> None:
       group["arms"][i] = {**old, "date": old.get("date", previous.get("date")), "carried": True}
 
 
+def _carry_reported(group: dict, arms: list[_Arm], sources: "_ReportedSources") -> None:
+  """Rows of arms the sweep did not train because another table reports the same config
+  (manifest entries with "reported": "<experiment>/<group>/<arm>") take that row's numbers
+  and curves, marked with where and when they were measured."""
+  for i, (row, arm) in enumerate(zip(group["arms"], arms)):
+    source = next((e["reported"] for e in arm.entries if e.get("reported")), None)
+    if source is None or row["seeds_finished"] or row["diverged"] or row["status"] == "running":
+      continue
+    found = sources.row(source)
+    if found is not None:
+      old, date = found
+      group["arms"][i] = {**old, "arm": row["arm"], "overrides": row["overrides"],
+                          "paper": row["paper"], "date": date, "carried": True, "from": source}
+
+
+class _ReportedSources:
+  """Rows by "<experiment>/<group>/<arm>": this report's own groups first (they may have just
+  been recomputed), then the results.json of the experiment they belong to."""
+
+  def __init__(self, experiment: str, own: dict[str, dict], own_previous: dict[str, dict],
+               results_root: str | Path | None = None):
+    self._experiment, self._own, self._previous = experiment, own, own_previous
+    self._root = None if results_root is None else Path(results_root)
+    self._files: dict[str, dict[str, dict]] = {}
+
+  def _groups(self, experiment: str) -> dict[str, dict]:
+    if experiment == self._experiment:
+      return {**self._previous, **self._own}
+    if experiment not in self._files:
+      root = self._root
+      if root is None:
+        from research import experiments  # pylint: disable=import-outside-toplevel
+        root = experiments.experiments_dir()
+      self._files[experiment] = _previous_results(root / experiment / "results", experiment)
+    return self._files[experiment]
+
+  def row(self, source: str) -> tuple[dict, str] | None:
+    experiment, group_name, arm = source.split("/", 2)
+    group = self._groups(experiment).get(group_name)
+    row = next((r for r in (group or {}).get("arms", []) if r["arm"] == arm), None)
+    if row is None or not row.get("seeds_finished"):
+      return None
+    return row, row.get("date") or group.get("date")
+
+
 def _previous_results(out_dir: Path, experiment: str) -> dict[str, dict]:
   """Group name -> group of the results.json already in `out_dir` (empty when there is none)."""
   path = out_dir / "results.json"
@@ -379,10 +428,14 @@ def _markdown(experiment: str, group: dict) -> str:
     f"- date: {date}",
     f"- regenerate: `research report {experiment}`",
   ]
-  carried = sorted({row["date"] for row in rows if row.get("carried")})
+  carried = sorted({row["date"] for row in rows if row.get("carried") and not row.get("from")})
   if carried:
     lines.append(f"- arms marked * are carried over from the report of {', '.join(carried)}: "
                  "their runs are not in the runs directory this report was made from")
+  borrowed = [f"{row['arm']} = `{row['from']}` ({row['date']})" for row in rows if row.get("from")]
+  if borrowed:
+    lines.append("- arms marked † are not trained here: another table reports the same config "
+                 f"with every seed, and its row is shown: {'; '.join(borrowed)}")
   lines += [
     "",
     "| " + " | ".join(header) + " |",
@@ -390,7 +443,8 @@ def _markdown(experiment: str, group: dict) -> str:
   ]
   for row in rows:
     done = row["seeds_finished"] > 0
-    name = row["arm"].replace("|", "\\|") + (" *" if row.get("carried") else "")
+    mark = " †" if row.get("from") else " *" if row.get("carried") else ""
+    name = row["arm"].replace("|", "\\|") + mark
     cells = [name, f"{row['seeds_finished']}/{row['seeds_total']}",
          _fmt(row["valid_loss"]) if done else row["status"],
          _fmt(row["valid_bpb"]) if done else row["status"]]
@@ -530,12 +584,14 @@ def _analysis_hook(experiment: str):
 
 
 def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
-      groups: list[str] | None = None) -> Path:
+      groups: list[str] | None = None, results_root: str | Path | None = None) -> Path:
   """Writes results.md, results.json and per-group PNGs for a sweep; returns results.md.
 
   Groups and arms that have no finished run under `runs_dir` keep what the results.json
   already in `out_dir` holds for them (see `_carry_over`): a report regenerated after some
   groups were re-run, or on another machine, adds to the results instead of erasing them.
+  Arms the sweep marked "reported" show the row of another table that they stand for, read
+  from `<results_root>/<experiment>/results/results.json` (default: experiments/).
   """
   root = Path(runs_dir) / experiment
   manifests = {p.parent.name: p for p in sorted(root.glob("*/manifest.json"))}
@@ -553,11 +609,15 @@ def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
   date = datetime.date.today().isoformat()
   previous = _previous_results(out_dir, experiment)
   results, diagnostics = {}, {}
-  for name, manifest_path in manifests.items():
-    manifest, arms = _load_sweep(manifest_path)
+  sources = _ReportedSources(experiment, results, previous, results_root)
+  # groups whose arms stand for another table's rows last, so that those rows are this report's
+  loaded = sorted((_load_sweep(path) + (name,) for name, path in manifests.items()),
+                  key=lambda item: any(e.get("reported") for a in item[1] for e in a.entries))
+  for manifest, arms, name in loaded:
     manifest.setdefault("group", name)
     group = _group_results(manifest, arms)
     group["date"] = date
+    _carry_reported(group, arms, sources)
     _carry_over(group, previous.get(name), date)
     results[name] = group
     _plot_curves(experiment, group, out_dir / f"{name}_curves.png")

@@ -2,14 +2,17 @@
 
 Runs go to `<runs_dir>/<experiment>/<group>/<arm>/seed<k>/`; the group's `manifest.json` lists
 every (arm, seed) of the group with its overrides, the paper's numbers and a status (pending,
-running, done, failed), also when `--arms` runs only some of them. A finished run
+running, done, failed, reported), also when `--arms` runs only some of them. A finished run
 (summary.json present) is skipped; an interrupted one resumes from its checkpoint, so
 re-running the same sweep command continues where it stopped.
 
 With `skip_reported`, arms that the experiment's committed results (results/results.json,
 written by `research report`) already hold with every seed, under the same overrides and
 argument, are not trained: a table half measured in one place is finished in another without
-its runs, and the report carries those rows over.
+its runs, and the report carries those rows over. So are arms whose resolved config a row of
+another table reports with every seed (another group, or another experiment: `ReportedRows`):
+their manifest entries say `"status": "reported", "reported": "<experiment>/<group>/<arm>"`,
+and the report shows that row, marked as measured there.
 
 Groups often share arms (the baseline of one table is the pre-norm arm of another; two papers
 at the same shape share their baseline). Before training an (arm, seed), the sweep looks for a
@@ -59,11 +62,14 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
               arg: str | None = None, arms: list[str] | None = None,
               runs_dir: str | Path = "runs", overrides: dict[str, Any] | None = None,
               data_dir: str | None = None, skip_reported: bool = False,
-              results_dir: str | Path | None = None, log=print) -> Path:
+              results_dir: str | Path | None = None, results_root: str | Path | None = None,
+              log=print) -> Path:
   """Runs (or continues) a sweep group; returns the manifest path. Raises if an arm failed.
 
   `arg` replaces the sweep's experiment argument (e.g. "scale=smoke" to check a table end to
-  end in seconds); `arms` keeps only the named arms.
+  end in seconds); `arms` keeps only the named arms. `results_root` holds
+  `<experiment>/results/results.json` for every experiment (default: experiments/), read by
+  `skip_reported`; `results_dir` replaces this experiment's results directory in it.
   """
   sweep = experiments.get_sweep(name)
   group, group_arms = sweep.group(group)
@@ -92,6 +98,8 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
         entry.update(workdir=old["workdir"], reused=old["reused"])
       if arm.name not in selected and old and old["overrides"] == entry["overrides"]:
         entry["status"] = old.get("status", "pending")  # another invocation's business
+        if old.get("reported"):
+          entry["reported"] = old["reported"]
       entries.append(entry)
   manifest = {"experiment": name, "group": group, "arg": arg, "arms": entries}
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,13 +112,30 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       e["status"] = "done"
   save()
   if skip_reported:
-    results_dir = (experiments.experiments_dir() / name / "results" if results_dir is None
-                   else Path(results_dir))
+    results_root = experiments.experiments_dir() if results_root is None else Path(results_root)
+    results_dir = results_root / name / "results" if results_dir is None else Path(results_dir)
     for arm_name, date in reported_arms(results_dir, group, arg, entries, seeds).items():
       if arm_name in selected:
         selected.discard(arm_name)
         log(f"{arm_name}: all {seeds} seeds reported in {results_dir / 'results.json'} "
             f"({date}), skipped")
+    reported = ReportedRows(results_root, {name: results_dir})
+    for arm_name in [a.name for a in group_arms if a.name in selected]:
+      own = [e for e in entries if e["arm"] == arm_name]
+      if any(e["status"] == "done" for e in own):  # its own seeds (or reused runs) count
+        continue
+      config = experiments.get_config(f"{name}:{arg}", {**own[0]["overrides"],
+                                                        **({"data.data_dir": data_dir} if data_dir else {})})
+      twin = reported.find(config, seeds, exclude=(name, group, arm_name))
+      if twin is None:
+        continue
+      source, date = twin
+      selected.discard(arm_name)
+      for e in own:
+        e.update(status="reported", reported=source)
+      log(f"{arm_name}: same config as {source}, reported with all {seeds} seeds ({date}), "
+          "skipped")
+    save()
   failed = []
   todo = [e for e in entries if e["arm"] in selected]
   for i, e in enumerate(todo):
@@ -171,6 +196,59 @@ def reported_arms(results_dir: Path, group: str, arg: str, entries: list[dict],
         and report_lib.same_overrides(row.get("overrides"), e["overrides"])):
       out[e["arm"]] = row.get("date") or stored.get("date") or data.get("date", "")
   return out
+
+
+class ReportedRows:
+  """The rows of every experiment's committed results.json, searched by resolved config.
+
+  A row is a twin of an arm when it reports all of the arm's seeds and the config its
+  experiment, argument and overrides (those of seed 0) resolve to today is the arm's
+  (`same_config`): the same model measured in another table. Like `--skip_reported` itself,
+  this trusts that the code has not changed what those overrides compute since the row was
+  measured.
+  """
+
+  def __init__(self, results_root: Path, replace: dict[str, Path] | None = None):
+    self._paths = {p.parent.parent.name: p
+                   for p in sorted(Path(results_root).glob("*/results/results.json"))}
+    for experiment, results_dir in (replace or {}).items():
+      self._paths[experiment] = Path(results_dir) / "results.json"
+    self._resolved: dict[tuple, dict | None] = {}
+
+  def _rows(self):
+    for experiment, path in self._paths.items():
+      if not path.is_file():
+        continue
+      data = json.loads(path.read_text())
+      for group in data.get("groups", []):
+        for row in group.get("arms", []):
+          yield experiment, group, row, row.get("date") or group.get("date") or data.get("date")
+
+  def _config_of(self, experiment: str, arg: str, overrides: dict) -> dict | None:
+    key = (experiment, arg, json.dumps(overrides, sort_keys=True, default=str))
+    if key not in self._resolved:
+      try:
+        self._resolved[key] = config_lib.resolve(
+            experiments.get_config(f"{experiment}:{arg}", overrides)).to_dict()
+      except Exception:  # an experiment or a key renamed since: not a twin of anything
+        self._resolved[key] = None
+    return self._resolved[key]
+
+  def find(self, config, seeds: int, exclude: tuple[str, str, str] | None = None
+           ) -> tuple[str, str] | None:
+    """("<experiment>/<group>/<arm>", date) of a row that reports `config` (seed 0's) with
+    `seeds` finished or diverged seeds, or None."""
+    resolved = config_lib.resolve(config).to_dict()
+    for experiment, group, row, date in self._rows():
+      source = (experiment, group.get("group"), row.get("arm"))
+      if source == exclude or row.get("seeds_total") != seeds:
+        continue
+      if row.get("seeds_finished", 0) + row.get("diverged", 0) < seeds:
+        continue
+      other = self._config_of(experiment, group.get("arg", ""), row.get("overrides") or {})
+      if other is not None and same_config(other, resolved):
+        return "/".join(source), date
+    return None
 
 
 def same_config(run_config: dict, config) -> bool:

@@ -127,6 +127,51 @@ def test_sweep_skips_arms_already_reported(tmp_path):
   assert entries == {"lr=3e-4": "pending", "lr=3e-3": "pending", "lr=1e-3": "done"}
 
 
+def test_sweep_and_report_use_a_reported_twin_from_another_experiment(tmp_path):
+  """FC's hc_vs_fc table lists DHC x1, which HC's table1 already reports: not trained again,
+  and the report shows HC's row, marked with where it was measured."""
+  from research import report as report_lib  # pylint: disable=import-outside-toplevel
+  from research import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
+  arg = "scale=smoke,corpus=tinyshakespeare"
+  hyper = {"model.residual.kind": "hyper", "model.residual.dynamic": True,
+           "model.residual.tanh": True}
+  stats = lambda v: {"mean": v, "std": None, "values": [v]}  # noqa: E731
+  rows = [{"arm": f"dhc{n}", "seeds_total": 1, "seeds_finished": 1, "diverged": 0,
+           "valid_loss": stats(loss), "valid_bpb": stats(loss / 0.693), "tokens_per_s": 1.0,
+           "paper": {}, "curves": None, "date": "2026-01-02",
+           "overrides": {**hyper, "model.residual.streams": n, "seed": 0}}
+          for n, loss in ((8, 3.25), (1, 3.5))]  # dhc8 first: a row of another config
+  root = tmp_path / "experiments"
+  (root / "hyper_connections" / "results").mkdir(parents=True)
+  (root / "hyper_connections" / "results" / "results.json").write_text(json.dumps(
+      {"experiment": "hyper_connections", "date": "2026-01-02",
+       "groups": [{"group": "table1", "arg": arg, "arms": rows}]}))
+  runs, lines = tmp_path / "runs", []
+  path = sweep_lib.run_sweep("frac_connections", group="hc_vs_fc", seeds=1, arg=arg, arms=["dhc1"],
+                             runs_dir=runs, skip_reported=True, results_root=root,
+                             log=lines.append)
+  assert any("dhc1: same config as hyper_connections/table1/dhc1, reported" in l for l in lines)
+  assert not (runs / "frac_connections" / "hc_vs_fc" / "dhc1").exists()
+  entries = {e["arm"]: e for e in json.loads(path.read_text())["arms"]}
+  assert entries["dhc1"]["status"] == "reported"
+  assert entries["dhc1"]["reported"] == "hyper_connections/table1/dhc1"
+  assert entries["dhc2"]["status"] == "pending" and "reported" not in entries["dhc2"]
+  # a later invocation for other arms keeps the mark
+  sweep_lib.run_sweep("frac_connections", group="hc_vs_fc", seeds=1, arg=arg, arms=["dhc2"],
+                      runs_dir=runs, skip_reported=False, log=lambda _: None)
+  entries = {e["arm"]: e for e in json.loads(path.read_text())["arms"]}
+  assert entries["dhc1"]["reported"] == "hyper_connections/table1/dhc1"
+
+  out = tmp_path / "results"
+  md = report_lib.report("frac_connections", runs, out, results_root=root).read_text()
+  row = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["groups"][0]["arms"]}
+  assert row["dhc1"]["valid_loss"]["mean"] == 3.5 and row["dhc1"]["from"] == \
+      "hyper_connections/table1/dhc1"
+  assert row["dhc1"]["overrides"] == entries["dhc1"]["overrides"]  # its own, for later reports
+  assert "| dhc1 † | 1/1 |" in md and "hyper_connections/table1/dhc1` (2026-01-02)" in md
+  assert row["dhc2"]["seeds_finished"] == 1 and not row["dhc2"].get("carried")
+
+
 def test_list_shows_experiments(capsys):
   code, out, _ = run(capsys, "list")
   assert code == 0
