@@ -348,7 +348,8 @@ def _carry_reported(group: dict, arms: list[_Arm], sources: "_ReportedSources") 
     if found is not None:
       old, date = found
       group["arms"][i] = {**old, "arm": row["arm"], "overrides": row["overrides"],
-                          "paper": row["paper"], "date": date, "carried": True, "from": source}
+                          "paper": row["paper"], "date": date, "carried": True,
+                          "from": old.get("from") or source}
 
 
 class _ReportedSources:

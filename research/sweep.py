@@ -96,10 +96,10 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       old = previous.get((arm.name, seed))
       if old and old.get("reused") and old["overrides"] == entry["overrides"]:
         entry.update(workdir=old["workdir"], reused=old["reused"])
+      if old and old.get("reported") and old["overrides"] == entry["overrides"]:
+        entry.update(status="reported", reported=old["reported"])  # looked up again below
       if arm.name not in selected and old and old["overrides"] == entry["overrides"]:
         entry["status"] = old.get("status", "pending")  # another invocation's business
-        if old.get("reported"):
-          entry["reported"] = old["reported"]
       entries.append(entry)
   manifest = {"experiment": name, "group": group, "arg": arg, "arms": entries}
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +110,7 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   for e in entries:
     if (root / e["workdir"] / "summary.json").exists():
       e["status"] = "done"
+      e.pop("reported", None)
   save()
   if skip_reported:
     results_root = experiments.experiments_dir() if results_root is None else Path(results_root)
@@ -124,8 +125,8 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       own = [e for e in entries if e["arm"] == arm_name]
       if any(e["status"] == "done" for e in own):  # its own seeds (or reused runs) count
         continue
-      config = experiments.get_config(f"{name}:{arg}", {**own[0]["overrides"],
-                                                        **({"data.data_dir": data_dir} if data_dir else {})})
+      ov = {**own[0]["overrides"], **({"data.data_dir": data_dir} if data_dir else {})}
+      config = experiments.get_config(f"{name}:{arg}", ov)
       twin = reported.find(config, seeds, exclude=(name, group, arm_name))
       if twin is None:
         continue
@@ -153,12 +154,14 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       if twin is not None:  # the same run, finished in another group: point at it
         e.update(workdir=os.path.relpath(twin, root), status="done",
                  reused=twin.relative_to(Path(runs_dir)).as_posix())
+        e.pop("reported", None)
         log(f"{tag}: same config as {e['reused']}, reused"
             + (f" (the interrupted run in {workdir} is left as it is)" if workdir.exists() else ""))
         save()
         continue
       log(tag)
       e["status"] = "running"
+      e.pop("reported", None)  # trained here after all
       save()
       Trainer(config, workdir, experiment=name, arg=arg, overrides=ov,
               log=log).run()
@@ -247,7 +250,7 @@ class ReportedRows:
         continue
       other = self._config_of(experiment, group.get("arg", ""), row.get("overrides") or {})
       if other is not None and same_config(other, resolved):
-        return "/".join(source), date
+        return row.get("from") or "/".join(source), date  # a row shown for another: its source
     return None
 
 

@@ -130,6 +130,7 @@ def test_sweep_skips_arms_already_reported(tmp_path):
 def test_sweep_and_report_use_a_reported_twin_from_another_experiment(tmp_path):
   """FC's hc_vs_fc table lists DHC x1, which HC's table1 already reports: not trained again,
   and the report shows HC's row, marked with where it was measured."""
+  from research import experiments  # pylint: disable=import-outside-toplevel
   from research import report as report_lib  # pylint: disable=import-outside-toplevel
   from research import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
   arg = "scale=smoke,corpus=tinyshakespeare"
@@ -162,7 +163,7 @@ def test_sweep_and_report_use_a_reported_twin_from_another_experiment(tmp_path):
   entries = {e["arm"]: e for e in json.loads(path.read_text())["arms"]}
   assert entries["dhc1"]["reported"] == "hyper_connections/table1/dhc1"
 
-  out = tmp_path / "results"
+  out = root / "frac_connections" / "results"
   md = report_lib.report("frac_connections", runs, out, results_root=root).read_text()
   row = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["groups"][0]["arms"]}
   assert row["dhc1"]["valid_loss"]["mean"] == 3.5 and row["dhc1"]["from"] == \
@@ -170,6 +171,10 @@ def test_sweep_and_report_use_a_reported_twin_from_another_experiment(tmp_path):
   assert row["dhc1"]["overrides"] == entries["dhc1"]["overrides"]  # its own, for later reports
   assert "| dhc1 † | 1/1 |" in md and "hyper_connections/table1/dhc1` (2026-01-02)" in md
   assert row["dhc2"]["seeds_finished"] == 1 and not row["dhc2"].get("carried")
+  # a row shown for another names that one, not itself, as the source of the numbers
+  config = experiments.get_config(f"frac_connections:{arg}", entries["dhc1"]["overrides"])
+  assert sweep_lib.ReportedRows(root).find(config, 1, exclude=(
+      "hyper_connections", "table1", "dhc1")) == ("hyper_connections/table1/dhc1", "2026-01-02")
 
 
 def test_list_shows_experiments(capsys):
