@@ -315,6 +315,12 @@ def same_overrides(a: dict | None, b: dict | None) -> bool:
   return strip(a) == strip(b)
 
 
+def _unmeasured(row: dict) -> bool:
+  """Whether a freshly computed row has nothing of its own: no seed finished or diverged, and
+  none running."""
+  return row["seeds_finished"] == 0 and not row["diverged"] and row["status"] != "running"
+
+
 def _carry_over(group: dict, previous: dict | None, date: str) -> None:
   """Keeps the numbers of arms whose runs are not in this runs directory.
 
@@ -330,8 +336,7 @@ def _carry_over(group: dict, previous: dict | None, date: str) -> None:
   old_rows = {row["arm"]: row for row in previous.get("arms", [])}
   for i, row in enumerate(group["arms"]):
     old = old_rows.get(row["arm"])
-    if (row["seeds_finished"] == 0 and not row["diverged"] and row["status"] != "running"
-        and old and (old.get("seeds_finished") or old.get("diverged"))
+    if (_unmeasured(row) and old and (old.get("seeds_finished") or old.get("diverged"))
         and same_overrides(old.get("overrides"), row["overrides"])):
       group["arms"][i] = {**old, "date": old.get("date", previous.get("date")), "carried": True}
 
@@ -342,7 +347,7 @@ def _carry_reported(group: dict, arms: list[_Arm], sources: "_ReportedSources") 
   and curves, marked with where and when they were measured."""
   for i, (row, arm) in enumerate(zip(group["arms"], arms)):
     source = next((e["reported"] for e in arm.entries if e.get("reported")), None)
-    if source is None or row["seeds_finished"] or row["diverged"] or row["status"] == "running":
+    if source is None or not _unmeasured(row):
       continue
     found = sources.row(source)
     if found is not None:

@@ -125,8 +125,7 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       own = [e for e in entries if e["arm"] == arm_name]
       if any(e["status"] == "done" for e in own):  # its own seeds (or reused runs) count
         continue
-      ov = {**own[0]["overrides"], **({"data.data_dir": data_dir} if data_dir else {})}
-      config = experiments.get_config(f"{name}:{arg}", ov)
+      config = experiments.get_config(f"{name}:{arg}", own[0]["overrides"])
       twin = reported.find(config, seeds, exclude=(name, group, arm_name))
       if twin is None:
         continue
@@ -212,20 +211,20 @@ class ReportedRows:
   """
 
   def __init__(self, results_root: Path, replace: dict[str, Path] | None = None):
-    self._paths = {p.parent.parent.name: p
-                   for p in sorted(Path(results_root).glob("*/results/results.json"))}
+    paths = {p.parent.parent.name: p
+             for p in sorted(Path(results_root).glob("*/results/results.json"))}
     for experiment, results_dir in (replace or {}).items():
-      self._paths[experiment] = Path(results_dir) / "results.json"
-    self._resolved: dict[tuple, dict | None] = {}
-
-  def _rows(self):
-    for experiment, path in self._paths.items():
+      paths[experiment] = Path(results_dir) / "results.json"
+    self._rows = []  # (experiment, group, row, date), read once for every arm's search
+    for experiment, path in paths.items():
       if not path.is_file():
         continue
       data = json.loads(path.read_text())
       for group in data.get("groups", []):
         for row in group.get("arms", []):
-          yield experiment, group, row, row.get("date") or group.get("date") or data.get("date")
+          date = row.get("date") or group.get("date") or data.get("date")
+          self._rows.append((experiment, group, row, date))
+    self._resolved: dict[tuple, dict | None] = {}
 
   def _config_of(self, experiment: str, arg: str, overrides: dict) -> dict | None:
     key = (experiment, arg, json.dumps(overrides, sort_keys=True, default=str))
@@ -242,7 +241,7 @@ class ReportedRows:
     """("<experiment>/<group>/<arm>", date) of a row that reports `config` (seed 0's) with
     `seeds` finished or diverged seeds, or None."""
     resolved = config_lib.resolve(config).to_dict()
-    for experiment, group, row, date in self._rows():
+    for experiment, group, row, date in self._rows:
       source = (experiment, group.get("group"), row.get("arm"))
       if source == exclude or row.get("seeds_total") != seeds:
         continue
