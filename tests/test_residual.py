@@ -89,6 +89,28 @@ def test_frac_at_init_equals_the_baseline_exactly(m):
   np.testing.assert_array_equal(np.asarray(fc(x)), np.asarray(base(x)))
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 8), (16, 18, 32)])  # broadcast / dot by the rule
+def test_both_contraction_forms_give_the_same_values_and_gradients(shape, monkeypatch):
+  """_contract picks a broadcast-sum or a batched dot by size; both are out[k, d] =
+  sum_i a[i, k] x[i, d] per token, checked against a per-token loop, gradients included."""
+  i, k, d = shape
+  ka, kx, kg = jax.random.split(jax.random.key(0), 3)
+  a = jax.random.normal(ka, (2, 3, i, k))
+  x = jax.random.normal(kx, (2, 3, i, d))
+  g = jax.random.normal(kg, (2, 3, k, d))
+  want = np.stack([np.stack([np.asarray(a[b, t]).T @ np.asarray(x[b, t]) for t in range(3)])
+                   for b in range(2)])
+  results = []
+  for limit in (0, 1 << 40):  # always the dot, always the broadcast
+    monkeypatch.setattr(residual, "BROADCAST_MAX", limit)
+    out, vjp = jax.vjp(residual._contract, a, x)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    results.append(vjp(g))
+  for dot_grad, broadcast_grad in zip(*results):
+    np.testing.assert_allclose(np.asarray(dot_grad), np.asarray(broadcast_grad),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_vwn_at_init_runs_pre_norm_on_the_first_d_features():
   """VWN's init: the backbone reads slots 0..m-1 (the first D features) and writes its
   outputs cyclically, so with W_reduce selecting the first D features the model is the
