@@ -30,15 +30,13 @@ SHAPES = [(2, 1, 64), (4, 1, 64), (8, 1, 64),  # hyper_connections n = 2, 4, 8 (
 
 
 def connection(slots: int, segments: int, width: int) -> residual.MixingConnection:
-  """A dynamic GHC with VWN's initial values (HC when segments = 1)."""
-  read = np.zeros((slots, segments))
-  read[:segments] = np.eye(segments)
-  alpha0 = np.concatenate([read, np.eye(slots)], axis=1)
-  beta0 = (np.arange(slots)[:, None] % segments == np.arange(segments)[None, :])
+  """A dynamic GHC with VWN's initial values (HC's shape when segments = 1). The FC shapes are
+  timed with this full depth matrix too; FC's own is diagonal and skips that contraction."""
+  alpha0, beta0 = residual.ghc_initial_weights(slots, segments)
   return residual.MixingConnection(
-      slots=slots, segments=segments, width=width, alpha0=alpha0,
-      beta0=beta0.astype(np.float32), dynamic=True, tanh=True, scale0=1.0, matrix_scales=True,
-      temperature=1.0 / np.sqrt(width), eps=1e-6, dtype=jnp.float32)
+      slots=slots, segments=segments, width=width, alpha0=alpha0, beta0=beta0, dynamic=True,
+      tanh=True, scale0=1.0, matrix_scales=True, temperature=1.0 / np.sqrt(width), eps=1e-6,
+      dtype=jnp.float32)
 
 
 def time_connection(shape: tuple[int, int, int], tokens: int, repeats: int,

@@ -464,6 +464,16 @@ class FracConnection(MixingConnection):
                      matrix_scales=False, temperature=1.0, eps=cfg.norm_eps, dtype=dtype)
 
 
+def ghc_initial_weights(slots: int, segments: int) -> tuple[np.ndarray, np.ndarray]:
+  """VWN's initial GHC weights (App. B Alg. 2): alpha0 = [A_read | A_carry] with A_read =
+  [I_m; 0] and A_carry = I_n, and beta0 = B^T with B[i, j] = 1 where j mod m = i."""
+  read = np.zeros((slots, segments))
+  read[:segments] = np.eye(segments)
+  alpha0 = np.concatenate([read, np.eye(slots)], axis=1)
+  beta0 = (np.arange(slots)[:, None] % segments == np.arange(segments)[None, :])
+  return alpha0, beta0.astype(np.float32)
+
+
 @RESIDUALS.register("vwn")
 class VirtualWidthConnection(MixingConnection):
   """VWN's generalized hyper-connection between the D'-wide state (n slots of D/m) and the
@@ -484,10 +494,7 @@ class VirtualWidthConnection(MixingConnection):
     if tau not in TEMPERATURES:
       raise ConfigError(f"model.residual.temperature='{tau}' is not one of "
                         f"{', '.join(TEMPERATURES)}")
-    read = np.zeros((n, m))
-    read[:m] = np.eye(m)
-    alpha0 = np.concatenate([read, np.eye(n)], axis=1)
-    beta0 = (np.arange(n)[:, None] % m == np.arange(m)[None, :]).astype(np.float32)  # B^T
+    alpha0, beta0 = ghc_initial_weights(n, m)
     super().__init__(slots=n, segments=m, width=w, alpha0=alpha0, beta0=beta0,
                      dynamic=cfg.residual.dynamic, tanh=cfg.residual.tanh, scale0=1.0,
                      matrix_scales=True,
