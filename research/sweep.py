@@ -115,14 +115,15 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   if skip_reported:
     results_root = experiments.experiments_dir() if results_root is None else Path(results_root)
     results_dir = results_root / name / "results" if results_dir is None else Path(results_dir)
-    for arm_name, date in reported_arms(results_dir, group, arg, entries, seeds).items():
-      if arm_name in selected:
-        selected.discard(arm_name)
-        log(f"{arm_name}: all {seeds} seeds reported in {results_dir / 'results.json'} "
-            f"({date}), skipped")
     reported = ReportedRows(results_root, {name: results_dir})
     for arm_name in [a.name for a in group_arms if a.name in selected]:
       own = [e for e in entries if e["arm"] == arm_name]
+      date = reported.own_row(name, group, arm_name, arg, own[0]["overrides"], seeds)
+      if date is not None:  # this table's own row: the report carries it over
+        selected.discard(arm_name)
+        log(f"{arm_name}: all {seeds} seeds reported in {results_dir / 'results.json'} "
+            f"({date}), skipped")
+        continue
       if any(e["status"] == "done" for e in own):  # its own seeds (or reused runs) count
         continue
       config = experiments.get_config(f"{name}:{arg}", own[0]["overrides"])
@@ -179,25 +180,9 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   return path
 
 
-def reported_arms(results_dir: Path, group: str, arg: str, entries: list[dict],
-                  seeds: int) -> dict[str, str]:
-  """Arm -> date, for the arms of `entries` that results.json reports with `seeds` finished
-  seeds under the same overrides (those of seed 0) and experiment argument."""
-  path = Path(results_dir) / "results.json"
-  if not path.is_file():
-    return {}
-  data = json.loads(path.read_text())
-  stored = next((g for g in data.get("groups", []) if g.get("group") == group), None)
-  if stored is None or stored.get("arg") != arg:
-    return {}
-  rows = {row["arm"]: row for row in stored.get("arms", [])}
-  out = {}
-  for e in entries:
-    row = rows.get(e["arm"])
-    if (e["seed"] == 0 and row and row.get("seeds_finished", 0) + row.get("diverged", 0) >= seeds
-        and report_lib.same_overrides(row.get("overrides"), e["overrides"])):
-      out[e["arm"]] = row.get("date") or stored.get("date") or data.get("date", "")
-  return out
+def _all_seeds(row: dict, seeds: int) -> bool:
+  """Whether a results.json row has every one of `seeds` seeds finished or diverged."""
+  return row.get("seeds_finished", 0) + row.get("diverged", 0) >= seeds
 
 
 class ReportedRows:
@@ -226,6 +211,17 @@ class ReportedRows:
           self._rows.append((experiment, group, row, date))
     self._resolved: dict[tuple, dict | None] = {}
 
+  def own_row(self, experiment: str, group: str, arm: str, arg: str, overrides: dict,
+              seeds: int) -> str | None:
+    """The date of `experiment`'s own row for `arm` of `group` when it reports all `seeds`
+    seeds under the same argument and overrides (those of seed 0), else None."""
+    for exp, stored, row, date in self._rows:
+      if (exp == experiment and stored.get("group") == group and row.get("arm") == arm
+          and stored.get("arg") == arg and _all_seeds(row, seeds)
+          and report_lib.same_overrides(row.get("overrides"), overrides)):
+        return date or ""
+    return None
+
   def _config_of(self, experiment: str, arg: str, overrides: dict) -> dict | None:
     key = (experiment, arg, json.dumps(overrides, sort_keys=True, default=str))
     if key not in self._resolved:
@@ -243,9 +239,7 @@ class ReportedRows:
     resolved = config_lib.resolve(config).to_dict()
     for experiment, group, row, date in self._rows:
       source = (experiment, group.get("group"), row.get("arm"))
-      if source == exclude or row.get("seeds_total") != seeds:
-        continue
-      if row.get("seeds_finished", 0) + row.get("diverged", 0) < seeds:
+      if source == exclude or row.get("seeds_total") != seeds or not _all_seeds(row, seeds):
         continue
       other = self._config_of(experiment, group.get("arg", ""), row.get("overrides") or {})
       if other is not None and same_config(other, resolved):
