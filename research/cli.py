@@ -1,24 +1,34 @@
 """The `research` command.
 
   research list
-  research run NAME[:ARG] [--config.key=value ...] [--workdir DIR] [--data_dir DIR]
+  research run NAME[:ARG] [--config.key=value ...] [--workdir DIR] [--data_dir DIR] [--restart]
   research sweep NAME [--group G] [--seeds N] [--arg ARG] [--arms A,B] [--runs_dir DIR]
                       [--skip_reported] [--config.key=value ...]
   research report NAME [--group G] [--runs_dir DIR] [--out DIR]
   research data list | fetch CORPUS
 
-Errors the user can fix (unknown experiment or key, missing corpus, bad mesh) print one line
-and exit with status 2; an interrupted run exits 130 after saving a checkpoint.
+Exit status:
+  0    done (or already finished)
+  1    a checkpoint could not be written or read
+  2    an error the user can fix (unknown experiment or key, a value out of range, a missing
+       corpus, a bad mesh, a work directory that holds another run or is in use): one line
+  3    the run diverged (its loss is not finite); summary.json marks it
+  130  stopped by Ctrl-C, 143 by SIGTERM, after saving a checkpoint where training had begun
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
 
 from research import config as config_lib
+from research.errors import ResearchError
+from research.train.interrupt import STOP
+
+EXIT_DIVERGED = 3
 
 
 def _split_overrides(extra: list[str]) -> dict[str, str]:
@@ -50,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("spec", help="NAME or NAME:ARG, e.g. baseline:scale=smoke")
   r.add_argument("--workdir", help="run directory (default runs/NAME/ARG)")
   r.add_argument("--data_dir", help="directory holding the corpora (or $RESEARCH_DATA_DIR)")
+  r.add_argument("--restart", action="store_true",
+                 help="discard the run already in the work directory and start over")
   s = sub.add_parser("sweep", help="run an experiment's ablation group, resumably")
   s.add_argument("name")
   s.add_argument("--group")
@@ -73,9 +85,15 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _default_workdir(spec: str) -> Path:
+def _default_workdir(spec: str, overrides: dict[str, str] | None = None) -> Path:
+  """runs/NAME/TAG: TAG names the argument and the overrides (not where the data lives), so
+  runs of different configs never share a directory; a long one is cut and given a hash."""
   name, _, arg = spec.partition(":")
-  tag = arg.replace(",", "_").replace("=", "-") or "default"
+  parts = [arg] if arg else []
+  parts += [f"{k}={v}" for k, v in sorted((overrides or {}).items()) if k != "data.data_dir"]
+  tag = ",".join(parts).replace(",", "_").replace("=", "-").replace("/", "-") or "default"
+  if len(tag) > 120:
+    tag = tag[:100] + "_" + hashlib.sha1(tag.encode()).hexdigest()[:10]
   return Path("runs") / name / tag
 
 
@@ -89,15 +107,22 @@ def cmd_list() -> None:
     print(f"{name:20s} scales: {', '.join(scales) or '-':28s} {claim}")
 
 
-def cmd_run(args, overrides) -> None:
+def cmd_run(args, overrides) -> int:
   from research import experiments
   from research.train.trainer import Trainer
   if args.data_dir:
     overrides["data.data_dir"] = args.data_dir
   config = experiments.get_config(args.spec, overrides)
   name, arg = experiments.split_name(args.spec)
-  workdir = Path(args.workdir) if args.workdir else _default_workdir(args.spec)
-  Trainer(config, workdir, experiment=name, arg=arg, overrides=overrides).run()
+  workdir = Path(args.workdir) if args.workdir else _default_workdir(args.spec, overrides)
+  summary = Trainer(config, workdir, experiment=name, arg=arg, overrides=overrides,
+                    restart=args.restart).run()
+  if summary.get("diverged"):
+    print(f"research: the run diverged at step {summary['step']} (train loss "
+          f"{summary.get('train_loss')}, valid loss {summary.get('valid_loss')}); "
+          f"{workdir / 'summary.json'} marks it", file=sys.stderr)
+    return EXIT_DIVERGED
+  return 0
 
 
 def cmd_sweep(args, overrides) -> None:
@@ -131,17 +156,21 @@ def cmd_data(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   args, extra = _parser().parse_known_args(argv)
-  from research.experiments import ExperimentError
-  from research.report import ReportError
-  from research.sharding import MeshError
-  from research.train.checkpoint import CheckpointError
-  from research.train.trainer import RunError
+  installed = False
+  if args.command in ("run", "sweep"):
+    # Before jax is imported: a Ctrl-C or SIGTERM from here on is acted on where it is safe
+    # (research/train/interrupt.py), never inside native code.
+    installed = STOP.install()
   try:
-    from research.data import DataError
-  except ImportError:  # pragma: no cover
-    DataError = RuntimeError
-  user_errors = (config_lib.ConfigError, ExperimentError, MeshError, RunError, DataError,
-                 ReportError)
+    return _dispatch(args, extra)
+  finally:
+    if installed:
+      STOP.restore()
+
+
+def _dispatch(args, extra) -> int:
+  from research.train.checkpoint import CheckpointError
+  code = 0
   try:
     overrides = _split_overrides(extra) if args.command in ("run", "sweep") else {}
     if extra and args.command not in ("run", "sweep"):
@@ -149,16 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "list":
       cmd_list()
     elif args.command == "run":
-      cmd_run(args, overrides)
+      code = cmd_run(args, overrides)
     elif args.command == "sweep":
       cmd_sweep(args, overrides)
     elif args.command == "report":
       cmd_report(args)
     elif args.command == "data":
       cmd_data(args)
-  except user_errors as e:
-    print(f"research: error: {e}", file=sys.stderr)
-    return 2
   except CheckpointError as e:
     print(f"research: checkpoint error: {e}", file=sys.stderr)
     sys.stdout.flush()
@@ -166,9 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     # A failed asynchronous save can leave the checkpointer's threads waiting forever;
     # nothing else is pending (metrics are flushed line by line), so leave at once.
     os._exit(1)
-  except KeyboardInterrupt:
-    return 130
-  return 0
+  except ResearchError as e:
+    print(f"research: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt as e:
+    return getattr(e, "exit_code", 130)
+  return code
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from research.errors import ResearchError
 
-class ConfigError(ValueError):
+
+class ConfigError(ResearchError, ValueError):
   """A configuration problem: unknown key, bad value, or an inconsistent combination."""
 
 
@@ -264,6 +266,7 @@ def parse_arg(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fills derived values (0 = "derive") and checks the combination; returns a new config."""
   c = ml_collections.ConfigDict(config.to_dict())
+  check_values(c)
   m = c.model
   if m.num_kv_heads == 0:
     m.num_kv_heads = m.num_heads
@@ -300,3 +303,62 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.eval.batch_size == 0:
     c.eval.batch_size = t.batch_size
   return c
+
+
+# The ranges of the core settings (each option checks its own fields where it is built). A bound
+# is (low, high, low_inclusive, high_inclusive); None is unbounded.
+_AT_LEAST_1 = (1, None, True, False)
+_AT_LEAST_0 = (0, None, True, False)
+_POSITIVE = (0, None, False, False)
+_FRACTION = (0, 1, True, True)  # [0, 1]
+_BELOW_1 = (0, 1, True, False)  # [0, 1)
+RANGES = {
+    "seed": _AT_LEAST_0,
+    "model.num_layers": _AT_LEAST_1, "model.d_model": _AT_LEAST_1, "model.num_heads": _AT_LEAST_1,
+    "model.num_kv_heads": _AT_LEAST_0, "model.head_dim": _AT_LEAST_0,
+    "model.max_seq_len": _AT_LEAST_0, "model.vocab_size": _AT_LEAST_0,
+    "model.dropout": _BELOW_1, "model.norm_eps": _POSITIVE, "model.init_std": _AT_LEAST_0,
+    "data.seq_len": _AT_LEAST_1, "data.passkey_mix": _BELOW_1, "data.passkey_keys": _AT_LEAST_1,
+    "data.passkey_key_len": _AT_LEAST_1,
+    "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1,
+    "train.lr": _POSITIVE, "train.warmup_steps": _AT_LEAST_0, "train.min_lr_ratio": _FRACTION,
+    "train.decay_fraction": _FRACTION, "train.b1": _BELOW_1, "train.b2": _BELOW_1,
+    "train.eps": _AT_LEAST_0, "train.weight_decay": _AT_LEAST_0, "train.clip_norm": _AT_LEAST_0,
+    "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _AT_LEAST_1,
+    "train.keep_checkpoints": _AT_LEAST_1,
+    "eval.every": _AT_LEAST_1, "eval.batches": _AT_LEAST_0, "eval.batch_size": _AT_LEAST_0,
+    "mesh.num_devices": _AT_LEAST_0, "mesh.tensor": _AT_LEAST_1, "mesh.expert": _AT_LEAST_1,
+}
+CHOICES = {
+    "train.schedule": ("constant", "cosine", "wsd"),  # research/train/optim.py
+    "train.precision": ("auto", "fp32", "bf16"),
+    "model.init_out_scaling": ("none", "total_depth", "layer_depth"),
+    "model.remat": ("none", "block"),
+}
+
+
+def _describe_range(low, high, low_in, high_in) -> str:
+  if high is None:
+    return f"{'>=' if low_in else '>'} {low}"
+  return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line) for a core setting out of its range or not among its choices,
+  and for a warmup longer than the run."""
+  d = config.to_dict()
+  for key, (low, high, low_in, high_in) in RANGES.items():
+    v = get_dotted(d, key)
+    if v is None or isinstance(v, bool):
+      continue
+    ok = (v >= low if low_in else v > low) and (
+        high is None or (v <= high if high_in else v < high))
+    if not ok:
+      raise ConfigError(f"{key}={v!r} must be {_describe_range(low, high, low_in, high_in)}")
+  for key, choices in CHOICES.items():
+    v = get_dotted(d, key)
+    if v not in choices:
+      raise ConfigError(f"{key}={v!r} is not one of {', '.join(choices)}")
+  t = config.train
+  if t.warmup_steps > t.steps:
+    raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")

@@ -27,33 +27,53 @@ from typing import Any
 import ml_collections
 
 from research import config as config_lib
+from research.errors import ResearchError
 
 
-class ExperimentError(ValueError):
+class ExperimentError(ResearchError, ValueError):
   """An experiment, group or argument that does not exist."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-  """One row of an ablation table: a name, config overrides, and the paper's numbers for it."""
+  """One row of an ablation table: a name, config overrides, the paper's numbers for it, and
+  the paper's claim about its loss against the group's reference arm ("lower", "higher",
+  "same"; None: no claim), which `research report` judges by the verdict rule
+  (research/verdict.py)."""
   name: str
   overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
   paper: dict[str, float] | None = None
+  claim: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
-  """Named groups of arms (one group per paper table), run at `arg` with `seeds` seeds each."""
+  """Named groups of arms (one group per paper table), run at `arg` with `seeds` seeds each.
+
+  references: group -> the arm every other arm is compared with (default: the group's first
+  arm; "" for none, e.g. a learning-rate sweep). varies: group -> config keys the table varies
+  on purpose among those `research report` watches for confounds (init, data, optimizer and
+  schedule, model size; report.WATCHED), so that a difference there is not flagged.
+  """
   groups: dict[str, list[Arm]]
   arg: str = "scale=tiny"
   seeds: int = 3
   default_group: str = ""
+  references: dict[str, str] = dataclasses.field(default_factory=dict)
+  varies: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
   def group(self, name: str | None) -> tuple[str, list[Arm]]:
     name = name or self.default_group or next(iter(self.groups))
     if name not in self.groups:
       raise config_lib.unknown_key_error(name, self.groups, what="sweep group")
     return name, self.groups[name]
+
+  def reference(self, group: str) -> str:
+    """The group's reference arm ("" for none)."""
+    if group in self.references:
+      return self.references[group]
+    arms = self.groups.get(group) or []
+    return arms[0].name if arms else ""
 
 
 def experiments_dir() -> Path:

@@ -1,6 +1,8 @@
 """Tables and plots from runs' metrics.
 
-This module reads only files on disk; it never imports the model or the trainer. The file
+This module reads only files on disk; it never imports the model or the trainer (only the
+verdicts and the confound check resolve the sweep's configs: `_judge`, `confounds`). With no
+runs at all, a report is regenerated from the results.json already there (tables, verdicts). The file
 formats below are written by the trainer and the sweep runner, and this docstring is their
 documentation.
 
@@ -59,8 +61,10 @@ from pathlib import Path
 from matplotlib.figure import Figure  # drawn off-screen, without touching pyplot's backend
 import numpy as np
 
+from research.errors import ResearchError
 
-class ReportError(Exception):
+
+class ReportError(ResearchError):
   """A run or sweep on disk is missing or unreadable."""
 
 
@@ -412,6 +416,70 @@ def _mean_profile(profiles: list) -> list[float] | None:
   return [float(v) for v in np.mean(np.asarray(profiles, np.float64), axis=0)]
 
 
+# Settings that are not what an architecture table varies: a difference in them between the arms
+# of a group (unless the sweep declares it: Sweep.varies) is printed as a possible confound.
+WATCHED = ("model.init_std", "model.init_out_scaling", "model.head.tie_embeddings",
+           "model.num_layers", "model.d_model", "model.num_heads", "model.num_kv_heads",
+           "model.dropout", "train.", "data.", "eval.")
+
+
+def confounds(experiment: str, arg: str, arms: list, varies=()) -> list[str]:
+  """The WATCHED settings in which the resolved configs of a group's arms (`experiments.Arm`)
+  differ, other than those in `varies`: "key (value: arm, arm; value: arm)"."""
+  from research import config as config_lib  # pylint: disable=import-outside-toplevel
+  from research import experiments  # pylint: disable=import-outside-toplevel
+  configs = {}
+  for arm in arms:
+    overrides = {k: v for k, v in arm.overrides.items() if k != "seed"}
+    configs[arm.name] = config_lib.resolve(
+        experiments.get_config(f"{experiment}:{arg}", overrides)).to_dict()
+  out = []
+  for key in config_lib.flat_keys(config_lib.default_config()):
+    if not key.startswith(WATCHED) or key in varies or key in ("data.data_dir", "train.progress"):
+      continue
+    by_value: dict[str, list[str]] = {}
+    for name, config in configs.items():
+      by_value.setdefault(repr(config_lib.get_dotted(config, key)), []).append(name)
+    if len(by_value) > 1:
+      out.append(f"{key} (" + "; ".join(f"{v}: {', '.join(names)}"
+                                          for v, names in by_value.items()) + ")")
+  return out
+
+
+def _judge(experiment: str, group: dict) -> None:
+  """Adds to `group` the comparison of every arm with the group's reference arm and, where the
+  sweep gives the paper's claim, the verdict rule's word (research/verdict.py); and the
+  possible confounds. Both come from the experiment's sweep definition as it is today."""
+  from research import experiments  # pylint: disable=import-outside-toplevel
+  from research import verdict  # pylint: disable=import-outside-toplevel
+  try:
+    sweep = experiments.get_sweep(experiment)
+  except Exception:  # an experiment renamed or removed: nothing to judge by
+    return
+  arms = sweep.groups.get(group["group"])
+  if not arms:
+    return
+  rows = {row["arm"]: row for row in group["arms"]}
+  ref = rows.get(sweep.reference(group["group"]))
+  group["reference"] = ref["arm"] if ref else None
+  claims = {a.name: a.claim for a in arms}
+  for row in group["arms"]:
+    row.pop("comparison", None)
+    row.pop("verdict", None)
+    values = row["valid_loss"]["values"]
+    if ref is None or row is ref or not values or not ref["valid_loss"]["values"]:
+      continue
+    c = verdict.compare(values, ref["valid_loss"]["values"])
+    row["comparison"] = dataclasses.asdict(c)
+    if claims.get(row["arm"]):
+      row["verdict"] = verdict.verdict(c, claims[row["arm"]])
+  try:
+    group["confounds"] = confounds(experiment, group["arg"], arms,
+                                   sweep.varies.get(group["group"], ()))
+  except Exception:  # an arm whose overrides no longer resolve: no check
+    group["confounds"] = None
+
+
 def _markdown(experiment: str, group: dict) -> str:
   rows, date = group["arms"], group["date"]
   labels = list(dict.fromkeys(label for row in rows for label in row["paper"]))
@@ -424,6 +492,10 @@ def _markdown(experiment: str, group: dict) -> str:
   header += (["exact match"] if show_em else []) + (
       ["ms/step", "params (activated)", "MFLOPs/token", "param KB read/token"] if show_cost else [])
   header += [f"paper: {label}" for label in labels]
+  reference = group.get("reference")
+  show_verdict = any(row.get("verdict") for row in rows)
+  if reference:
+    header += [f"Δ vs {reference} (t, seeds agreeing)"] + (["verdict"] if show_verdict else [])
   lines = [
     f"## {group['group']}", "",
     f"- experiment: `{experiment}`, group: `{group['group']}`",
@@ -442,6 +514,13 @@ def _markdown(experiment: str, group: dict) -> str:
   if borrowed:
     lines.append("- arms marked † are not trained here: another table reports the same config "
                  f"with every seed, and its row is shown: {'; '.join(borrowed)}")
+  if group.get("confounds"):
+    lines.append("- **possible confound**: besides what the table varies, its arms differ in "
+                 + "; ".join(group["confounds"]))
+  if reference:
+    lines.append(f"- Δ: valid loss minus `{reference}`'s (Welch t; seeds whose paired difference "
+                 "has Δ's sign)" + ("; verdict: the rule of research/verdict.py against the "
+                                    "paper's claim" if show_verdict else ""))
   lines += [
     "",
     "| " + " | ".join(header) + " |",
@@ -472,6 +551,15 @@ def _markdown(experiment: str, group: dict) -> str:
     for label in labels:
       value = row["paper"].get(label)
       cells.append("–" if value is None else f"{value:g}" if isinstance(value, float) else str(value))
+    if reference:
+      c = row.get("comparison")
+      if c:
+        t = "n/a" if c["t"] != c["t"] else f"{c['t']:+.1f}"
+        cells.append(f"{c['delta']:+.4f} ({t}, {c['agree']}/{c['paired']})")
+      else:
+        cells.append("reference" if row["arm"] == reference else "–")
+      if show_verdict:
+        cells.append(row.get("verdict") or "–")
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -601,7 +689,7 @@ def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
   """
   root = Path(runs_dir) / experiment
   manifests = {p.parent.name: p for p in sorted(root.glob("*/manifest.json"))}
-  if not manifests:
+  if not manifests and not (Path(out_dir) / "results.json").is_file():
     raise ReportError(f"no sweep manifest under {root}/*/; create the runs with "
              f"`research sweep {experiment}`.")
   if groups is not None:
@@ -625,12 +713,15 @@ def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
     group["date"] = date
     _carry_reported(group, arms, sources)
     _carry_over(group, previous.get(name), date)
+    _judge(experiment, group)
     results[name] = group
     _plot_curves(experiment, group, out_dir / f"{name}_curves.png")
     _plot_final(experiment, group, out_dir / f"{name}_final.png")
     diagnostics[name] = _plot_diagnostics(experiment, group, arms, out_dir / f"{name}_diagnostics.png")
   for name, group in previous.items():  # groups with no sweep in this runs directory: kept
-    results.setdefault(name, group)
+    if name not in results:
+      _judge(experiment, group)  # judged by today's rule and sweep definition
+      results[name] = group
   sections = [f"# Results: {experiment}\n"]
   for name in sorted(results):
     group = results[name]

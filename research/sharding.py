@@ -29,6 +29,8 @@ from typing import Iterator, Sequence
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from research.errors import ResearchError
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 PRESETS = ("dp", "fsdp", "fsdp_tp")
 
@@ -63,7 +65,7 @@ _active: contextvars.ContextVar[jax.sharding.Mesh | None] = contextvars.ContextV
     "research_mesh", default=None)
 
 
-class MeshError(ValueError):
+class MeshError(ResearchError, ValueError):
   """The requested mesh cannot be built on the devices present."""
 
 

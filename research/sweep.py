@@ -14,6 +14,12 @@ another table reports with every seed (another group, or another experiment: `Re
 their manifest entries say `"status": "reported", "reported": "<experiment>/<group>/<arm>"`,
 and the report shows that row, marked as measured there.
 
+Before anything trains, every selected (arm, seed) is checked: its config builds and its values
+are in range, a sweep override does not set a key the group's arms set (the arm names that
+value), and a run already in its directory has the same config (or only more steps: it is
+extended; workdir.plan). A run whose directory another live process holds is skipped
+("busy") and left to that process.
+
 Groups often share arms (the baseline of one table is the pre-norm arm of another; two papers
 at the same shape share their baseline). Before training an (arm, seed), the sweep looks for a
 finished run in the runs directory whose resolved config is the same (`same_config`); if there
@@ -34,7 +40,10 @@ from research import config as config_lib
 from research import experiments
 from research import report as report_lib
 from research.data import synthetic
-from research.train.trainer import Trainer, config_differences
+from research.errors import ResearchError, RunError, WorkdirBusy
+from research.train import workdir as workdir_lib
+from research.train.trainer import Trainer
+from research.train.workdir import config_differences
 
 # Keys that do not change what a run computes: where the corpora live, the progress bar, and
 # the vocabulary size (0 in a config means "the tokenizer's", filled in when the run starts).
@@ -81,6 +90,9 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
         raise config_lib.unknown_key_error(a, known, what=f"arm of sweep group '{group}'")
     selected = set(arms)
   seeds = sweep.seeds if seeds is None else seeds
+  if seeds < 1:
+    raise config_lib.ConfigError(f"--seeds={seeds}: a sweep needs at least one seed")
+  _check_overrides(group, group_arms, overrides or {})
   arg = sweep.arg if arg is None else arg
   root = Path(runs_dir) / name / group
   path = manifest_path(runs_dir, name, group)
@@ -107,8 +119,11 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   def save():
     path.write_text(json.dumps(manifest, indent=2, default=str))
 
+  configs = _check_arms(name, arg, root, [e for e in entries if e["arm"] in selected
+                                          and not e.get("reused")], data_dir)
   for e in entries:
-    if (root / e["workdir"] / "summary.json").exists():
+    if (root / e["workdir"] / "summary.json").exists() and configs.get(
+        (e["arm"], e["seed"]), "finished") == "finished":
       e["status"] = "done"
       e.pop("reported", None)
   save()
@@ -137,7 +152,7 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       log(f"{arm_name}: same config as {source}, reported with all {seeds} seeds ({date}), "
           "skipped")
     save()
-  failed = []
+  failed, busy = [], []
   todo = [e for e in entries if e["arm"] in selected]
   for i, e in enumerate(todo):
     tag = f"[{i + 1}/{len(todo)}] {e['arm']} seed {e['seed']}"
@@ -170,14 +185,50 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       e["status"] = "pending"
       save()
       raise
-    except Exception:  # one failed arm must not stop the table; it is reported at the end
-      log(traceback.format_exc())
+    except WorkdirBusy as err:  # another process trains this arm: leave it to that process
+      log(f"{tag}: skipped, {err}")
+      e["status"] = "busy"
+      busy.append(f"{e['arm']} seed {e['seed']}")
+    except Exception as err:  # one failed arm must not stop the table; it is reported at the end
+      log(f"{tag}: failed: {err}" if isinstance(err, ResearchError) else traceback.format_exc())
       e["status"] = "failed"
       failed.append(f"{e['arm']} seed {e['seed']}")
     save()
+  if busy:
+    log(f"{len(busy)} run(s) left to the processes that hold them: {', '.join(busy)}")
   if failed:
-    raise RuntimeError(f"sweep {name}/{group}: {len(failed)} run(s) failed: {', '.join(failed)}")
+    raise RunError(f"sweep {name}/{group}: {len(failed)} run(s) failed: {', '.join(failed)} "
+                   "(the log above says why; re-running the sweep retries them)")
   return path
+
+
+def _check_overrides(group: str, arms: list, overrides: dict) -> None:
+  """A sweep override may not set what the group's arms set: the arm's name stands for that
+  value (an override would give every row one value under different labels)."""
+  owned = {k for arm in arms for k in arm.overrides} | {"seed"}
+  clash = sorted(k for k in overrides if k in owned)
+  if clash:
+    raise config_lib.ConfigError(
+        f"--config.{clash[0]} is set by the arms of sweep group '{group}' (or by --seeds); a "
+        "sweep override cannot change it: add an arm, or train the variant with `research run`")
+
+
+def _check_arms(name: str, arg: str, root: Path, entries: list[dict],
+                data_dir: str | None) -> dict[tuple[str, int], str]:
+  """Builds every entry's config and checks it against a run already in its directory, before
+  anything trains; returns (arm, seed) -> workdir.plan's action. Raises the first problem."""
+  actions = {}
+  for e in entries:
+    ov = dict(e["overrides"])
+    if data_dir:
+      ov["data.data_dir"] = data_dir
+    try:
+      resolved = config_lib.resolve(experiments.get_config(f"{name}:{arg}", ov))
+      actions[(e["arm"], e["seed"])], _ = workdir_lib.plan(root / e["workdir"],
+                                                           resolved.to_dict())
+    except ResearchError as err:
+      raise type(err)(f"arm {e['arm']} seed {e['seed']}: {err}") from None
+  return actions
 
 
 def _all_seeds(row: dict, seeds: int) -> bool:

@@ -308,8 +308,24 @@ def test_passkey_mix_is_reproducible_and_resumes_exactly():
   assert "passkey_mix" not in none.get_state()["settings"]
   with pytest.raises(data.DataError, match=r"passkey_mix must be in \[0, 1\)"):
     _mix_iterator(1.0)
-  with pytest.raises(data.DataError, match="cannot hold a passkey prompt with 3 needle"):
+  with pytest.raises(data.DataError, match="cannot hold every passkey prompt with up to 3 needle"):
     _mix_iterator(0.5, seq_len=100)
+
+
+def test_passkey_windows_of_the_checked_length_fit_every_draw():
+  """The check bounds the longest prompt (names and keys drawn), so a window of exactly
+  min_training_window tokens never fails, and one token less is refused before training."""
+  from research.data import passkey  # pylint: disable=import-outside-toplevel
+  tok, _ = _mix_iterator(0.0)
+  stream = tok.encode(MIX_TEXT).astype(np.int32)
+  need = passkey.min_training_window(tok, 3, 5)
+  rng = np.random.default_rng(0)
+  lengths = {len(passkey.training_window(tok, stream, need, rng, max_keys=3))
+             for _ in range(400)}
+  assert lengths == {need}
+  with pytest.raises(data.DataError, match=f"raise data.seq_len to at least {need - 1}"):
+    _mix_iterator(0.5, seq_len=need - 2)
+  _mix_iterator(0.5, seq_len=need - 1)  # window seq_len + 1 = need
 
 
 @pytest.mark.parametrize("process_count", [2, 4])

@@ -62,9 +62,19 @@ def start_and_signal(workdir: Path, sig: int, after_checkpoint: int) -> subproce
 def final_checkpoint(workdir: Path):
   ckpt = Checkpointer(workdir / "checkpoints", keep=2, async_save=False)
   step = ckpt.latest_step()
-  state, data_state = ckpt.restore(step, None)
+  state, data_state, _ = ckpt.restore(step, None)
   ckpt.close()
   return step, state, data_state
+
+
+# the logged quantities that are a function of the step (not of the wall clock)
+PER_STEP = ("split", "step", "loss", "lr", "grad_norm", "bpb")
+
+
+def per_step_rows(workdir: Path) -> list[dict]:
+  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [{k: v for k, v in r.items() if k in PER_STEP or k.startswith(("aux/", "stat/"))}
+          for r in rows]
 
 
 def valid_losses(workdir: Path) -> dict[int, float]:
@@ -93,6 +103,9 @@ def assert_same_run(a: Path, b: Path):
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bit-identical
   assert valid_losses(a)[STEPS] == valid_losses(b)[STEPS]
+  # metrics.jsonl row for row: a resumed run logs each step once, with the uninterrupted
+  # run's values (the lost steps' rows are cut; the unlogged steps' metrics were checkpointed)
+  assert per_step_rows(a) == per_step_rows(b)
 
 
 def test_killed_run_resumes_bit_identical(uninterrupted, tmp_path):
@@ -110,6 +123,9 @@ def test_ctrl_c_saves_and_resumes_bit_identical(uninterrupted, tmp_path):
   assert "interrupted at step" in p.stdout
   step = int(p.stdout.split("interrupted at step ")[1].split(":")[0])
   assert (tmp_path / "checkpoints" / str(step)).is_dir()  # saved where it stopped
+  if step % 20:  # between log lines: the steps since the last one were saved with it
+    assert json.loads(next((tmp_path / "checkpoints" / str(step) / "log").glob("*")).read_text()
+                      if (tmp_path / "checkpoints" / str(step) / "log").is_dir() else "{}")
   run_cli(tmp_path)
   assert_same_run(uninterrupted, tmp_path)
 
@@ -164,7 +180,7 @@ def test_changed_config_in_same_workdir_is_refused(uninterrupted):
   finally:
     (uninterrupted / "summary.bak").rename(uninterrupted / "summary.json")
   assert p.returncode == 2
-  assert "different config (differs in train.lr)" in p.stderr
+  assert "different config: train.lr 0.001 -> 0.5; pass --restart" in p.stderr
 
 
 # ---------------------------------------------------------------- in-process pieces

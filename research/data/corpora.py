@@ -63,11 +63,13 @@ import unicodedata
 from pathlib import Path
 from typing import Callable
 
+from research.errors import ResearchError
+
 DATA_DIR_ENV = "RESEARCH_DATA_DIR"
 CACHE_DIR_ENV = "RESEARCH_CACHE_DIR"
 
 
-class DataError(Exception):
+class DataError(ResearchError):
   """Base class of the data package's errors; the message is one line saying what to do."""
 
 

@@ -30,6 +30,10 @@ MULTI_QUESTION = " What is the pass key of {name}? The pass key of {name} is"
 NAMES = ("red", "blue", "green", "gold", "white", "black", "brown", "grey", "pink", "violet")
 
 
+class PromptTooShort(ValueError):
+  """The needles and the question do not leave room for a haystack in the prompt."""
+
+
 @dataclasses.dataclass
 class RetrievalExample:
   tokens: np.ndarray  # [length] int32, the prompt
@@ -90,7 +94,7 @@ def make_example(tokenizer, filler: np.ndarray, length: int, rng: np.random.Gene
     question = _encode(tokenizer, MULTI_QUESTION.format(name=asked))
   n_fill = length - len(question) - sum(len(x) for x in needles.values())
   if n_fill < 1:
-    raise ValueError(f"length {length} is too short for the needles and the question")
+    raise PromptTooShort(f"length {length} is too short for the needles and the question")
   if len(filler) < n_fill:
     raise ValueError(f"the filler stream ({len(filler)} tokens) is shorter than the "
                      f"{n_fill} haystack tokens of a {length}-token prompt")
@@ -116,6 +120,43 @@ def answer_text(key: str) -> str:
   return f" {key}."
 
 
+def _probe_keys(tokenizer, key_len: int) -> list[str]:
+  """Keys that bound the token length of any key: each letter of the alphabet repeated, and a
+  fixed draw of mixed ones (exact for character and byte tokenizers, where every key of
+  key_len characters is key_len tokens)."""
+  alphabet = list(key_alphabet(tokenizer))
+  rng = np.random.default_rng(0)
+  return [c * key_len for c in alphabet] + ["".join(rng.choice(alphabet, size=key_len))
+                                            for _ in range(16)]
+
+
+def answer_tokens(tokenizer, key_len: int) -> int:
+  """Tokens of the answer a training window ends with (that of a probe key)."""
+  return len(_encode(tokenizer, answer_text(key_alphabet(tokenizer)[0] * key_len)))
+
+
+def prompt_overhead(tokenizer, num_keys: int, key_len: int) -> int:
+  """The most tokens the needles and the question of a `num_keys` prompt take, over the names
+  and keys that can be drawn: a prompt of length L has at least L - this haystack tokens."""
+  keys = _probe_keys(tokenizer, key_len)
+
+  def longest(template: str, **names) -> int:
+    return max(len(_encode(tokenizer, template.format(key=k, **names))) for k in keys)
+
+  if num_keys == 1:
+    return longest(NEEDLE) + len(_encode(tokenizer, QUESTION))
+  needles = sorted((longest(MULTI_NEEDLE, name=n) for n in NAMES), reverse=True)[:num_keys]
+  question = max(len(_encode(tokenizer, MULTI_QUESTION.format(name=n))) for n in NAMES)
+  return sum(needles) + question
+
+
+def min_training_window(tokenizer, max_keys: int, key_len: int) -> int:
+  """The shortest training window that holds a prompt with up to `max_keys` needles, at least
+  one haystack token, and the answer, whatever names and keys are drawn."""
+  return (max(prompt_overhead(tokenizer, k, key_len) for k in range(1, max_keys + 1))
+          + 1 + answer_tokens(tokenizer, key_len))
+
+
 def training_window(tokenizer, filler: np.ndarray, window: int, rng: np.random.Generator, *,
                     max_keys: int = 1, key_len: int = 5,
                     num_keys: int | None = None) -> np.ndarray:
@@ -124,14 +165,18 @@ def training_window(tokenizer, filler: np.ndarray, window: int, rng: np.random.G
   tokens, the answer's tokens last, so the next-token loss at the question's end is retrieval.
 
   The prompt is built for the answer length of a probe key; with a subword tokenizer a drawn
-  key may encode to another length, and the draw is repeated (a character or byte tokenizer
-  never needs it).
+  key may encode to another length, or to more tokens than the probes bound
+  (`min_training_window`), and the draw is repeated (a character or byte tokenizer in a window
+  of at least `min_training_window` tokens never needs it).
   """
-  n_answer = len(_encode(tokenizer, answer_text(key_alphabet(tokenizer)[0] * key_len)))
+  n_answer = answer_tokens(tokenizer, key_len)
   for _ in range(32):
     keys = int(rng.integers(1, max_keys + 1)) if num_keys is None else num_keys
-    example = make_example(tokenizer, filler, window - n_answer, rng, num_keys=keys,
-                           key_len=key_len)
+    try:
+      example = make_example(tokenizer, filler, window - n_answer, rng, num_keys=keys,
+                             key_len=key_len)
+    except PromptTooShort:
+      continue
     answer = _encode(tokenizer, answer_text(example.answer))
     if len(answer) == n_answer:
       return np.concatenate([example.tokens, answer]).astype(np.int32)

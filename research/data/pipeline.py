@@ -137,15 +137,22 @@ class PasskeyMix:
             "passkey_key_len": int(self.key_len)}
 
   def check(self, filler: np.ndarray, window: int) -> None:
-    """Fails now, not mid-training, when a prompt with max_keys needles cannot fit a window."""
+    """Fails now, not mid-training, unless every prompt that can be drawn (1..max_keys needles,
+    the longest names and keys) fits a window."""
     from research.data import passkey  # pylint: disable=import-outside-toplevel
     try:
-      passkey.training_window(self.tokenizer, filler, window, np.random.default_rng(0),
-                              key_len=self.key_len, num_keys=self.max_keys)
+      need = passkey.min_training_window(self.tokenizer, self.max_keys, self.key_len)
+      if window >= need:  # and a real one builds from this filler
+        passkey.training_window(self.tokenizer, filler, window, np.random.default_rng(0),
+                                key_len=self.key_len, num_keys=self.max_keys)
     except ValueError as e:
+      raise DataError(f"data.passkey_mix: a passkey prompt cannot be built ({e}): change "
+                      "data.passkey_key_len or the tokenizer") from None
+    if window < need:
       raise DataError(f"data.passkey_mix: a window of seq_len + 1 = {window} tokens cannot hold "
-                      f"a passkey prompt with {self.max_keys} needle(s) ({e}): raise "
-                      "data.seq_len or lower data.passkey_keys") from None
+                      f"every passkey prompt with up to {self.max_keys} needle(s) (the longest "
+                      f"needs {need}): raise data.seq_len to at least {need - 1} or lower "
+                      "data.passkey_keys")
 
   def window(self, filler: np.ndarray, window: int, seed: int, epoch: int, index: int):
     """The passkey window replacing window `index` of `epoch`, or None (drawn from the three)."""

@@ -144,7 +144,7 @@ def from_checkpoint(workdir: str | Path):
       raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-    state, _ = ckpt.restore(step, abstract)
+    state, _, _ = ckpt.restore(step, abstract)
   finally:
     ckpt.close()
   return nnx.merge(run.graphdef, state["params"], state["other"])

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from research import sharding
+from research.errors import InputError
 from research.infer.cache import KVCache
 from research.infer.sampling import GREEDY, Sampling, draw
 from research.model.context import ForwardContext
@@ -102,6 +103,7 @@ class Engine:
     self.max_len = max_len
     self.mesh = mesh
     self.prefill_kind = prefill_settings(model.cfg.attention).kind
+    self.vocab_size = model.cfg.vocab_size
     self.graphdef, self.state = nnx.split(model)
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("greedy",))
     self._step = jax.jit(self._step_fn, static_argnames=("greedy",), donate_argnames="cache")
@@ -131,6 +133,18 @@ class Engine:
     logits = model(tokens, ctx)
     return logits, ctx.cache.advance(tokens.shape[1])
 
+  def _check_ids(self, tokens) -> None:
+    """Token ids given from outside must be in the vocabulary (an id past the embedding table
+    would read clamped or undefined rows without an error). Arrays already on the device (the
+    engine's own next tokens) are not fetched to check."""
+    if isinstance(tokens, jax.Array):
+      return
+    ids = np.asarray(tokens)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+      bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+      raise InputError(f"token ids must be in 0..{self.vocab_size - 1} (the model's vocabulary); "
+                       f"got {bad[:5].tolist()}")
+
   def _mesh(self):
     return sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
@@ -139,6 +153,7 @@ class Engine:
               key: jax.Array | None = None) -> Prefill:
     """Runs the prompts tokens [batch, T] (right-padded; lengths [batch], default all T) into
     a fresh cache."""
+    self._check_ids(tokens)
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2 or tokens.shape[1] == 0:
       raise ValueError(f"prompts must be [batch, length] with length > 0, got {tokens.shape}")
@@ -166,6 +181,7 @@ class Engine:
     caller keeps lengths + 1 <= max_len."""
     if not sampling.greedy and key is None:
       raise ValueError("sampling with temperature > 0 needs key=")
+    self._check_ids(tokens)
     with self._mesh():
       return self._step(self.state, cache, jnp.asarray(tokens, jnp.int32), key,
                         *_sampling_values(sampling), greedy=sampling.greedy)
@@ -173,6 +189,7 @@ class Engine:
   def extend(self, cache: KVCache, tokens) -> tuple[jax.Array, KVCache]:
     """A continuation of t tokens [batch, t] attending densely over the cache and each other
     -> (logits [batch, t, vocab], the new cache). The cache passed in is consumed."""
+    self._check_ids(tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim != 2 or int(jnp.max(cache.lengths)) + tokens.shape[1] > self.max_len:
       raise ValueError(f"a continuation {tokens.shape} does not fit the cache "

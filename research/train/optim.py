@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-SCHEDULES = ("constant", "cosine", "wsd")
+SCHEDULES = ("constant", "cosine", "wsd")  # research.config.CHOICES["train.schedule"]
 
 
 def make_schedule(t) -> optax.Schedule:

@@ -9,10 +9,13 @@ A run lives in a work directory:
   checkpoints/    orbax: train state (params, optimizer state, step) and data-iterator state
   summary.json    written when the run finishes
   loss.png        the run's loss curves
+  lock            held by the process training here (research/train/workdir.py)
 
 Re-running the same command on the same work directory resumes from the last checkpoint; on CPU
 the resumed run is bit-identical to an uninterrupted one, because everything that varies per
-step (batch, dropout key) is a function of (seed, step) or of the restored iterator state.
+step (batch, dropout key) is a function of (seed, step) or of the restored iterator state, and
+its metrics.jsonl is cut back to the restored step first, so it holds each step once. What a
+changed config does to a run on disk (resume, extend, refuse, restart) is workdir.plan's.
 """
 
 from __future__ import annotations
@@ -21,10 +24,8 @@ import dataclasses
 import importlib.metadata
 import json
 import math
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-import ml_collections
 import optax
 from tqdm import tqdm
 
@@ -45,16 +45,16 @@ from research.eval import synthetic as synthetic_eval
 from research.model import ForwardContext, create_model, compute_dtype, model_summary
 from research.model import lr_multipliers
 from research.model import overhead as overhead_lib
+from research.errors import RunError
+from research.train import interrupt
 from research.train import mfu as mfu_lib
+from research.train import workdir as workdir_lib
 from research.train.checkpoint import CheckpointError, Checkpointer
 from research.train.optim import make_optimizer
+from research.train.workdir import config_differences  # noqa: F401  (re-exported)
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy",
             "ml_collections", "tokenizers")
-
-
-class RunError(RuntimeError):
-  """The run cannot start or continue as asked (e.g. its work directory holds another run)."""
 
 
 def git_revision() -> str:
@@ -158,15 +158,66 @@ class Run:
   exact_match_step: Any = None  # synthetic tasks: (params, other, batch) -> (correct, answers)
 
 
+def make_data(c, corpus):
+  """(train iterator, fixed validation batches) of the resolved config `c` over `corpus`, this
+  process's share of them; a data setting that cannot work (a passkey prompt that does not fit
+  a window, a validation split too small) fails here, before training."""
+  pi, pc = jax.process_index(), jax.process_count()
+  mix = None
+  if c.data.passkey_mix > 0:
+    mix = data_lib.PasskeyMix(c.data.passkey_mix, corpus.tokenizer, c.data.passkey_keys,
+                              c.data.passkey_key_len)
+  train_iter = data_lib.make_train_iterator(
+      corpus.train, seq_len=c.data.seq_len, batch_size=c.train.batch_size // pc, seed=c.seed,
+      process_index=pi, process_count=pc, aligned=getattr(corpus, "task", None) is not None,
+      mix=mix)
+  e = c.eval
+  valid_batches = data_lib.make_valid_batches(
+      corpus.valid, seq_len=c.data.seq_len, batch_size=e.batch_size // pc,
+      num_batches=e.batches, process_index=pi, process_count=pc)
+  return train_iter, valid_batches
+
+
+@dataclasses.dataclass
+class Restored:
+  """What a resumed run takes over from its work directory."""
+  step: int = 0
+  pending: list = dataclasses.field(default_factory=list)  # metrics of steps not yet logged
+  rows: list = dataclasses.field(default_factory=list)  # metrics.jsonl rows up to `step`
+
+
+def pending_log_state(pending: list) -> dict:
+  """The metrics of steps trained since the last log line, as JSON for a checkpoint."""
+  fetched = jax.device_get(pending)
+  if not fetched:
+    return {}
+  keys = list(fetched[0])
+  return {"metrics": {k: [float(m[k]) for m in fetched] for k in keys},
+          "dtypes": {k: np.asarray(fetched[0][k]).dtype.name for k in keys}}
+
+
+def pending_from_log_state(log_state: dict) -> list:
+  """The inverse of pending_log_state: per-step dicts of numpy scalars of the logged dtypes."""
+  metrics, dtypes = log_state.get("metrics", {}), log_state.get("dtypes", {})
+  n = len(next(iter(metrics.values()))) if metrics else 0
+  return [{k: np.asarray(v[i], dtypes.get(k, "float32")) for k, v in metrics.items()}
+          for i in range(n)]
+
+
 class Trainer:
-  """Trains `config` in `workdir`; `run()` returns the summary dict."""
+  """Trains `config` in `workdir`; `run()` returns the summary dict.
+
+  `restart`: discard a run already in `workdir` and start over (otherwise a different config
+  there is refused; workdir.plan). Errors are typed (research.errors) with one-line messages.
+  """
 
   def __init__(self, config, workdir: str | Path, *, experiment: str = "", arg: str = "",
-               overrides: dict | None = None, log=print):
+               overrides: dict | None = None, log=print, restart: bool = False):
     self.raw_config = config
     self.workdir = Path(workdir)
     self.experiment, self.arg, self.overrides = experiment, arg, dict(overrides or {})
     self.log = log
+    self.restart = restart
 
   # ---------------------------------------------------------------- set-up
   def _resolve(self):
@@ -180,20 +231,11 @@ class Trainer:
           f"model.vocab_size={c.model.vocab_size} is smaller than the tokenizer's {vocab}")
     return c, corpus
 
-  def _write_config(self, c) -> None:
+  def _write_config(self, c, note: str = "") -> None:
     record = {"experiment": self.experiment, "arg": self.arg, "overrides": self.overrides,
               "config": c.to_dict(), "git_revision": git_revision(),
               "packages": package_versions()}
-    path = self.workdir / "config.json"
-    if path.exists():
-      old = json.loads(path.read_text()).get("config", {})
-      diffs = config_differences(old, record["config"])
-      if diffs:
-        raise RunError(
-            f"{self.workdir} holds a run with a different config (differs in {', '.join(diffs[:5])}); "
-            "use another --workdir")
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, default=str))
+    workdir_lib.write_record(self.workdir, record, workdir_lib.read_record(self.workdir), note)
 
   def build(self, c=None, corpus=None) -> Run:
     if c is None:
@@ -224,19 +266,7 @@ class Trainer:
     batch_sharding = sharding.named_sharding(("batch", "seq"), (t.batch_size, c.data.seq_len), mesh)
     step_fn = jax.jit(make_train_step(graphdef, tx, schedule, c), donate_argnums=0,
                       out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
-    pi, pc = jax.process_index(), jax.process_count()
-    mix = None
-    if c.data.passkey_mix > 0:
-      mix = data_lib.PasskeyMix(c.data.passkey_mix, corpus.tokenizer, c.data.passkey_keys,
-                                c.data.passkey_key_len)
-    train_iter = data_lib.make_train_iterator(
-        corpus.train, seq_len=c.data.seq_len, batch_size=t.batch_size // pc, seed=c.seed,
-        process_index=pi, process_count=pc, aligned=getattr(corpus, "task", None) is not None,
-        mix=mix)
-    e = c.eval
-    valid_batches = data_lib.make_valid_batches(
-        corpus.valid, seq_len=c.data.seq_len, batch_size=e.batch_size // pc,
-        num_batches=e.batches, process_index=pi, process_count=pc)
+    train_iter, valid_batches = make_data(c, corpus)
     return Run(config=c, mesh=mesh, corpus=corpus, graphdef=graphdef, state=state,
                step_fn=step_fn, eval_step=lm_eval.make_eval_step(graphdef),
                train_iter=train_iter, valid_batches=valid_batches,
@@ -273,36 +303,59 @@ class Trainer:
             for k, v in batch.items()}
 
   def run(self) -> dict:
-    summary_path = self.workdir / "summary.json"
-    if summary_path.exists():
-      done = json.loads(summary_path.read_text())
-      self.log(f"run in {self.workdir} already finished at step {done['step']} "
-               f"(valid loss {done['valid_loss']:.4f}); nothing to do")
-      return done
-    c, corpus = self._resolve()
-    self._write_config(c)
-    r = self.build(c, corpus)
-    self._describe(r)
-    ckpt = Checkpointer(self.workdir / "checkpoints", keep=c.train.keep_checkpoints)
-    state = r.state
-    latest = ckpt.latest_step()
-    if latest is not None:
-      abstract = jax.tree.map(
-          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-      state, data_state = ckpt.restore(latest, abstract)
-      r.train_iter.set_state(data_state)
-      self.log(f"resumed from step {latest} ({self.workdir / 'checkpoints'})")
-    try:
-      result = self._loop(r, state, ckpt)
-    except CheckpointError:
-      raise  # closing would wait on the failed save
-    except BaseException:
+    """Trains (or resumes, extends, or reports finished) the run; returns its summary. Holds
+    the work directory's lock throughout; Ctrl-C / SIGTERM stop it at the next safe point."""
+    with interrupt.handling_stops() as stop, workdir_lib.WorkdirLock(self.workdir, log=self.log):
+      stop.check("stopped before the run started")
+      c, corpus = self._resolve()
+      if self.restart:
+        workdir_lib.clear_run(self.workdir, self.log)
+      action, note = workdir_lib.plan(self.workdir, c.to_dict())
+      if note:
+        self.log(note)
+      if action == "finished":
+        done = workdir_lib.read_summary(self.workdir)
+        self.log(f"run in {self.workdir} already finished at step {done['step']} (valid loss "
+                 f"{done['valid_loss']:.4f}{', diverged' if done.get('diverged') else ''}); "
+                 "nothing to do")
+        return done
+      if action == "extend":
+        (self.workdir / "summary.json").unlink(missing_ok=True)
+      self._write_config(c, note)
+      r = self.build(c, corpus)
+      self._describe(r)
+      stop.check("stopped before training: nothing was trained or saved")
+      ckpt = Checkpointer(self.workdir / "checkpoints", keep=c.train.keep_checkpoints)
+      try:
+        state, restored = self._restore(r, ckpt)
+        result = self._loop(r, state, ckpt, restored, stop)
+      except BaseException:
+        try:
+          ckpt.close()
+        except CheckpointError:
+          pass  # the error being raised already says what stopped the run
+        raise
       ckpt.close()
-      raise
-    ckpt.close()
-    return result
+      return result
 
-  def _loop(self, r: Run, state: dict, ckpt: Checkpointer) -> dict:
+  def _restore(self, r: Run, ckpt: Checkpointer) -> tuple[dict, Restored]:
+    """The state to start from: the newest readable checkpoint's, with the iterator position
+    and unlogged metrics it saved, and metrics.jsonl cut back to its step; else the fresh one."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), r.state)
+    latest = ckpt.restore_latest(abstract, log=self.log)
+    metrics = self.workdir / "metrics.jsonl"
+    if latest is None:
+      workdir_lib.cut_metrics(metrics, 0)  # killed before its first checkpoint: start over
+      return r.state, Restored()
+    step, state, data_state, log_state = latest
+    r.train_iter.set_state(data_state)
+    rows = workdir_lib.cut_metrics(metrics, step)
+    self.log(f"resumed from step {step} ({self.workdir / 'checkpoints'})")
+    return state, Restored(step, pending_from_log_state(log_state), rows)
+
+  def _loop(self, r: Run, state: dict, ckpt: Checkpointer, restored: Restored,
+            stop: interrupt.StopRequests) -> dict:
     c, t = r.config, r.config.train
     start = int(state["step"])
     tokens_per_step = t.batch_size * c.data.seq_len
@@ -317,6 +370,15 @@ class Trainer:
       metrics_file.flush()
 
     scores = {}  # last evaluation's task scores, for the summary
+    # The last evaluation and train loss so far (a resumed run's from its kept rows).
+    last_valid, last_valid_step, train_loss = (float("nan"), float("nan")), -1, float("nan")
+    for row in restored.rows:
+      if row.get("split") == "valid":
+        last_valid, last_valid_step = (row["loss"], row.get("bpb", float("nan"))), row["step"]
+        if "exact_match" in row:
+          scores["valid_exact_match"] = row["exact_match"]
+      elif row.get("split") == "train":
+        train_loss = row["loss"]
 
     def run_eval(step):
       loss = lm_eval.evaluate(r.eval_step, state["params"], state["other"], valid_batches)
@@ -332,32 +394,33 @@ class Trainer:
       # The next batch is taken while the device runs the current step; the iterator state
       # saved in a checkpoint is the one from *before* that prefetch, so resume is exact.
       data_state = r.train_iter.get_state()
-      batch = self.put_batch(r, next(r.train_iter))
-      compiled = r.step_fn.lower(state, batch).compile()
+      batch = self.put_batch(r, next(r.train_iter)) if start < t.steps else None
+      compiled = r.step_fn.lower(state, batch).compile() if batch is not None else None
       bar = tqdm(total=t.steps, initial=start, disable=not t.progress, dynamic_ncols=True,
                  unit="step", file=sys.stderr)
-      pending: list[dict] = []
+      # metrics of the steps since the last log line (a resumed run's first ones were saved
+      # with its checkpoint, so its log lines are the uninterrupted run's)
+      pending: list[dict] = list(restored.pending)
       interval_start, interval_steps = time.perf_counter(), 0
       train_time, trained_steps = 0.0, 0  # this session's, without evaluation and checkpoints
-      last_valid = (float("nan"), float("nan"))
-      train_loss = float("nan")
       tokens_per_s = float("nan")
       step = start
-      stop = _StopRequest()
       saved_step = start
       try:
         while step < t.steps:
           if stop.requested:
-            # Ctrl-C is only acted on here, between steps, where (step, state, data_state)
-            # agree; a KeyboardInterrupt raised mid-step could pair a state with the wrong
-            # iterator position and break exact resume.
+            # A stop is only acted on here, between steps, where (step, state, data_state)
+            # agree; an interrupt raised mid-step could pair a state with the wrong iterator
+            # position and break exact resume.
             bar.close()
             if saved_step != step:
-              ckpt.save(step, state, data_state, force=True)
+              ckpt.save(step, state, data_state, pending_log_state(pending), force=True)
             ckpt.wait()
-            self.log(f"interrupted at step {step}: checkpoint saved in "
-                     f"{self.workdir / 'checkpoints'}; run the same command again to resume")
-            raise KeyboardInterrupt
+            where = (f"checkpoint saved in {self.workdir / 'checkpoints'}" if step > 0 else
+                     "nothing trained yet")
+            self.log(f"interrupted at step {step}: {where}; run the same command again to "
+                     "resume")
+            stop.check()
           state, metrics = compiled(state, batch)
           step += 1
           pending.append(metrics)
@@ -393,14 +456,15 @@ class Trainer:
                                     trained_steps, train_time, diverged=True)
           paused = time.perf_counter()
           if step % c.eval.every == 0 or step == t.steps:
-            last_valid = run_eval(step)
+            last_valid, last_valid_step = run_eval(step), step
             bar.write(f"step {step}: valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} bits/byte")
           if step % t.checkpoint_every == 0 or step == t.steps:
-            ckpt.save(step, state, data_state)
+            ckpt.save(step, state, data_state, pending_log_state(pending))
             saved_step = step
           interval_start += time.perf_counter() - paused
+        if last_valid_step != step:  # resumed at the end (killed before its summary): evaluate
+          last_valid = run_eval(step)
       finally:
-        stop.restore()
         metrics_file.close()
       bar.close()
       ckpt.wait()
@@ -411,7 +475,9 @@ class Trainer:
   def _finish(self, r: Run, step: int, last_valid, train_loss: float, trained_steps: int,
               train_time: float, *, diverged: bool = False, state=None, valid_batch=None,
               extra: dict | None = None) -> dict:
-    """Writes summary.json (and loss.png): the run is finished, or ended as diverged."""
+    """Writes summary.json (and loss.png): the run is finished, or ended as diverged (a train
+    or valid loss that is not finite)."""
+    diverged = diverged or not math.isfinite(last_valid[0])
     tokens_per_step = r.config.train.batch_size * r.config.data.seq_len
     summary = {"step": step, "valid_loss": last_valid[0], "valid_bpb": last_valid[1],
                "train_loss": train_loss,
@@ -435,54 +501,13 @@ class Trainer:
       report.plot_run(self.workdir)
     except Exception as e:  # a plot must never cost a finished run
       self.log(f"could not plot {self.workdir}: {e}")
-    self.log(f"done: step {step}, valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} bits/byte, "
-             f"{summary['tokens_per_s']:,.0f} tokens/s; {self.workdir}")
+    if diverged:
+      self.log(f"diverged: step {step}, train loss {train_loss:.4g}, valid loss "
+               f"{last_valid[0]:.4g}; {self.workdir} (summary.json marks it diverged)")
+    else:
+      self.log(f"done: step {step}, valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} "
+               f"bits/byte, {summary['tokens_per_s']:,.0f} tokens/s; {self.workdir}")
     return summary
-
-
-class _StopRequest:
-  """Turns the first Ctrl-C (SIGINT) into a flag the training loop checks between steps; a
-  second Ctrl-C interrupts at once. Only installed in the main thread (signals go there)."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGINT, self._handle)
-
-  def _handle(self, signum, frame):
-    if self.requested:
-      raise KeyboardInterrupt
-    self.requested = True
-
-  def restore(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-      self._previous = None
-
-
-_MISSING = object()
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-  """Dotted keys whose value in the config of a run on disk (`old`) differs from `new`.
-
-  A key the old run does not have (an option added to the code since it started) is no
-  difference when `new` holds the key's default value: the default reproduces the old code's
-  behaviour, so such a run still resumes. `train.progress` (a display switch) is ignored.
-  """
-  defaults = config_lib.default_config().to_dict()
-  diffs = []
-  for k in config_lib.flat_keys(ml_collections.ConfigDict(new)):
-    if k == "train.progress":
-      continue
-    was, now = config_lib.get_dotted(old, k, _MISSING), config_lib.get_dotted(new, k)
-    if was is _MISSING:
-      if now != config_lib.get_dotted(defaults, k):
-        diffs.append(k)
-    elif was != now:
-      diffs.append(k)
-  return diffs
 
 
 def train(config, workdir, **kwargs) -> dict:
