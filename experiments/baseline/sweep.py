@@ -12,4 +12,7 @@ def get_sweep() -> Sweep:
       Arm("lr=1e-3", {"train.lr": 1e-3}, paper={"valid_loss (nanoGPT)": 1.88}),
       Arm("lr=3e-3", {"train.lr": 3e-3}),
   ]
-  return Sweep(groups={"lr": lr}, arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="lr")
+  # The claim (valid loss <= 1.88 at nanoGPT's lr 1e-3) is against a number, not an arm, so no
+  # arm carries a claim; the other learning rates are compared with nanoGPT's setting.
+  return Sweep(groups={"lr": lr}, arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="lr",
+               references={"lr": "lr=1e-3"}, varies={"lr": ("train.lr",)})
