@@ -48,7 +48,7 @@ def apply_scale(c: ml_collections.ConfigDict, scale: str, *, corpus: str = "",
     c.data.seq_len = 1024
     t.steps, t.batch_size, t.lr, t.warmup_steps = 5000, 32, 6e-4, 200
     t.log_every, t.checkpoint_every = 50, 1000
-    e.every, e.batches = 500, 50
+    e.every, e.batches = 500, 0  # every validation window that fits (WikiText-2: 7 x 32 x 1024)
   elif scale == "paper":
     m.num_layers, m.d_model, m.num_heads = 32, 4096, 32
     m.channel.d_ff = 11008
@@ -56,6 +56,8 @@ def apply_scale(c: ml_collections.ConfigDict, scale: str, *, corpus: str = "",
     t.steps, t.batch_size, t.lr, t.warmup_steps = 100_000, 1024, 3e-4, 2000
     m.remat = "block"
     c.mesh.preset = "fsdp"
+    # every validation window that fits, 16 per batch (WikiText-2 at 2048: 7 batches)
+    e.batches, e.batch_size = 0, 16
   return c
 
 

@@ -27,6 +27,7 @@ import math
 from typing import Iterator, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from research.errors import ResearchError
@@ -100,10 +101,41 @@ def make_mesh(preset: str = "dp", *, tensor: int = 1, expert: int = 1,
                        devices=devices)
 
 
+def initialize_distributed(mesh_cfg) -> None:
+  """Multi-host start-up, when `mesh.distributed` asks for it (once per process; before any
+  other jax computation). jax finds the coordinator and this process's rank on clusters it
+  knows (SLURM, Open MPI, Kubernetes, TPU pods); elsewhere the launcher sets
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  CPU processes exchange collectives over gloo (TCP)."""
+  if not mesh_cfg.distributed or jax.distributed.is_initialized():
+    return
+  import os  # pylint: disable=import-outside-toplevel
+  if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if os.environ.get("JAX_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if os.environ.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    raise MeshError(f"mesh.distributed: cannot join the cluster ({str(e).splitlines()[0]}); "
+                    "on a machine jax does not detect, set JAX_COORDINATOR_ADDRESS, "
+                    "JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
+
+
+def to_host(x) -> np.ndarray:
+  """A replicated array's value on this host, also when it spans other processes' devices
+  (where `np.asarray` / `float` refuse): its first local copy."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
 def mesh_from_config(mesh_cfg) -> jax.sharding.Mesh:
   """The mesh of `config.mesh`; multi-host start-up happens here, and only when asked."""
-  if mesh_cfg.distributed:
-    jax.distributed.initialize()
+  initialize_distributed(mesh_cfg)
   devices = jax.devices()
   n = mesh_cfg.num_devices
   if n:

@@ -69,3 +69,30 @@ def test_smoke_data_never_fails_for_any_draw(name):
     for _ in range(40):
       batch = next(train_iter)
       assert batch["inputs"].shape == (c.train.batch_size, c.data.seq_len)
+
+
+@pytest.mark.needs_data
+@pytest.mark.parametrize("name", NAMES)
+def test_small_and_paper_scales_size_their_data(name):
+  """The accelerator scales' data fits its corpus (WikiText-2 with GPT-2 BPE): the validation
+  batches are built and a training batch is drawn, as a run would at start."""
+  for scale in ("small", "paper"):
+    c = config_lib.resolve(experiments.get_config(f"{name}:scale={scale}"))
+    train_iter, valid = make_data(c, data.load_tokenized(c.data))
+    assert len(valid) >= 1 and valid[0]["inputs"].shape == (c.eval.batch_size, c.data.seq_len)
+    assert next(train_iter)["inputs"].shape == (c.train.batch_size, c.data.seq_len)
+
+
+@pytest.mark.needs_data
+def test_small_shape_trains_on_bpe_wikitext(tmp_path):
+  """The `small` scale's data path end to end (WikiText-2, GPT-2 BPE, its validation sizing) at
+  a width and length a CPU test can afford."""
+  config = experiments.get_config("baseline:scale=small", {
+      "model.num_layers": 2, "model.d_model": 64, "model.num_heads": 2, "data.seq_len": 128,
+      "train.batch_size": 4, "train.steps": 3, "train.warmup_steps": 1, "train.log_every": 1,
+      "eval.every": 3, "eval.batches": 2, "train.progress": False, "mesh.num_devices": 1})
+  summary = Trainer(config, tmp_path, experiment="baseline", arg="scale=small",
+                    log=lambda *_: None).run()
+  assert summary["step"] == 3 and summary["valid_loss"] < 11.5  # ln(50257) = 10.8 at init
+  record = json.loads((tmp_path / "config.json").read_text())["config"]
+  assert record["model"]["vocab_size"] == 50257 and record["data"]["tokenizer"] == "gpt2"

@@ -189,9 +189,13 @@ class TrainIterator:
     return {"grain": self._iter.get_state(), "settings": dict(self._settings)}
 
   def set_state(self, state: dict[str, Any]) -> None:
-    saved = state.get("settings", {})
-    if saved != self._settings:
-      diff = {k: (saved.get(k), v) for k, v in self._settings.items() if saved.get(k) != v}
+    """Restores a position saved by get_state. The process index is not compared: in a
+    multi-process run the checkpoint holds the primary process's state, and every process is
+    at the same position of its own shard."""
+    ours = {k: v for k, v in self._settings.items() if k != "process_index"}
+    saved = {k: v for k, v in state.get("settings", {}).items() if k != "process_index"}
+    if saved != ours:
+      diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
       raise DataError(f"data-iterator state was saved with other settings {diff} (saved, now):"
                       " resume with the data settings of the checkpointed run")
     self._iter.set_state(state["grain"])
@@ -283,10 +287,13 @@ def make_valid_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
     num_batches = total // per_step
   needed = num_batches * per_step
   if num_batches == 0 or needed > total:
+    fit = total // per_step
     raise DataError(f"the valid split holds {total} windows of {window} tokens, fewer than"
                     f" {max(needed, per_step)} for {max(num_batches, 1)} batch(es) of"
-                    f" {batch_size} x {process_count} process(es): lower eval batches, batch"
-                    " size or seq_len")
+                    f" {batch_size} x {process_count} process(es): "
+                    + (f"set eval.batches to at most {fit} (0: every window that fits)" if fit
+                       else f"set eval.batch_size to at most {total // process_count}")
+                    + ", or lower data.seq_len")
   chosen = (np.arange(needed) * total) // needed  # distinct, evenly spread grid indices
   starts = chosen[process_index::process_count].reshape(num_batches, batch_size) * window
   windows = tokens[starts[..., None] + np.arange(window)]  # [batches, batch, window]

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from research.eval.lm_eval import positions_for
+from research import sharding
 from research.model.context import ForwardContext
 
 
@@ -29,7 +30,7 @@ def layer_cosine(model, tokens: jax.Array) -> list[float]:
     h = h / (jnp.linalg.norm(h, axis=-1, keepdims=True) + 1e-12)
     return jnp.mean(jnp.sum(h[:-1] * h[1:], axis=-1), axis=(1, 2))
 
-  return [float(x) for x in run(model, tokens)]
+  return [float(x) for x in sharding.to_host(run(model, tokens))]
 
 
 def block_grad_norms(grads) -> dict[str, jax.Array]:

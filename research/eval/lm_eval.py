@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from research import sharding
 from research.model.context import ForwardContext
 
 
@@ -47,4 +48,4 @@ def evaluate(eval_step, params, other, batches: Iterable[dict]) -> float:
   for batch in batches:
     s, n = eval_step(params, other, batch)
     total, count = total + s, count + n
-  return float(total / count)
+  return float(sharding.to_host(total / count))

@@ -22,6 +22,7 @@ from flax import nnx
 
 from research.data.synthetic import VALID_STREAM, Task
 from research.eval.lm_eval import positions_for
+from research import sharding
 from research.model.context import ForwardContext
 
 
@@ -52,6 +53,7 @@ def exact_match(step, params, other, batches: Iterable[dict]) -> float:
   for batch in batches:
     c, n = step(params, other, batch)
     correct, total = correct + c, total + n
+  correct, total = sharding.to_host(correct), sharding.to_host(total)
   return float(correct / max(float(total), 1.0))
 
 

@@ -20,6 +20,7 @@ changed config does to a run on disk (resume, extend, refuse, restart) is workdi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.metadata
 import json
@@ -186,9 +187,21 @@ class Restored:
   rows: list = dataclasses.field(default_factory=list)  # metrics.jsonl rows up to `step`
 
 
+def fetch(tree):
+  """Device values to host numpy (replicated values of a multi-process run included)."""
+  return jax.tree.map(sharding.to_host, tree)
+
+
+def _sync_processes(name: str) -> None:
+  """A barrier of all processes of a multi-process run (nothing to do in one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 def pending_log_state(pending: list) -> dict:
   """The metrics of steps trained since the last log line, as JSON for a checkpoint."""
-  fetched = jax.device_get(pending)
+  fetched = fetch(pending)
   if not fetched:
     return {}
   keys = list(fetched[0])
@@ -218,6 +231,7 @@ class Trainer:
     self.experiment, self.arg, self.overrides = experiment, arg, dict(overrides or {})
     self.log = log
     self.restart = restart
+    self.primary = True  # process 0 of a multi-process run (set in run())
 
   # ---------------------------------------------------------------- set-up
   def _resolve(self):
@@ -304,12 +318,25 @@ class Trainer:
 
   def run(self) -> dict:
     """Trains (or resumes, extends, or reports finished) the run; returns its summary. Holds
-    the work directory's lock throughout; Ctrl-C / SIGTERM stop it at the next safe point."""
-    with interrupt.handling_stops() as stop, workdir_lib.WorkdirLock(self.workdir, log=self.log):
+    the work directory's lock throughout; Ctrl-C / SIGTERM stop it at the next safe point.
+
+    Multi-process (mesh.distributed): every process trains, reads its own data shard and takes
+    part in checkpoints (orbax writes one checkpoint from all); process 0 alone holds the lock
+    and writes config.json, metrics.jsonl, summary.json and the plots, so the work directory
+    must be on a file system every process sees.
+    """
+    sharding.initialize_distributed(self.raw_config.mesh)  # which process this is, first
+    self.primary = jax.process_index() == 0
+    if not self.primary:
+      self.log = lambda *_: None
+    lock = (workdir_lib.WorkdirLock(self.workdir, log=self.log) if self.primary
+            else contextlib.nullcontext())
+    with interrupt.handling_stops() as stop, lock:
       stop.check("stopped before the run started")
       c, corpus = self._resolve()
-      if self.restart:
+      if self.restart and self.primary:
         workdir_lib.clear_run(self.workdir, self.log)
+      _sync_processes("research: work directory ready")
       action, note = workdir_lib.plan(self.workdir, c.to_dict())
       if note:
         self.log(note)
@@ -319,9 +346,10 @@ class Trainer:
                  f"{done['valid_loss']:.4f}{', diverged' if done.get('diverged') else ''}); "
                  "nothing to do")
         return done
-      if action == "extend":
+      if action == "extend" and self.primary:
         (self.workdir / "summary.json").unlink(missing_ok=True)
-      self._write_config(c, note)
+      if self.primary:
+        self._write_config(c, note)
       r = self.build(c, corpus)
       self._describe(r)
       stop.check("stopped before training: nothing was trained or saved")
@@ -345,29 +373,33 @@ class Trainer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), r.state)
     latest = ckpt.restore_latest(abstract, log=self.log)
     metrics = self.workdir / "metrics.jsonl"
+    step = 0 if latest is None else latest[0]
+    if self.primary:  # a run killed before its first checkpoint starts its metrics over
+      rows = workdir_lib.cut_metrics(metrics, step)
+    else:  # the same rows, read only
+      rows = [row for row in workdir_lib.read_metrics(metrics) if row["step"] <= step]
     if latest is None:
-      workdir_lib.cut_metrics(metrics, 0)  # killed before its first checkpoint: start over
       return r.state, Restored()
     step, state, data_state, log_state = latest
     r.train_iter.set_state(data_state)
-    rows = workdir_lib.cut_metrics(metrics, step)
     self.log(f"resumed from step {step} ({self.workdir / 'checkpoints'})")
     return state, Restored(step, pending_from_log_state(log_state), rows)
 
   def _loop(self, r: Run, state: dict, ckpt: Checkpointer, restored: Restored,
             stop: interrupt.StopRequests) -> dict:
     c, t = r.config, r.config.train
-    start = int(state["step"])
+    start = int(sharding.to_host(state["step"]))
     tokens_per_step = t.batch_size * c.data.seq_len
     flops_per_step = r.summary["flops_per_token_train"] * tokens_per_step
     peak = mfu_lib.peak_flops_per_device() * jax.device_count()
     bytes_per_token = r.corpus.valid_bytes_per_token
-    metrics_file = open(self.workdir / "metrics.jsonl", "a")
+    metrics_file = open(self.workdir / "metrics.jsonl", "a") if self.primary else None
     valid_batches = [self.put_batch(r, b) for b in r.valid_batches]
 
     def write(record):
-      metrics_file.write(json.dumps(record) + "\n")
-      metrics_file.flush()
+      if metrics_file is not None:  # process 0 writes for all
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
 
     scores = {}  # last evaluation's task scores, for the summary
     # The last evaluation and train loss so far (a resumed run's from its kept rows).
@@ -396,8 +428,8 @@ class Trainer:
       data_state = r.train_iter.get_state()
       batch = self.put_batch(r, next(r.train_iter)) if start < t.steps else None
       compiled = r.step_fn.lower(state, batch).compile() if batch is not None else None
-      bar = tqdm(total=t.steps, initial=start, disable=not t.progress, dynamic_ncols=True,
-                 unit="step", file=sys.stderr)
+      bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and self.primary),
+                 dynamic_ncols=True, unit="step", file=sys.stderr)
       # metrics of the steps since the last log line (a resumed run's first ones were saved
       # with its checkpoint, so its log lines are the uninterrupted run's)
       pending: list[dict] = list(restored.pending)
@@ -430,7 +462,7 @@ class Trainer:
             batch = self.put_batch(r, next(r.train_iter))
           bar.update(1)
           if step % t.log_every == 0 or step == t.steps or step == 1:
-            fetched = jax.device_get(pending)
+            fetched = fetch(pending)
             now = time.perf_counter()
             tokens_per_s = interval_steps * tokens_per_step / (now - interval_start)
             train_loss = float(np.mean([m["loss"] for m in fetched]))
@@ -457,7 +489,9 @@ class Trainer:
           paused = time.perf_counter()
           if step % c.eval.every == 0 or step == t.steps:
             last_valid, last_valid_step = run_eval(step), step
-            bar.write(f"step {step}: valid loss {last_valid[0]:.4f}, {last_valid[1]:.4f} bits/byte")
+            if self.primary:
+              bar.write(f"step {step}: valid loss {last_valid[0]:.4f}, "
+                        f"{last_valid[1]:.4f} bits/byte")
           if step % t.checkpoint_every == 0 or step == t.steps:
             ckpt.save(step, state, data_state, pending_log_state(pending))
             saved_step = step
@@ -465,7 +499,8 @@ class Trainer:
         if last_valid_step != step:  # resumed at the end (killed before its summary): evaluate
           last_valid = run_eval(step)
       finally:
-        metrics_file.close()
+        if metrics_file is not None:
+          metrics_file.close()
       bar.close()
       ckpt.wait()
       return self._finish(r, step, last_valid, train_loss, trained_steps, train_time,
@@ -492,9 +527,12 @@ class Trainer:
       model = nnx.merge(r.graphdef, state["params"], state["other"])
       summary["layer_cosine"] = diagnostics.layer_cosine(model, valid_batch["inputs"])
       try:  # hyper / frac / vwn: connections.json and connections.png (their heat maps)
-        connections.write(model, self.workdir, title=f"{self.experiment}: {self.arg}")
+        if self.primary:
+          connections.write(model, self.workdir, title=f"{self.experiment}: {self.arg}")
       except Exception as e:  # a plot must never cost a finished run
         self.log(f"could not write the connection matrices of {self.workdir}: {e}")
+    if not self.primary:  # process 0 writes the run's files
+      return summary
     (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     try:
       from research import report
