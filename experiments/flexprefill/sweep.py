@@ -49,5 +49,8 @@ def eval_arms() -> dict[str, list[Arm]]:
 
 
 def get_sweep() -> Sweep:
+  # One training arm, no claim: the paper's claims (quality kept, prefill faster) are about the
+  # evaluation arms above, scored by evaluate.py rather than judged by `research report`
+  # (README.md gives their verdicts).
   return Sweep(groups={"train": [Arm("dense", {})]}, arg="scale=tiny", seeds=3,
                default_group="train")
