@@ -5,6 +5,7 @@
   research sweep NAME [--group G] [--seeds N] [--arg ARG] [--arms A,B] [--runs_dir DIR]
                       [--skip_reported] [--config.key=value ...]
   research report NAME [--group G] [--runs_dir DIR] [--out DIR]
+  research plan NAME[:ARG] [--cluster C ...] [--mfu F] [--no_lower] [--config.key=value ...]
   research data list | fetch CORPUS
 
 Exit status:
@@ -78,6 +79,16 @@ def _parser() -> argparse.ArgumentParser:
   rep.add_argument("--group", action="append", help="only this group (repeatable)")
   rep.add_argument("--runs_dir", default="runs")
   rep.add_argument("--out", help="output directory (default experiments/NAME/results)")
+  pl = sub.add_parser("plan", help="memory, fit and step time of a config on named clusters")
+  pl.add_argument("spec", help="NAME or NAME:ARG, e.g. baseline:scale=paper")
+  pl.add_argument("--cluster", action="append",
+                  help="a cluster shape of research/plan.py CLUSTERS (repeatable; default: "
+                       "h100x8, h100x64, v5p-256)")
+  pl.add_argument("--mfu", type=float, default=0.4, help="the MFU the step time assumes")
+  pl.add_argument("--vocab", type=int, default=50257,
+                  help="vocabulary size when the config leaves it to the tokenizer")
+  pl.add_argument("--no_lower", action="store_true",
+                  help="skip lowering the train step on the abstract mesh")
   d = sub.add_parser("data", help="list or fetch corpora")
   d.add_argument("action", choices=("list", "fetch"))
   d.add_argument("corpus", nargs="?")
@@ -142,6 +153,24 @@ def cmd_report(args) -> None:
   print(f"wrote {path}")
 
 
+def cmd_plan(args, overrides) -> None:
+  from research import experiments, plan
+  config = config_lib.resolve(experiments.get_config(args.spec, overrides))
+  if config.model.vocab_size == 0:
+    config.model.vocab_size = args.vocab
+  if not 0 < args.mfu <= 1:
+    raise config_lib.ConfigError(f"--mfu={args.mfu} must be in (0, 1]")
+  clusters = [plan.cluster(n) for n in (args.cluster or ["h100x8", "h100x64", "v5p-256"])]
+  print(f"{args.spec}: {config.model.num_layers} layers x {config.model.d_model}, "
+        f"batch {config.train.batch_size} x {config.data.seq_len}, mesh.preset "
+        f"{config.mesh.preset}, remat {config.model.remat}")
+  plans = []
+  for cl in clusters:
+    plans.append(plan.plan(config, cl, mfu=args.mfu, lower=not args.no_lower))
+  print(f"{plans[0].params / 1e9:.2f}B parameters")
+  print(plan.table(plans))
+
+
 def cmd_data(args) -> None:
   from research import data
   if args.action == "list":
@@ -172,8 +201,8 @@ def _dispatch(args, extra) -> int:
   from research.train.checkpoint import CheckpointError
   code = 0
   try:
-    overrides = _split_overrides(extra) if args.command in ("run", "sweep") else {}
-    if extra and args.command not in ("run", "sweep"):
+    overrides = _split_overrides(extra) if args.command in ("run", "sweep", "plan") else {}
+    if extra and args.command not in ("run", "sweep", "plan"):
       raise config_lib.ConfigError(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "list":
       cmd_list()
@@ -183,6 +212,8 @@ def _dispatch(args, extra) -> int:
       cmd_sweep(args, overrides)
     elif args.command == "report":
       cmd_report(args)
+    elif args.command == "plan":
+      cmd_plan(args, overrides)
     elif args.command == "data":
       cmd_data(args)
   except CheckpointError as e:

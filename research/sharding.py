@@ -179,10 +179,13 @@ def named_sharding(logical, shape, mesh) -> NamedSharding:
 
 @contextlib.contextmanager
 def use_mesh(mesh: jax.sharding.Mesh) -> Iterator[jax.sharding.Mesh]:
-  """Makes `mesh` the current mesh for jax and for `constrain` (trace jitted code inside)."""
+  """Makes `mesh` the current mesh for jax and for `constrain` (trace jitted code inside). An
+  AbstractMesh (shapes only: research/plan.py lowers on one) is entered as jax's abstract mesh."""
   token = _active.set(mesh)
+  enter = (jax.sharding.use_abstract_mesh if isinstance(mesh, jax.sharding.AbstractMesh)
+           else jax.set_mesh)
   try:
-    with jax.set_mesh(mesh):
+    with enter(mesh):
       yield mesh
   finally:
     _active.reset(token)

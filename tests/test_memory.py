@@ -193,6 +193,28 @@ def test_remat_equals_no_remat_with_skip_units():
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_remat_train_step_equals_no_remat_with_the_ive_permutation():
+  """A jitted train step under remat=block (the paper scale's setting) with UltraMem's IVE
+  permutation, an integer buffer: nnx.remat refused to write it back ('Cannot mutate
+  MemoryIndex from a different trace level'); the block is now a pure function of its
+  variables under jax.checkpoint, with the same loss and gradients as without remat."""
+  x = jax.random.randint(jax.random.key(0), (8, 17), 0, 61)
+  batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
+  out = []
+  for remat in ("none", "block"):
+    c = mem_config("ultramem", num_layers=2, layers="0:1", expansion=4)
+    c.model.remat = remat
+    model = create_model(c.model, seed=1)
+    assert model.blocks[0].channel.memory.permutation is not None
+    graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    tx, schedule = make_optimizer(c.train)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "other": other,
+             "opt_state": tx.init(params)}
+    state, metrics = jax.jit(make_train_step(graphdef, tx, schedule, c))(state, batch)
+    out.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  np.testing.assert_allclose(out[0], out[1], rtol=1e-5)
+
+
 # ----------------------------------------------------------------------- init, FLOPs, bytes
 
 @pytest.mark.parametrize("kind", ["ultramem", "ultramem_v2"])

@@ -155,15 +155,19 @@ class DecoderLM(nnx.Module):
     if self.remat == "none":
       return block(stream, ctx)
 
-    # Under remat the block runs in its own trace: the context's mutable parts go in and out
-    # explicitly so nothing traced inside leaks out.
-    def run(block, stream, aux, state, cache):
+    # Under remat the block runs in its own trace: its variables and the context's mutable
+    # parts go in and out explicitly so nothing traced inside leaks out. The block is a pure
+    # function of its variables (jax.checkpoint, not nnx.remat, which writes every variable
+    # back after the call and refuses integer buffers such as a memory layer's permutation).
+    graphdef, variables = nnx.split(block)
+
+    def run(variables, stream, aux, state, cache):
       inner = dataclasses.replace(ctx, aux_losses=dict(aux), state=dict(state), cache=cache)
-      out = block(stream, inner)
+      out = nnx.merge(graphdef, variables)(stream, inner)
       return out, inner.aux_losses, inner.state, inner.cache
 
-    out, ctx.aux_losses, ctx.state, ctx.cache = nnx.remat(run)(
-        block, stream, ctx.aux_losses, ctx.state, ctx.cache)
+    out, ctx.aux_losses, ctx.state, ctx.cache = jax.checkpoint(run)(
+        variables, stream, ctx.aux_losses, ctx.state, ctx.cache)
     return out
 
   def flops_per_token(self, seq_len: int) -> float:

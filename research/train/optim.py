@@ -88,3 +88,20 @@ def make_optimizer(t, lr_multipliers=()) -> tuple[optax.GradientTransformation, 
   if lr_multipliers:
     parts.append(scale_by_path(list(lr_multipliers)))
   return optax.chain(*parts), schedule
+
+
+def state_shardings(tx: optax.GradientTransformation, params, replicated):
+  """Shardings of `tx.init(params)`: every copy of the parameter tree inside the state (Adam's
+  moments) sharded like the parameters themselves, everything else (step counts) `replicated`.
+  Left to the compiler, the moments of FSDP-sharded parameters come out replicated: a full
+  copy of twice the model on every device. `params` may be abstract (ShapeDtypeStructs with
+  shardings)."""
+  abstract = jax.eval_shape(tx.init, params)
+  return optax.tree_map_params(tx, lambda _, s: s, abstract,
+                               jax.tree.map(lambda p: p.sharding, params),
+                               transform_non_params=lambda _: replicated)
+
+
+def init_state(tx: optax.GradientTransformation, params, replicated):
+  """`tx.init(params)`, created in `state_shardings`."""
+  return jax.jit(tx.init, out_shardings=state_shardings(tx, params, replicated))(params)

@@ -51,6 +51,7 @@ from research.train import interrupt
 from research.train import mfu as mfu_lib
 from research.train import workdir as workdir_lib
 from research.train.checkpoint import CheckpointError, Checkpointer
+from research.train import optim
 from research.train.optim import make_optimizer
 from research.train.workdir import config_differences  # noqa: F401  (re-exported)
 
@@ -272,9 +273,9 @@ class Trainer:
     summary = model_summary(model, c.data.seq_len)
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
     tx, schedule = make_optimizer(t, lr_multipliers(c.model, t.steps))
-    with sharding.use_mesh(mesh):
-      opt_state = jax.jit(tx.init)(params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with sharding.use_mesh(mesh):
+      opt_state = optim.init_state(tx, params, replicated)  # moments sharded like parameters
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
              "other": other, "opt_state": opt_state}
     batch_sharding = sharding.named_sharding(("batch", "seq"), (t.batch_size, c.data.seq_len), mesh)
