@@ -71,6 +71,10 @@ def main() -> None:
         f"{args.repeats} x {args.steps} steps)")
   print(f"tokens/s {tokens / best:,.0f}")
   print(f"model FLOP/s {flops / best / 1e9:.1f} G; peak {peak / 1e9:.1f} G; MFU {flops / best / peak:.1%}")
+  stats = jax.devices()[0].memory_stats() or {}  # accelerators report it; CPUs do not
+  if "peak_bytes_in_use" in stats:
+    print(f"peak memory {stats['peak_bytes_in_use'] / 2**30:.2f} GiB of "
+          f"{stats.get('bytes_limit', float('nan')) / 2**30:.1f} GiB on device 0")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
   research sweep hybridnorm --group table6     # placements, 4 layers x 128 (shallow-wide)
   research sweep hybridnorm --group depth      # the same at 16 layers x 64 (deep-narrow), Table 7
   research sweep hybridnorm --group lr_stress  # lr 1e-2, where post-norm is expected to fail
+  research sweep hybridnorm --group lr_stress_megatron  # the same, one init (Megatron) for all
   research sweep hybridnorm --group variants   # more Table 6 rows (where the norms go)
   research report hybridnorm
 
@@ -71,8 +72,20 @@ def get_sweep() -> Sweep:
       Arm("qkvc_post", {"model.norm.kind": "hybrid_post", "model.attention.norms": "qkvc",
                         **MEGATRON}, {"train_loss (paper)": 2.74}),
   ]
+  # lr_stress_megatron: lr 1e-2 with one init (Megatron) for every placement, so the stress is
+  # the only difference; plain post-norm, the control, fails there with this init (SDD's
+  # stress_x10 runs the same pre- and post-norm configs). HybridNorm's claim: it trains where
+  # post-norm does not.
+  stress_megatron = [
+      Arm("post_megatron", {"model.norm.kind": "post", **MEGATRON, "train.lr": 1e-2}),
+      Arm("pre_megatron", {"model.norm.kind": "pre", **MEGATRON, "train.lr": 1e-2},
+          claim="lower"),
+      Arm("hybridnorm", {"model.norm.kind": "hybridnorm", **MEGATRON, "train.lr": 1e-2},
+          claim="lower"),
+      Arm("hybridnorm_star", {"model.norm.kind": "hybridnorm_star", **MEGATRON,
+                              "train.lr": 1e-2}, claim="lower")]
   # variants has no pre-norm arm of its own: README.md compares it with table6's `pre`
   return Sweep(groups={"table6": table6, "depth": depth, "lr_stress": stress,
-                       "variants": variants},
+                       "lr_stress_megatron": stress_megatron, "variants": variants},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="table6",
                references={"variants": ""})

@@ -4,6 +4,7 @@
                                       # comparison (SDD-on-post-norm vs plain pre-norm)
   research sweep sdd --group deep     # post-norm +/- SDD at 16 layers x 64: stability with depth
   research sweep sdd --group stress   # lr x 5 (5e-3) and no warmup, Table 2's perturbations
+  research sweep sdd --group stress_x10   # lr x 10 (1e-2): where plain post-norm fails here
   research report sdd
 
 Paper numbers: 1B models' training loss after 200B tokens (Table 1); "diverged" = did not
@@ -40,7 +41,12 @@ def get_sweep() -> Sweep:
   # perturbation, and a stress test is judged on its control first (verdict.stress_verdict),
   # so no one reference arm fits the group and its arms carry no claim; README.md gives the
   # comparisons and verdicts.
-  return Sweep(groups={"grid": grid, "deep": deep, "stress": stress},
+  # stress_x10: lr 1e-2, the smallest stress found (single-seed probes at lr x5, x10, x20, x50:
+  # README.md) at which plain post-norm fails to train; its control is that post-norm arm.
+  stress_x10 = [Arm("post_lr_x10", {**base["post"], "train.lr": 1e-2}),
+                Arm("pre_lr_x10", {**base["pre"], "train.lr": 1e-2}, claim="lower"),
+                Arm("post_sdd_lr_x10", {**base["post_sdd"], "train.lr": 1e-2}, claim="lower")]
+  return Sweep(groups={"grid": grid, "deep": deep, "stress": stress, "stress_x10": stress_x10},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="grid",
                references={"stress": ""},
                varies={"stress": ("train.lr", "train.warmup_steps")})
