@@ -135,7 +135,8 @@ def default_config() -> ml_collections.ConfigDict:
   t = c.train = ml_collections.ConfigDict()
   t.steps = 2000
   t.batch_size = 12  # global batch, sequences per optimizer step
-  t.grad_accum = 1  # micro-batches per step; batch_size must divide by it
+  t.grad_accum = 1  # micro-batches per step (batch_size divides by it); 0: as few as fit the
+                   # device's memory by research.plan's estimate (decided when the run starts)
   t.lr = 1e-3
   t.schedule = "cosine"  # constant | cosine | wsd
   t.warmup_steps = 100
@@ -297,7 +298,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if hasattr(mixer, "resolve"):  # a channel mixer's own derived fields (moe.py, memory.py)
     mixer.resolve(m)
   t = c.train
-  if t.batch_size % t.grad_accum:
+  if t.grad_accum and t.batch_size % t.grad_accum:
     raise ConfigError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
   if c.eval.batch_size == 0:
@@ -317,10 +318,10 @@ RANGES = {
     "model.num_layers": _AT_LEAST_1, "model.d_model": _AT_LEAST_1, "model.num_heads": _AT_LEAST_1,
     "model.num_kv_heads": _AT_LEAST_0, "model.head_dim": _AT_LEAST_0,
     "model.max_seq_len": _AT_LEAST_0, "model.vocab_size": _AT_LEAST_0,
-    "model.dropout": _BELOW_1, "model.norm_eps": _POSITIVE, "model.init_std": _AT_LEAST_0,
+    "model.dropout": _BELOW_1, "model.norm_eps": _AT_LEAST_0, "model.init_std": _AT_LEAST_0,
     "data.seq_len": _AT_LEAST_1, "data.passkey_mix": _BELOW_1, "data.passkey_keys": _AT_LEAST_1,
     "data.passkey_key_len": _AT_LEAST_1,
-    "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_1,
+    "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_0,
     "train.lr": _POSITIVE, "train.warmup_steps": _AT_LEAST_0, "train.min_lr_ratio": _FRACTION,
     "train.decay_fraction": _FRACTION, "train.b1": _BELOW_1, "train.b2": _BELOW_1,
     "train.eps": _AT_LEAST_0, "train.weight_decay": _AT_LEAST_0, "train.clip_norm": _AT_LEAST_0,

@@ -35,6 +35,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from research import config as config_lib
@@ -89,6 +90,36 @@ def cluster(name: str) -> Cluster:
   return CLUSTERS[name]
 
 
+def local_cluster(devices=None) -> Cluster:
+  """The devices of this process as a Cluster: an accelerator's memory as jax reports it, a
+  CPU's share of the host's RAM."""
+  import os  # pylint: disable=import-outside-toplevel
+  from research.train import mfu  # pylint: disable=import-outside-toplevel
+  devices = list(devices or jax.devices())
+  d = devices[0]
+  limit = (d.memory_stats() or {}).get("bytes_limit") if d.platform != "cpu" else None
+  if limit is None:
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = host / max(len(jax.local_devices()), 1)
+  return Cluster("this machine", d.device_kind, len(devices), limit / GIB,
+                 mfu.peak_flops_per_device(d), d.platform)
+
+
+def fit_grad_accum(c, cl: Cluster, dtype_bytes: int) -> tuple[int, Plan]:
+  """The fewest micro-batches (dividing the batch over the data-parallel mesh) whose plan
+  fits `cl`; the largest count when none does (its plan says so)."""
+  shape = sharding.mesh_shape(c.mesh.preset, cl.devices, c.mesh.tensor, c.mesh.expert)
+  per_device = c.train.batch_size // (shape["data"] * shape["fsdp"] * shape["expert"])
+  p = None
+  for accum in [a for a in range(1, per_device + 1) if per_device % a == 0]:
+    trial = ml_collections.ConfigDict(c.to_dict())
+    trial.train.grad_accum = accum
+    p = estimate(trial, cl, dtype_bytes=dtype_bytes)
+    if p.fits:
+      return accum, p
+  return max(per_device, 1), p
+
+
 def abstract_mesh(shape: dict[str, int]) -> jax.sharding.AbstractMesh:
   sizes = tuple(shape[a] for a in sharding.MESH_AXES)
   return jax.sharding.AbstractMesh(sizes, sharding.MESH_AXES,
@@ -116,6 +147,7 @@ class Plan:
   flops_per_step: float
   tokens_per_step: int
   mfu: float
+  grad_accum: int = 1
   lowered: str = "not tried"  # "ok (N s)" or the error
 
   @property
@@ -138,7 +170,8 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
   m, t = c.model, c.train
   shape = sharding.mesh_shape(c.mesh.preset, cl.devices, c.mesh.tensor, c.mesh.expert)
   data_parallel = shape["data"] * shape["fsdp"] * shape["expert"]
-  micro = t.batch_size // t.grad_accum
+  accum = t.grad_accum or 1
+  micro = t.batch_size // accum
   if micro % data_parallel:
     raise ConfigError(f"train.batch_size={t.batch_size} (micro-batch {micro}) does not divide "
                       f"over the {data_parallel}-way data-parallel mesh of {cl.name}")
@@ -170,7 +203,7 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
               bytes_optimizer=2 * bytes_params, bytes_gradients=bytes_params,
               bytes_gathered=bytes_gathered, bytes_activations=activations,
               flops_per_step=summary["flops_per_token_train"] * t.batch_size * c.data.seq_len,
-              tokens_per_step=t.batch_size * c.data.seq_len, mfu=mfu)
+              tokens_per_step=t.batch_size * c.data.seq_len, mfu=mfu, grad_accum=accum)
 
 
 def lower_step(c, cl: Cluster) -> float:
@@ -217,6 +250,11 @@ def lower_step(c, cl: Cluster) -> float:
 
 
 def plan(c, cl: Cluster, *, mfu: float = 0.4, lower: bool = True) -> Plan:
+  """The estimate of `c` on `cl` (with train.grad_accum = 0: the fewest micro-batches that
+  fit), and the lowering of its step."""
+  if c.train.grad_accum == 0:
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.train.grad_accum, _ = fit_grad_accum(c, cl, dtype_bytes=2)
   p = estimate(c, cl, mfu=mfu)
   if lower:
     try:
@@ -231,13 +269,14 @@ def _gib(x: float) -> str:
 
 
 def table(plans: list[Plan]) -> str:
-  lines = ["| cluster | devices | mesh | params/dev GiB | optimizer GiB | grads GiB | "
+  lines = ["| cluster | devices | mesh | accum | params/dev GiB | optimizer GiB | grads GiB | "
            "gathered GiB | activations GiB | total GiB (of) | fits | TFLOP/step | step s @MFU | "
-           "tokens/s | lowering |", "|" + "---|" * 14]
+           "tokens/s | lowering |", "|" + "---|" * 15]
   for p in plans:
     mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items() if v > 1) or "1 device"
     lines.append(
         f"| {p.cluster.name} | {p.cluster.devices} x {p.cluster.device} | {mesh} | "
+        f"{p.grad_accum} | "
         f"{_gib(p.bytes_params)} | {_gib(p.bytes_optimizer)} | {_gib(p.bytes_gradients)} | "
         f"{_gib(p.bytes_gathered)} | {_gib(p.bytes_activations)} | {_gib(p.bytes_total)} ({p.cluster.memory_gib:g}) | "
         f"{'yes' if p.fits else 'NO'} | {p.flops_per_step / 1e12:,.0f} | "

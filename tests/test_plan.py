@@ -76,7 +76,7 @@ def test_optimizer_moments_are_sharded_like_their_parameters():
 
 
 def test_a_config_that_cannot_fit_is_reported_so():
-  c = config_lib.resolve(experiments.get_config("baseline:scale=paper"))
+  c = config_lib.resolve(experiments.get_config("baseline:scale=paper", {"train.grad_accum": 1}))
   c.model.vocab_size = 50257
   small = plan.estimate(c, plan.cluster("h100x8"))
   large = plan.estimate(c, plan.cluster("v5p-256"))
@@ -99,10 +99,21 @@ def test_the_train_step_lowers_on_an_abstract_mesh_of_the_cluster():
 
 def test_plan_command_prints_the_table(capsys):
   code = cli.main(["plan", "baseline:scale=paper", "--cluster", "h100x8", "--cluster",
-                   "v5p-256", "--no_lower"])
+                   "v5p-256", "--no_lower", "--config.train.grad_accum=1"])
   out, err = capsys.readouterr()
   assert code == 0, err
   rows = [l for l in out.splitlines() if l.startswith("| h100x8") or l.startswith("| v5p-256")]
   assert len(rows) == 2 and "| NO |" in rows[0] and "| yes |" in rows[1]
   code = cli.main(["plan", "baseline:scale=paper", "--cluster", "h100x9"])
   assert code == 2 and "unknown cluster 'h100x9'" in capsys.readouterr().err
+
+
+def test_grad_accum_0_takes_the_fewest_micro_batches_that_fit():
+  c = _config(**{"train.batch_size": 64, "data.seq_len": 256, "train.grad_accum": 0})
+  roomy = plan.Cluster("roomy", "cpu", 8, 24, 1e11, "cpu")
+  tight = plan.Cluster("tight", "cpu", 8, 0.06, 1e11, "cpu")  # 64 MB per device
+  assert plan.fit_grad_accum(c, roomy, dtype_bytes=4)[0] == 1
+  accum, p = plan.fit_grad_accum(c, tight, dtype_bytes=4)
+  assert accum in (2, 4, 8) and p.fits
+  c.train.grad_accum = accum // 2
+  assert not plan.estimate(c, tight, dtype_bytes=4).fits  # one fewer would not fit

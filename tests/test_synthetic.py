@@ -112,6 +112,7 @@ def test_trainer_scores_exact_match_on_a_task(tmp_path):
   c = data_config("facts", seq_len=16, entities=16, attributes=2)
   c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 32, 2
   c.train.steps, c.train.batch_size, c.train.log_every, c.train.progress = 4, 8, 2, False
+  c.train.warmup_steps = 1
   c.eval.every, c.eval.batches = 2, 2
   c.mesh.num_devices = 1
   summary = Trainer(c, tmp_path, log=lambda *_: None).run()

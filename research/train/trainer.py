@@ -244,7 +244,37 @@ class Trainer:
     elif c.model.vocab_size < vocab:
       raise config_lib.ConfigError(
           f"model.vocab_size={c.model.vocab_size} is smaller than the tokenizer's {vocab}")
+    self._check_memory(c)
     return c, corpus
+
+  def _check_memory(self, c) -> None:
+    """Sizes gradient accumulation when the config leaves it open (train.grad_accum = 0): the
+    fewest micro-batches whose memory, as research.plan estimates it, fits the devices. With an
+    explicit value, says so when the estimate does not fit."""
+    from research import plan as plan_lib  # pylint: disable=import-outside-toplevel
+    devices = jax.devices()[:c.mesh.num_devices or None]
+    try:
+      cluster = plan_lib.local_cluster(devices)
+      dtype_bytes = jnp.dtype(compute_dtype(c.train.precision)).itemsize
+      if c.train.grad_accum == 0:
+        c.train.grad_accum, p = plan_lib.fit_grad_accum(c, cluster, dtype_bytes)
+        self.log(f"train.grad_accum=0: {c.train.grad_accum} micro-batch(es) per step, "
+                 f"~{p.bytes_total / plan_lib.GIB:.1f} GiB per device of "
+                 f"{cluster.memory_gib:.0f} (research plan's estimate)")
+      else:
+        p = plan_lib.estimate(c, cluster, dtype_bytes=dtype_bytes)
+      if not p.fits:
+        self.log(f"warning: research plan estimates ~{p.bytes_total / plan_lib.GIB:.1f} GiB per "
+                 f"device, more than {plan_lib.FIT_FRACTION:.0%} of its "
+                 f"{cluster.memory_gib:.0f} GiB: the step may run out of memory (raise "
+                 "train.grad_accum, or lower train.batch_size or data.seq_len)")
+    except config_lib.ConfigError:
+      raise
+    except Exception as e:  # an estimate must never stop a run the devices could hold
+      if c.train.grad_accum == 0:
+        c.train.grad_accum = 1
+      self.log(f"note: no memory estimate ({type(e).__name__}: {e}); train.grad_accum="
+               f"{c.train.grad_accum}")
 
   def _write_config(self, c, note: str = "") -> None:
     record = {"experiment": self.experiment, "arg": self.arg, "overrides": self.overrides,
