@@ -3,17 +3,25 @@
   python bench/train_throughput.py                      # baseline tiny (nanoGPT baby), fp32 on CPU
   python bench/train_throughput.py --spec baseline:scale=small --steps 20
   python bench/train_throughput.py --spec moda --set model.attention.kind=dense   # its baseline
+  python bench/train_throughput.py --vs-torch           # and the PyTorch peer (bench/peer_torch.py)
 
 Prints step time, tokens/s and MFU (against research.train.mfu's peak table; on CPU the peak is
 measured). Data comes from the real pipeline; the timing covers the jitted step and the host
-work of fetching and placing the next batch, as in training.
+work of fetching and placing the next batch, as in training. `--vs-torch` alternates each timed
+window of ours with one of the PyTorch peer of the same model on the same batches (a fresh
+process per window, so neither's thread pool idles beside the other) and prints the median
+of each and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -24,12 +32,22 @@ from research.train import mfu as mfu_lib
 from research.train.trainer import Trainer
 
 
+def torch_window(spec: str, steps: int, warmup: int) -> float:
+  """Seconds per step of one timed window of the PyTorch peer, in its own process."""
+  script = Path(__file__).with_name("peer_torch.py")
+  out = subprocess.run([sys.executable, str(script), "--spec", spec, "--steps", str(steps),
+                        "--warmup", str(warmup)], capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])["step_s"][0]
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--spec", default="baseline:scale=tiny")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--warmup", type=int, default=20)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--vs-torch", dest="vs_torch", action="store_true",
+                 help="alternate with bench/peer_torch.py's windows and print the ratio")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a dotted config override, e.g. model.attention.kind=dense (repeatable)")
   args = p.parse_args()
@@ -53,7 +71,7 @@ def main() -> None:
       state, m = step(state, batch)
       batch = trainer.put_batch(r, next(r.train_iter))
     jax.block_until_ready(state)
-    times = []
+    times, peer = [], []
     for _ in range(args.repeats):
       t0 = time.perf_counter()
       for _ in range(args.steps):
@@ -61,6 +79,8 @@ def main() -> None:
         batch = trainer.put_batch(r, next(r.train_iter))
       jax.block_until_ready(state)
       times.append((time.perf_counter() - t0) / args.steps)
+      if args.vs_torch:
+        peer.append(torch_window(args.spec, args.steps, args.warmup))
   best = min(times)
   peak = mfu_lib.peak_flops_per_device() * jax.device_count()
   flops = r.summary["flops_per_token_train"] * tokens
@@ -71,6 +91,11 @@ def main() -> None:
         f"{args.repeats} x {args.steps} steps)")
   print(f"tokens/s {tokens / best:,.0f}")
   print(f"model FLOP/s {flops / best / 1e9:.1f} G; peak {peak / 1e9:.1f} G; MFU {flops / best / peak:.1%}")
+  if peer:
+    ours, theirs = float(np.median(times)), float(np.median(peer))
+    print(f"PyTorch peer: step time {theirs * 1e3:.2f} ms (median of {len(peer)} windows), "
+          f"tokens/s {tokens / theirs:,.0f}")
+    print(f"ratio (ours / PyTorch tokens/s, medians of alternating windows): {theirs / ours:.2f}x")
   stats = jax.devices()[0].memory_stats() or {}  # accelerators report it; CPUs do not
   if "peak_bytes_in_use" in stats:
     print(f"peak memory {stats['peak_bytes_in_use'] / 2**30:.2f} GiB of "

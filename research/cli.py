@@ -3,7 +3,7 @@
   research list
   research run NAME[:ARG] [--config.key=value ...] [--workdir DIR] [--data_dir DIR] [--restart]
   research sweep NAME [--group G] [--seeds N] [--arg ARG] [--arms A,B] [--runs_dir DIR]
-                      [--skip_reported] [--config.key=value ...]
+                      [--skip_reported] [--no_stack_seeds] [--config.key=value ...]
   research report NAME [--group G] [--runs_dir DIR] [--out DIR]
   research plan NAME[:ARG] [--cluster C ...] [--mfu F] [--no_lower] [--config.key=value ...]
   research data list | fetch CORPUS
@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--skip_reported", action="store_true",
                  help="skip arms that experiments/NAME/results/results.json already reports "
                       "with every seed (the same overrides and argument)")
+  s.add_argument("--no_stack_seeds", action="store_true",
+                 help="train an arm's seeds one after another, not as one seed-stacked program")
   rep = sub.add_parser("report", help="tables and plots from a sweep's runs")
   rep.add_argument("name")
   rep.add_argument("--group", action="append", help="only this group (repeatable)")
@@ -141,7 +143,7 @@ def cmd_sweep(args, overrides) -> None:
   arms = [a for a in args.arms.split(",") if a] if args.arms else None
   path = run_sweep(args.name, group=args.group, seeds=args.seeds, arg=args.arg, arms=arms,
                    runs_dir=args.runs_dir, overrides=overrides, data_dir=args.data_dir,
-                   skip_reported=args.skip_reported)
+                   skip_reported=args.skip_reported, stack_seeds=not args.no_stack_seeds)
   print(f"sweep finished: {path}")
 
 

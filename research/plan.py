@@ -92,17 +92,27 @@ def cluster(name: str) -> Cluster:
 
 def local_cluster(devices=None) -> Cluster:
   """The devices of this process as a Cluster: an accelerator's memory as jax reports it, a
-  CPU's share of the host's RAM."""
-  import os  # pylint: disable=import-outside-toplevel
+  CPU's share of the host memory available now (what other processes leave)."""
   from research.train import mfu  # pylint: disable=import-outside-toplevel
   devices = list(devices or jax.devices())
   d = devices[0]
   limit = (d.memory_stats() or {}).get("bytes_limit") if d.platform != "cpu" else None
   if limit is None:
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = host / max(len(jax.local_devices()), 1)
+    limit = _host_available_bytes() / max(len(jax.local_devices()), 1)
   return Cluster("this machine", d.device_kind, len(devices), limit / GIB,
                  mfu.peak_flops_per_device(d), d.platform)
+
+
+def _host_available_bytes() -> float:
+  """MemAvailable of /proc/meminfo (Linux), else the physical memory."""
+  import os  # pylint: disable=import-outside-toplevel
+  try:
+    for line in open("/proc/meminfo", encoding="ascii"):
+      if line.startswith("MemAvailable:"):
+        return float(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def fit_grad_accum(c, cl: Cluster, dtype_bytes: int) -> tuple[int, Plan]:

@@ -20,6 +20,10 @@ value), and a run already in its directory has the same config (or only more ste
 extended; workdir.plan). A run whose directory another live process holds is skipped
 ("busy") and left to that process.
 
+An arm's seeds train together, stacked into one vmapped program (`stack_seeds`, the default;
+`research sweep --no_stack_seeds` trains them one after another): each seed still has its own
+run directory, checkpoints and summary, equal to its single run up to fp32 rounding.
+
 Groups often share arms (the baseline of one table is the pre-norm arm of another; two papers
 at the same shape share their baseline). Before training an (arm, seed), the sweep looks for a
 finished run in the runs directory whose resolved config is the same (`same_config`); if there
@@ -42,7 +46,7 @@ from research import report as report_lib
 from research.data import synthetic
 from research.errors import ResearchError, RunError, WorkdirBusy
 from research.train import workdir as workdir_lib
-from research.train.trainer import Trainer
+from research.train.trainer import Trainer, train_seeds
 from research.train.workdir import config_differences
 
 # Keys that do not change what a run computes: where the corpora live, the progress bar, and
@@ -71,12 +75,15 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
               arg: str | None = None, arms: list[str] | None = None,
               runs_dir: str | Path = "runs", overrides: dict[str, Any] | None = None,
               data_dir: str | None = None, skip_reported: bool = False,
+              stack_seeds: bool = True,
               results_dir: str | Path | None = None, results_root: str | Path | None = None,
               log=print) -> Path:
   """Runs (or continues) a sweep group; returns the manifest path. Raises if an arm failed.
 
   `arg` replaces the sweep's experiment argument (e.g. "scale=smoke" to check a table end to
-  end in seconds); `arms` keeps only the named arms. `results_root` holds
+  end in seconds); `arms` keeps only the named arms. `stack_seeds`: an arm's seeds that are to
+  be trained train as one seed-stacked program (research/train/loop.py), each in its own run
+  directory; off, one after another. `results_root` holds
   `<experiment>/results/results.json` for every experiment (default: experiments/), read by
   `skip_reported`; `results_dir` replaces this experiment's results directory in it.
   """
@@ -154,6 +161,7 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
     save()
   failed, busy = [], []
   todo = [e for e in entries if e["arm"] in selected]
+  to_train: dict[str, list[tuple[str, dict, Any, Path, dict]]] = {}  # arm -> its runs to train
   for i, e in enumerate(todo):
     tag = f"[{i + 1}/{len(todo)}] {e['arm']} seed {e['seed']}"
     if e["status"] == "done":
@@ -162,38 +170,61 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
     ov = dict(e["overrides"])
     if data_dir:
       ov["data.data_dir"] = data_dir
-    try:
-      config = experiments.get_config(f"{name}:{arg}", ov)
-      workdir = root / e["workdir"]
-      twin = find_finished_twin(Path(runs_dir), config, exclude=workdir)
-      if twin is not None:  # the same run, finished in another group: point at it
-        e.update(workdir=os.path.relpath(twin, root), status="done",
-                 reused=twin.relative_to(Path(runs_dir)).as_posix())
-        e.pop("reported", None)
-        log(f"{tag}: same config as {e['reused']}, reused"
-            + (f" (the interrupted run in {workdir} is left as it is)" if workdir.exists() else ""))
-        save()
-        continue
+    config = experiments.get_config(f"{name}:{arg}", ov)
+    workdir = root / e["workdir"]
+    twin = find_finished_twin(Path(runs_dir), config, exclude=workdir)
+    if twin is not None:  # the same run, finished in another group: point at it
+      e.update(workdir=os.path.relpath(twin, root), status="done",
+               reused=twin.relative_to(Path(runs_dir)).as_posix())
+      e.pop("reported", None)
+      log(f"{tag}: same config as {e['reused']}, reused"
+          + (f" (the interrupted run in {workdir} is left as it is)" if workdir.exists() else ""))
+      save()
+      continue
+    to_train.setdefault(e["arm"], []).append((tag, e, config, workdir, ov))
+
+  def train(runs) -> None:
+    """Trains one arm's runs: its seeds as one seed-stacked program when there are several
+    (train_seeds; one after another where they cannot stack), else the one run."""
+    for tag, e, *_ in runs:
       log(tag)
       e["status"] = "running"
       e.pop("reported", None)  # trained here after all
-      save()
-      Trainer(config, workdir, experiment=name, arg=arg, overrides=ov,
-              log=log).run()
-      e["status"] = "done"
-    except KeyboardInterrupt:
-      e["status"] = "pending"
-      save()
-      raise
-    except WorkdirBusy as err:  # another process trains this arm: leave it to that process
-      log(f"{tag}: skipped, {err}")
-      e["status"] = "busy"
-      busy.append(f"{e['arm']} seed {e['seed']}")
-    except Exception as err:  # one failed arm must not stop the table; it is reported at the end
-      log(f"{tag}: failed: {err}" if isinstance(err, ResearchError) else traceback.format_exc())
-      e["status"] = "failed"
-      failed.append(f"{e['arm']} seed {e['seed']}")
     save()
+    trainers = [Trainer(config, workdir, experiment=name, arg=arg, overrides=ov, log=log)
+                for _, _, config, workdir, ov in runs]
+    if stack_seeds and len(trainers) > 1:
+      train_seeds(trainers)
+    else:
+      trainers[0].run()
+    for _, e, *_ in runs:
+      e["status"] = "done"
+
+  for arm, runs in to_train.items():
+    groups = [runs] if stack_seeds else [[r] for r in runs]
+    while groups:
+      group = groups.pop(0)
+      try:
+        train(group)
+      except KeyboardInterrupt:
+        for _, e, *_ in group:
+          e["status"] = "pending"
+        save()
+        raise
+      except WorkdirBusy as err:
+        if len(group) > 1:  # another process holds one of them: the others one by one
+          groups = [[r] for r in group] + groups
+          continue
+        tag, e = group[0][:2]  # another process trains this run: leave it to that process
+        log(f"{tag}: skipped, {err}")
+        e["status"] = "busy"
+        busy.append(f"{e['arm']} seed {e['seed']}")
+      except Exception as err:  # one failed arm must not stop the table; reported at the end
+        log(f"{arm}: failed: {err}" if isinstance(err, ResearchError) else traceback.format_exc())
+        for _, e, *_ in group:
+          e["status"] = "failed"
+          failed.append(f"{e['arm']} seed {e['seed']}")
+      save()
   if busy:
     log(f"{len(busy)} run(s) left to the processes that hold them: {', '.join(busy)}")
   if failed:

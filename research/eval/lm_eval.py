@@ -42,10 +42,12 @@ def make_eval_step(graphdef: nnx.GraphDef):
   return eval_step
 
 
-def evaluate(eval_step, params, other, batches: Iterable[dict]) -> float:
-  """Mean loss in nats/token over all tokens of `batches`."""
+def evaluate(eval_step, params, other, batches: Iterable[dict]) -> float | list[float]:
+  """Mean loss in nats/token over all tokens of `batches`; a list of them when the step is
+  vmapped over stacked seeds (research/train/loop.py)."""
   total, count = 0.0, 0.0
   for batch in batches:
     s, n = eval_step(params, other, batch)
     total, count = total + s, count + n
-  return float(sharding.to_host(total / count))
+  value = sharding.to_host(total / count)
+  return float(value) if value.ndim == 0 else [float(v) for v in value]

@@ -53,8 +53,8 @@ def exact_match(step, params, other, batches: Iterable[dict]) -> float:
   for batch in batches:
     c, n = step(params, other, batch)
     correct, total = correct + c, total + n
-  correct, total = sharding.to_host(correct), sharding.to_host(total)
-  return float(correct / max(float(total), 1.0))
+  value = sharding.to_host(correct) / np.maximum(sharding.to_host(total), 1.0)
+  return float(value) if value.ndim == 0 else [float(v) for v in value]
 
 
 def evaluate_task(model: nnx.Module, task: Task, *, num: int = 256, batch_size: int = 32,

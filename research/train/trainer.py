@@ -27,7 +27,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 import optax
-from tqdm import tqdm
 
 from research import config as config_lib
 from research import data as data_lib
@@ -48,7 +46,7 @@ from research.model import lr_multipliers
 from research.model import overhead as overhead_lib
 from research.errors import RunError
 from research.train import interrupt
-from research.train import mfu as mfu_lib
+from research.train import loop as loop_lib
 from research.train import workdir as workdir_lib
 from research.train.checkpoint import CheckpointError, Checkpointer
 from research.train import optim
@@ -86,6 +84,8 @@ def make_train_step(graphdef, tx, schedule, cfg):
 
   The batch [batch, seq] is split into `train.grad_accum` micro-batches whose gradients are
   averaged in a scan. The dropout key of each micro-batch is fold_in(fold_in(seed, step), i).
+  `step.with_key(state, batch, seed_key)` is the same step with the seed's key an argument
+  (what seed-stacked training vmaps over; research/train/loop.py).
   """
   accum = cfg.train.grad_accum
   deterministic = cfg.model.dropout == 0.0
@@ -105,9 +105,9 @@ def make_train_step(graphdef, tx, schedule, cfg):
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state, batch):
+  def step_with_key(state, batch, seed_key):
     params, other = state["params"], state["other"]
-    key = jax.random.fold_in(base_key, state["step"])
+    key = jax.random.fold_in(seed_key, state["step"])
     if accum == 1:
       (_, (loss, aux)), grads = grad_fn(params, other, batch["inputs"], batch["targets"], key)
     else:
@@ -140,6 +140,10 @@ def make_train_step(graphdef, tx, schedule, cfg):
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
+  def step(state, batch):
+    return step_with_key(state, batch, base_key)
+
+  step.with_key = step_with_key
   return step
 
 
@@ -158,6 +162,7 @@ class Run:
   batch_sharding: Any
   summary: dict
   exact_match_step: Any = None  # synthetic tasks: (params, other, batch) -> (correct, answers)
+  step_with_key: Any = None  # the unjitted step with the seed key an argument (stacking)
 
 
 def make_data(c, corpus):
@@ -180,42 +185,11 @@ def make_data(c, corpus):
   return train_iter, valid_batches
 
 
-@dataclasses.dataclass
-class Restored:
-  """What a resumed run takes over from its work directory."""
-  step: int = 0
-  pending: list = dataclasses.field(default_factory=list)  # metrics of steps not yet logged
-  rows: list = dataclasses.field(default_factory=list)  # metrics.jsonl rows up to `step`
-
-
-def fetch(tree):
-  """Device values to host numpy (replicated values of a multi-process run included)."""
-  return jax.tree.map(sharding.to_host, tree)
-
-
 def _sync_processes(name: str) -> None:
   """A barrier of all processes of a multi-process run (nothing to do in one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices(name)
-
-
-def pending_log_state(pending: list) -> dict:
-  """The metrics of steps trained since the last log line, as JSON for a checkpoint."""
-  fetched = fetch(pending)
-  if not fetched:
-    return {}
-  keys = list(fetched[0])
-  return {"metrics": {k: [float(m[k]) for m in fetched] for k in keys},
-          "dtypes": {k: np.asarray(fetched[0][k]).dtype.name for k in keys}}
-
-
-def pending_from_log_state(log_state: dict) -> list:
-  """The inverse of pending_log_state: per-step dicts of numpy scalars of the logged dtypes."""
-  metrics, dtypes = log_state.get("metrics", {}), log_state.get("dtypes", {})
-  n = len(next(iter(metrics.values()))) if metrics else 0
-  return [{k: np.asarray(v[i], dtypes.get(k, "float32")) for k, v in metrics.items()}
-          for i in range(n)]
 
 
 class Trainer:
@@ -309,7 +283,8 @@ class Trainer:
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
              "other": other, "opt_state": opt_state}
     batch_sharding = sharding.named_sharding(("batch", "seq"), (t.batch_size, c.data.seq_len), mesh)
-    step_fn = jax.jit(make_train_step(graphdef, tx, schedule, c), donate_argnums=0,
+    train_step = make_train_step(graphdef, tx, schedule, c)
+    step_fn = jax.jit(train_step, donate_argnums=0,
                       out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     train_iter, valid_batches = make_data(c, corpus)
     return Run(config=c, mesh=mesh, corpus=corpus, graphdef=graphdef, state=state,
@@ -317,7 +292,8 @@ class Trainer:
                train_iter=train_iter, valid_batches=valid_batches,
                batch_sharding=batch_sharding, summary=summary,
                exact_match_step=(synthetic_eval.make_exact_match_step(graphdef, corpus.task)
-                                 if getattr(corpus, "task", None) is not None else None))
+                                 if getattr(corpus, "task", None) is not None else None),
+               step_with_key=train_step.with_key)
 
   def _describe(self, r: Run) -> None:
     c, s = r.config, r.summary
@@ -363,41 +339,45 @@ class Trainer:
     lock = (workdir_lib.WorkdirLock(self.workdir, log=self.log) if self.primary
             else contextlib.nullcontext())
     with interrupt.handling_stops() as stop, lock:
-      stop.check("stopped before the run started")
-      c, corpus = self._resolve()
-      if self.restart and self.primary:
-        workdir_lib.clear_run(self.workdir, self.log)
-      _sync_processes("research: work directory ready")
-      action, note = workdir_lib.plan(self.workdir, c.to_dict())
-      if note:
-        self.log(note)
-      if action == "finished":
-        done = workdir_lib.read_summary(self.workdir)
-        self.log(f"run in {self.workdir} already finished at step {done['step']} (valid loss "
-                 f"{done['valid_loss']:.4f}{', diverged' if done.get('diverged') else ''}); "
-                 "nothing to do")
-        return done
-      if action == "extend" and self.primary:
-        (self.workdir / "summary.json").unlink(missing_ok=True)
-      if self.primary:
-        self._write_config(c, note)
-      r = self.build(c, corpus)
-      self._describe(r)
-      stop.check("stopped before training: nothing was trained or saved")
-      ckpt = Checkpointer(self.workdir / "checkpoints", keep=c.train.keep_checkpoints)
-      try:
-        state, restored = self._restore(r, ckpt)
-        result = self._loop(r, state, ckpt, restored, stop)
-      except BaseException:
-        try:
-          ckpt.close()
-        except CheckpointError:
-          pass  # the error being raised already says what stopped the run
-        raise
-      ckpt.close()
-      return result
+      seat = self.prepare(stop)
+      if isinstance(seat, dict):
+        return seat
+      return loop_lib.train_seats([seat], stop)[0]
 
-  def _restore(self, r: Run, ckpt: Checkpointer) -> tuple[dict, Restored]:
+  def prepare(self, stop: interrupt.StopRequests) -> "loop_lib.Seat | dict":
+    """Everything before the first step, under the caller's lock: resolves the config, decides
+    what the work directory means for it (workdir.plan), writes config.json, builds the run and
+    restores its last checkpoint. Returns the seat to train, or the summary of a finished run."""
+    stop.check("stopped before the run started")
+    c, corpus = self._resolve()
+    if self.restart and self.primary:
+      workdir_lib.clear_run(self.workdir, self.log)
+    _sync_processes("research: work directory ready")
+    action, note = workdir_lib.plan(self.workdir, c.to_dict())
+    if note:
+      self.log(note)
+    if action == "finished":
+      done = workdir_lib.read_summary(self.workdir)
+      self.log(f"run in {self.workdir} already finished at step {done['step']} (valid loss "
+               f"{done['valid_loss']:.4f}{', diverged' if done.get('diverged') else ''}); "
+               "nothing to do")
+      return done
+    if action == "extend" and self.primary:
+      (self.workdir / "summary.json").unlink(missing_ok=True)
+    if self.primary:
+      self._write_config(c, note)
+    r = self.build(c, corpus)
+    self._describe(r)
+    stop.check("stopped before training: nothing was trained or saved")
+    ckpt = Checkpointer(self.workdir / "checkpoints", keep=c.train.keep_checkpoints)
+    try:
+      state, restored = self._restore(r, ckpt)
+    except BaseException:
+      ckpt.close()
+      raise
+    return loop_lib.Seat(trainer=self, run=r, ckpt=ckpt, state=state, restored=restored)
+
+  def _restore(self, r: Run, ckpt: Checkpointer) -> tuple[dict, "loop_lib.Restored"]:
     """The state to start from: the newest readable checkpoint's, with the iterator position
     and unlogged metrics it saved, and metrics.jsonl cut back to its step; else the fresh one."""
     abstract = jax.tree.map(
@@ -410,133 +390,11 @@ class Trainer:
     else:  # the same rows, read only
       rows = [row for row in workdir_lib.read_metrics(metrics) if row["step"] <= step]
     if latest is None:
-      return r.state, Restored()
+      return r.state, loop_lib.Restored()
     step, state, data_state, log_state = latest
     r.train_iter.set_state(data_state)
     self.log(f"resumed from step {step} ({self.workdir / 'checkpoints'})")
-    return state, Restored(step, pending_from_log_state(log_state), rows)
-
-  def _loop(self, r: Run, state: dict, ckpt: Checkpointer, restored: Restored,
-            stop: interrupt.StopRequests) -> dict:
-    c, t = r.config, r.config.train
-    start = int(sharding.to_host(state["step"]))
-    tokens_per_step = t.batch_size * c.data.seq_len
-    flops_per_step = r.summary["flops_per_token_train"] * tokens_per_step
-    peak = mfu_lib.peak_flops_per_device() * jax.device_count()
-    bytes_per_token = r.corpus.valid_bytes_per_token
-    metrics_file = open(self.workdir / "metrics.jsonl", "a") if self.primary else None
-    valid_batches = [self.put_batch(r, b) for b in r.valid_batches]
-
-    def write(record):
-      if metrics_file is not None:  # process 0 writes for all
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-
-    scores = {}  # last evaluation's task scores, for the summary
-    # The last evaluation and train loss so far (a resumed run's from its kept rows).
-    last_valid, last_valid_step, train_loss = (float("nan"), float("nan")), -1, float("nan")
-    for row in restored.rows:
-      if row.get("split") == "valid":
-        last_valid, last_valid_step = (row["loss"], row.get("bpb", float("nan"))), row["step"]
-        if "exact_match" in row:
-          scores["valid_exact_match"] = row["exact_match"]
-      elif row.get("split") == "train":
-        train_loss = row["loss"]
-
-    def run_eval(step):
-      loss = lm_eval.evaluate(r.eval_step, state["params"], state["other"], valid_batches)
-      bpb = lm_eval.bits_per_byte(loss, bytes_per_token)
-      record = {"split": "valid", "step": step, "loss": loss, "bpb": bpb}
-      if r.exact_match_step is not None:  # synthetic task: MQAR accuracy / fact recall
-        record["exact_match"] = scores["valid_exact_match"] = synthetic_eval.exact_match(
-            r.exact_match_step, state["params"], state["other"], valid_batches)
-      write(record)
-      return loss, bpb
-
-    with sharding.use_mesh(r.mesh):
-      # The next batch is taken while the device runs the current step; the iterator state
-      # saved in a checkpoint is the one from *before* that prefetch, so resume is exact.
-      data_state = r.train_iter.get_state()
-      batch = self.put_batch(r, next(r.train_iter)) if start < t.steps else None
-      compiled = r.step_fn.lower(state, batch).compile() if batch is not None else None
-      bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and self.primary),
-                 dynamic_ncols=True, unit="step", file=sys.stderr)
-      # metrics of the steps since the last log line (a resumed run's first ones were saved
-      # with its checkpoint, so its log lines are the uninterrupted run's)
-      pending: list[dict] = list(restored.pending)
-      interval_start, interval_steps = time.perf_counter(), 0
-      train_time, trained_steps = 0.0, 0  # this session's, without evaluation and checkpoints
-      tokens_per_s = float("nan")
-      step = start
-      saved_step = start
-      try:
-        while step < t.steps:
-          if stop.requested:
-            # A stop is only acted on here, between steps, where (step, state, data_state)
-            # agree; an interrupt raised mid-step could pair a state with the wrong iterator
-            # position and break exact resume.
-            bar.close()
-            if saved_step != step:
-              ckpt.save(step, state, data_state, pending_log_state(pending), force=True)
-            ckpt.wait()
-            where = (f"checkpoint saved in {self.workdir / 'checkpoints'}" if step > 0 else
-                     "nothing trained yet")
-            self.log(f"interrupted at step {step}: {where}; run the same command again to "
-                     "resume")
-            stop.check()
-          state, metrics = compiled(state, batch)
-          step += 1
-          pending.append(metrics)
-          interval_steps += 1
-          if step < t.steps:
-            data_state = r.train_iter.get_state()
-            batch = self.put_batch(r, next(r.train_iter))
-          bar.update(1)
-          if step % t.log_every == 0 or step == t.steps or step == 1:
-            fetched = fetch(pending)
-            now = time.perf_counter()
-            tokens_per_s = interval_steps * tokens_per_step / (now - interval_start)
-            train_loss = float(np.mean([m["loss"] for m in fetched]))
-            record = {"split": "train", "step": step, "loss": train_loss,
-                      "lr": float(fetched[-1]["lr"]),
-                      "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
-                      "tokens_per_s": tokens_per_s,
-                      "mfu": flops_per_step * interval_steps / (now - interval_start) / peak,
-                      "time": time.time()}
-            for k in fetched[-1]:
-              if k.startswith(("aux/", "stat/", "grad_norm/")):
-                record[k] = float(np.mean([m[k] for m in fetched]))
-            write(record)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            train_time += now - interval_start
-            trained_steps += interval_steps
-            pending, interval_steps, interval_start = [], 0, now
-            if not math.isfinite(train_loss):
-              self.log(f"training diverged at step {step} (loss {train_loss})")
-              if t.stop_on_divergence:
-                bar.close()
-                return self._finish(r, step, (math.inf, math.inf), train_loss,
-                                    trained_steps, train_time, diverged=True)
-          paused = time.perf_counter()
-          if step % c.eval.every == 0 or step == t.steps:
-            last_valid, last_valid_step = run_eval(step), step
-            if self.primary:
-              bar.write(f"step {step}: valid loss {last_valid[0]:.4f}, "
-                        f"{last_valid[1]:.4f} bits/byte")
-          if step % t.checkpoint_every == 0 or step == t.steps:
-            ckpt.save(step, state, data_state, pending_log_state(pending))
-            saved_step = step
-          interval_start += time.perf_counter() - paused
-        if last_valid_step != step:  # resumed at the end (killed before its summary): evaluate
-          last_valid = run_eval(step)
-      finally:
-        if metrics_file is not None:
-          metrics_file.close()
-      bar.close()
-      ckpt.wait()
-      return self._finish(r, step, last_valid, train_loss, trained_steps, train_time,
-                          state=state, valid_batch=valid_batches[0] if valid_batches else None,
-                          extra=scores)
+    return state, loop_lib.Restored(step, loop_lib.pending_from_log_state(log_state), rows)
 
   def _finish(self, r: Run, step: int, last_valid, train_loss: float, trained_steps: int,
               train_time: float, *, diverged: bool = False, state=None, valid_batch=None,
@@ -582,3 +440,57 @@ class Trainer:
 def train(config, workdir, **kwargs) -> dict:
   """Convenience wrapper: `Trainer(config, workdir, ...).run()`."""
   return Trainer(config, workdir, **kwargs).run()
+
+
+def _unstackable(seats: list) -> str | None:
+  """Why these seats cannot train as one seed-stacked program, or None."""
+  first = seats[0].run
+  if first.mesh.size > 1 or jax.process_count() > 1:
+    return f"seed stacking runs on one device, this mesh has {first.mesh.size}"
+  steps = {int(sharding.to_host(s.state["step"])) for s in seats}
+  if len(steps) > 1:
+    return f"the runs are at different steps ({sorted(steps)})"
+  base = first.config.to_dict()
+  for s in seats[1:]:
+    diffs = [k for k in config_differences(base, s.run.config.to_dict()) if k != "seed"]
+    if diffs:
+      return f"their configs differ in {', '.join(diffs)}, not only in the seed"
+  return None
+
+
+def train_seeds(trainers: list[Trainer]) -> list[dict]:
+  """Trains runs whose configs differ only in the seed (one arm's seeds, each in its own work
+  directory) as one seed-stacked program (research/train/loop.py); returns their summaries in
+  order. Finished runs are reported as they are; runs that cannot stack (a multi-device mesh,
+  runs resumed at different steps) train one after another."""
+  if len(trainers) == 1:
+    return [trainers[0].run()]
+  out: list[dict | None] = [None] * len(trainers)
+  with interrupt.handling_stops() as stop, contextlib.ExitStack() as held:
+    for t in trainers:
+      held.enter_context(workdir_lib.WorkdirLock(t.workdir, log=t.log))
+    seats = []
+    try:
+      for i, t in enumerate(trainers):
+        seat = t.prepare(stop)
+        if isinstance(seat, dict):
+          out[i] = seat
+        else:
+          seats.append((i, seat))
+      reason = _unstackable([s for _, s in seats]) if len(seats) > 1 else None
+      if reason:
+        trainers[0].log(f"seeds train one after another: {reason}")
+      groups = [seats] if reason is None else [[x] for x in seats]
+      while groups:
+        group = groups.pop(0)
+        for (i, _), summary in zip(group, loop_lib.train_seats([s for _, s in group], stop)):
+          out[i] = summary
+    except BaseException:
+      for group in groups if "groups" in locals() else [seats]:
+        for _, seat in group:
+          try:
+            seat.ckpt.close()
+          except CheckpointError:
+            pass
+      raise
+  return out

@@ -1,0 +1,325 @@
+"""The training loop, over one run or over the seeds of one config stacked into one program.
+
+A *seat* is one run in the loop: its Trainer (work directory, log, files), its built Run, its
+checkpointer and what it restored. `train_seats` trains one seat with the jitted step, or
+several seats whose configs differ only in their seed as one `jax.vmap` of that step over a
+leading seed axis of the state and the batch (seed-stacked training): each seed keeps its own
+parameters, optimizer state, data order (its own iterator) and dropout key (its seed), logs to
+its own metrics.jsonl, saves its own checkpoints (the seed's slice of the stack, in the format
+of a single run, so any seed resumes alone or in a stack) and ends with its own summary. A
+stacked seed's numbers equal its single run's up to the rounding of batched matmuls
+(tests/test_stacked.py states the tolerance); a single seat runs exactly the program it always
+did.
+
+Per step: the step runs; every `log_every` steps each seat's pending metrics are fetched and
+logged; every `eval.every` steps each seat is evaluated; every `checkpoint_every` steps each
+seat is saved. A stop request (Ctrl-C, SIGTERM) is acted on between steps: every seat is saved
+where it stands. A seat whose loss stops being finite ends there with a diverged summary
+(`train.stop_on_divergence`); the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from research import sharding
+from research.eval import lm_eval
+from research.eval import synthetic as synthetic_eval
+from research.train import interrupt
+from research.train import mfu as mfu_lib
+from research.train.checkpoint import CheckpointError
+
+LOGGED_PREFIXES = ("aux/", "stat/", "grad_norm/")
+
+
+def fetch(tree):
+  """Device values to host numpy (replicated values of a multi-process run included)."""
+  return jax.tree.map(sharding.to_host, tree)
+
+
+def pending_log_state(fetched: list) -> dict:
+  """The metrics of steps trained since the last log line (on the host), as JSON for a
+  checkpoint."""
+  if not fetched:
+    return {}
+  keys = list(fetched[0])
+  return {"metrics": {k: [float(m[k]) for m in fetched] for k in keys},
+          "dtypes": {k: np.asarray(fetched[0][k]).dtype.name for k in keys}}
+
+
+def pending_from_log_state(log_state: dict) -> list:
+  """The inverse of pending_log_state: per-step dicts of numpy scalars of the logged dtypes."""
+  metrics, dtypes = log_state.get("metrics", {}), log_state.get("dtypes", {})
+  n = len(next(iter(metrics.values()))) if metrics else 0
+  return [{k: np.asarray(v[i], dtypes.get(k, "float32")) for k, v in metrics.items()}
+          for i in range(n)]
+
+
+@dataclasses.dataclass
+class Restored:
+  """What a resumed run takes over from its work directory."""
+  step: int = 0
+  pending: list = dataclasses.field(default_factory=list)  # metrics of steps not yet logged
+  rows: list = dataclasses.field(default_factory=list)  # metrics.jsonl rows up to `step`
+
+
+@dataclasses.dataclass
+class Seat:
+  """One run in the loop (see the module docstring)."""
+  trainer: Any  # research.train.trainer.Trainer
+  run: Any  # research.train.trainer.Run
+  ckpt: Any  # research.train.checkpoint.Checkpointer
+  state: dict  # the state to start from
+  restored: Restored
+  metrics_file: Any = None
+  scores: dict = dataclasses.field(default_factory=dict)
+  last_valid: tuple = (float("nan"), float("nan"))
+  last_valid_step: int = -1
+  train_loss: float = float("nan")
+  data_state: dict | None = None
+  summary: dict | None = None  # set when the seat has finished (or diverged)
+
+  def __post_init__(self):
+    for row in self.restored.rows:  # the last evaluation and train loss so far
+      if row.get("split") == "valid":
+        self.last_valid = (row["loss"], row.get("bpb", float("nan")))
+        self.last_valid_step = row["step"]
+        if "exact_match" in row:
+          self.scores["valid_exact_match"] = row["exact_match"]
+      elif row.get("split") == "train":
+        self.train_loss = row["loss"]
+
+  def write(self, record: dict) -> None:
+    if self.metrics_file is not None:  # process 0 writes for all
+      self.metrics_file.write(json.dumps(record) + "\n")
+      self.metrics_file.flush()
+
+  def log(self, message: str) -> None:
+    self.trainer.log(message)
+
+
+class _Program:
+  """The step, evaluation and slicing of one seat (plain) or of stacked seats (vmapped)."""
+
+  def __init__(self, seats: list[Seat]):
+    self.seats = seats
+    self.stacked = len(seats) > 1
+    r = seats[0].run
+    # metrics of the steps since the last log line: per step a dict of scalars (one seat) or of
+    # [seeds] arrays; a resumed run's first ones were saved with its checkpoint, so its log
+    # lines are the uninterrupted run's
+    restored = [s.restored.pending for s in seats]
+    self.pending = list(restored[0]) if not self.stacked else [
+        {k: np.stack([p[j][k] for p in restored]) for k in restored[0][j]}
+        for j in range(len(restored[0]))]
+    if not self.stacked:
+      self.state = seats[0].state
+      self.step_fn = r.step_fn
+      self.eval_step, self.exact_step = r.eval_step, r.exact_match_step
+      return
+    self.state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.state for s in seats])
+    self.keys = jnp.stack([jax.random.key(s.run.config.seed) for s in seats])
+    self.step_fn = jax.jit(jax.vmap(r.step_with_key), donate_argnums=0)
+    self.eval_step = jax.jit(jax.vmap(r.eval_step, in_axes=(0, 0, None)))
+    self.exact_step = (jax.jit(jax.vmap(r.exact_match_step, in_axes=(0, 0, None)))
+                       if r.exact_match_step is not None else None)
+
+  def batch(self, host_batches: list[dict]) -> dict:
+    """The device batch of this step from each seat's host batch."""
+    if not self.stacked:
+      seat = self.seats[0]
+      return seat.trainer.put_batch(seat.run, host_batches[0])
+    return {k: jnp.asarray(np.stack([np.asarray(b[k]) for b in host_batches]))
+            for k in host_batches[0]}
+
+  def compile(self, batch):
+    if not self.stacked:
+      return self.step_fn.lower(self.state, batch).compile()
+    compiled = self.step_fn.lower(self.state, batch, self.keys).compile()
+    return lambda state, b: compiled(state, b, self.keys)
+
+  def slice(self, state, i: int):
+    return state if not self.stacked else jax.tree.map(lambda x: x[i], state)
+
+  def pending_of(self, i: int) -> list[dict]:
+    """Seat i's pending metrics, on the host."""
+    fetched = fetch(self.pending)
+    return fetched if not self.stacked else [{k: v[i] for k, v in m.items()} for m in fetched]
+
+  def evaluate(self, state, valid_batches) -> list[float]:
+    if not self.stacked:
+      return [lm_eval.evaluate(self.eval_step, state["params"], state["other"], valid_batches)]
+    return lm_eval.evaluate(self.eval_step, state["params"], state["other"], valid_batches)
+
+  def exact_match(self, state, valid_batches) -> list[float]:
+    out = synthetic_eval.exact_match(self.exact_step, state["params"], state["other"],
+                                     valid_batches)
+    return [out] if not self.stacked else out
+
+
+def train_seats(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
+  """Trains the seats (one run, or the stacked seeds of one config) to the end; returns their
+  summaries. Checkpointers are closed on the way out."""
+  try:
+    summaries = _loop(seats, stop)
+  except BaseException:
+    for seat in seats:
+      try:
+        seat.ckpt.close()
+      except CheckpointError:
+        pass  # the error being raised already says what stopped the run
+    raise
+  for seat in seats:
+    seat.ckpt.close()
+  return summaries
+
+
+def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
+  first = seats[0]
+  r, c = first.run, first.run.config
+  t = c.train
+  program = _Program(seats)
+  state = program.state
+  start = int(sharding.to_host(program.slice(state, 0)["step"]))
+  tokens_per_step = t.batch_size * c.data.seq_len
+  flops_per_step = r.summary["flops_per_token_train"] * tokens_per_step
+  peak = mfu_lib.peak_flops_per_device() * jax.device_count()
+  bytes_per_token = r.corpus.valid_bytes_per_token
+  primary = first.trainer.primary
+  valid_batches = [first.trainer.put_batch(r, b) for b in r.valid_batches]
+  live = [s for s in seats if s.summary is None]
+
+  def run_eval(step):
+    losses = program.evaluate(state, valid_batches)
+    exact = (program.exact_match(state, valid_batches) if program.exact_step is not None
+             else None)
+    for i, seat in enumerate(seats):
+      if seat.summary is not None:
+        continue
+      loss = losses[i]
+      bpb = lm_eval.bits_per_byte(loss, bytes_per_token)
+      record = {"split": "valid", "step": step, "loss": loss, "bpb": bpb}
+      if exact is not None:  # synthetic task: MQAR accuracy / fact recall
+        record["exact_match"] = seat.scores["valid_exact_match"] = exact[i]
+      seat.write(record)
+      seat.last_valid, seat.last_valid_step = (loss, bpb), step
+    return losses
+
+  def next_batch():
+    for seat in seats:
+      seat.data_state = seat.run.train_iter.get_state()
+    return program.batch([next(seat.run.train_iter) for seat in seats])
+
+  with contextlib.ExitStack() as files, sharding.use_mesh(r.mesh):
+    for seat in seats:
+      if seat.trainer.primary:
+        seat.metrics_file = files.enter_context(open(seat.trainer.workdir / "metrics.jsonl", "a"))
+    # The next batch is taken while the device runs the current step; the iterator state saved
+    # in a checkpoint is the one from *before* that prefetch, so resume is exact.
+    batch = next_batch() if start < t.steps else None
+    if batch is None:
+      for seat in seats:
+        seat.data_state = seat.run.train_iter.get_state()
+    compiled = program.compile(batch) if batch is not None else None
+    label = "" if len(seats) == 1 else f"{len(seats)} seeds "
+    bar = tqdm(total=t.steps, initial=start, disable=not (t.progress and primary),
+               dynamic_ncols=True, unit="step", desc=label or None, file=sys.stderr)
+    interval_start, interval_steps = time.perf_counter(), 0
+    train_time, trained_steps = 0.0, 0  # this session's, without evaluation and checkpoints
+    step = saved_step = start
+    while step < t.steps and live:
+      if stop.requested:
+        # A stop is only acted on here, between steps, where (step, state, data_state) agree;
+        # an interrupt raised mid-step could pair a state with the wrong iterator position.
+        bar.close()
+        for i, seat in enumerate(seats):
+          if seat.summary is None and saved_step != step:
+            seat.ckpt.save(step, program.slice(state, i), seat.data_state,
+                           pending_log_state(program.pending_of(i)), force=True)
+        for seat in live:
+          seat.ckpt.wait()
+          where = (f"checkpoint saved in {seat.trainer.workdir / 'checkpoints'}" if step > 0
+                   else "nothing trained yet")
+          seat.log(f"interrupted at step {step}: {where}; run the same command again to resume")
+        stop.check()
+      state, metrics = compiled(state, batch)
+      step += 1
+      program.pending.append(metrics)
+      interval_steps += 1
+      if step < t.steps:
+        batch = next_batch()
+      bar.update(1)
+      if step % t.log_every == 0 or step == t.steps or step == 1:
+        now = time.perf_counter()
+        elapsed = now - interval_start
+        tokens_per_s = interval_steps * tokens_per_step / elapsed  # per seat
+        for i, seat in enumerate(seats):
+          if seat.summary is not None:
+            continue
+          fetched = program.pending_of(i)
+          seat.train_loss = float(np.mean([m["loss"] for m in fetched]))
+          record = {"split": "train", "step": step, "loss": seat.train_loss,
+                    "lr": float(fetched[-1]["lr"]),
+                    "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": flops_per_step * interval_steps * len(seats) / elapsed / peak,
+                    "time": time.time()}
+          for k in fetched[-1]:
+            if k.startswith(LOGGED_PREFIXES):
+              record[k] = float(np.mean([m[k] for m in fetched]))
+          seat.write(record)
+        program.pending = []
+        bar.set_postfix(loss=f"{live[0].train_loss:.4f}",
+                        tok_s=f"{tokens_per_s * len(seats):,.0f}")
+        train_time += elapsed
+        trained_steps += interval_steps
+        interval_steps, interval_start = 0, now
+        for i, seat in enumerate(seats):
+          if seat.summary is None and not math.isfinite(seat.train_loss):
+            seat.log(f"training diverged at step {step} (loss {seat.train_loss})")
+            if t.stop_on_divergence:
+              seat.summary = seat.trainer._finish(  # pylint: disable=protected-access
+                  seat.run, step, (math.inf, math.inf), seat.train_loss, trained_steps,
+                  train_time, diverged=True)
+        live = [s for s in seats if s.summary is None]
+        if not live:
+          break
+      paused = time.perf_counter()
+      if step % c.eval.every == 0 or step == t.steps:
+        losses = run_eval(step)
+        if primary:
+          bar.write(f"step {step}: valid loss "
+                    + ", ".join(f"{losses[i]:.4f}" for i, s in enumerate(seats)
+                                if s.summary is None)
+                    + (f", {live[0].last_valid[1]:.4f} bits/byte" if len(seats) == 1 else ""))
+      if step % t.checkpoint_every == 0 or step == t.steps:
+        for i, seat in enumerate(seats):
+          if seat.summary is None:
+            seat.ckpt.save(step, program.slice(state, i), seat.data_state,
+                           pending_log_state(program.pending_of(i)))
+        saved_step = step
+      interval_start += time.perf_counter() - paused
+    if live and any(seat.last_valid_step != step for seat in live):
+      run_eval(step)  # resumed at the end (killed before its summary): evaluate
+  bar.close()
+  summaries = []
+  for i, seat in enumerate(seats):
+    if seat.summary is None:
+      seat.ckpt.wait()
+      seat.summary = seat.trainer._finish(  # pylint: disable=protected-access
+          seat.run, step, seat.last_valid, seat.train_loss, trained_steps, train_time,
+          state=program.slice(state, i),
+          valid_batch=valid_batches[0] if valid_batches else None, extra=seat.scores)
+    summaries.append(seat.summary)
+  return summaries
