@@ -4,6 +4,7 @@
   python bench/train_throughput.py --spec baseline:scale=small --steps 20
   python bench/train_throughput.py --spec moda --set model.attention.kind=dense   # its baseline
   python bench/train_throughput.py --vs-torch           # and the PyTorch peer (bench/peer_torch.py)
+  python bench/train_throughput.py --stack 3            # 3 seeds as one seed-stacked step, too
 
 Prints step time, tokens/s and MFU (against research.train.mfu's peak table; on CPU the peak is
 measured). Data comes from the real pipeline; the timing covers the jitted step and the host
@@ -40,6 +41,36 @@ def torch_window(spec: str, steps: int, warmup: int) -> float:
   return json.loads(out.stdout.strip().splitlines()[-1])["step_s"][0]
 
 
+def stacked_step_time(r, state, n: int, steps: int, warmup: int, repeats: int) -> float:
+  """Best seconds per step of n copies of `state` trained as one vmapped step, each copy on
+  its own batches (drawn from the run's iterator), as seed-stacked training does."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  state = jax.tree.map(lambda x: jnp.stack([x] * n), state)
+  keys = jnp.stack([jax.random.key(i) for i in range(n)])
+  step = jax.jit(jax.vmap(r.step_with_key), donate_argnums=0)
+
+  def batch():
+    host = [next(r.train_iter) for _ in range(n)]
+    return {k: jnp.asarray(np.stack([b[k] for b in host])) for k in host[0]}
+
+  with sharding.use_mesh(r.mesh):
+    b = batch()
+    compiled = step.lower(state, b, keys).compile()
+    for _ in range(warmup):
+      state, _ = compiled(state, b, keys)
+      b = batch()
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, _ = compiled(state, b, keys)
+        b = batch()
+      jax.block_until_ready(state)
+      times.append((time.perf_counter() - t0) / steps)
+  return min(times)
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--spec", default="baseline:scale=tiny")
@@ -48,6 +79,8 @@ def main() -> None:
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--vs-torch", dest="vs_torch", action="store_true",
                  help="alternate with bench/peer_torch.py's windows and print the ratio")
+  p.add_argument("--stack", type=int, default=0,
+                 help="also time N seeds stacked into one vmapped step (research/train/loop.py)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="a dotted config override, e.g. model.attention.kind=dense (repeatable)")
   args = p.parse_args()
@@ -91,6 +124,12 @@ def main() -> None:
         f"{args.repeats} x {args.steps} steps)")
   print(f"tokens/s {tokens / best:,.0f}")
   print(f"model FLOP/s {flops / best / 1e9:.1f} G; peak {peak / 1e9:.1f} G; MFU {flops / best / peak:.1%}")
+  if args.stack > 1:
+    stacked = stacked_step_time(r, state, args.stack, args.steps, args.warmup, args.repeats)
+    print(f"{args.stack} seeds stacked: step time {stacked * 1e3:.2f} ms, "
+          f"{args.stack * tokens / stacked:,.0f} tokens/s over the seeds; "
+          f"{stacked / best:.2f}x one seed's step time for {args.stack} seeds "
+          f"({args.stack * best / stacked:.2f}x the throughput of one after another)")
   if peer:
     ours, theirs = float(np.median(times)), float(np.median(peer))
     print(f"PyTorch peer: step time {theirs * 1e3:.2f} ms (median of {len(peer)} windows), "
