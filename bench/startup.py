@@ -4,6 +4,7 @@ the training step, on the current device.
   python bench/startup.py                                  # baseline small (width 768), L = 4, 12, 32
   python bench/startup.py --spec moda:scale=small --layers 4,12
   python bench/startup.py --jit_init                       # also the former one-program init
+  python bench/startup.py --set model.scan_blocks=on       # blocks as one scan
 
 `--jit_init` times the initializer as one jitted program with the parameters' shardings as its
 outputs (what research.model.create_model did before 2026-12-04), for comparison.
@@ -40,8 +41,8 @@ def jit_init(cfg, mesh):
   return nnx.merge(graphdef, jax.block_until_ready(state))
 
 
-def measure(spec: str, layers: int, vocab: int, with_jit_init: bool) -> dict:
-  c = config_lib.resolve(experiments.get_config(spec, {"model.num_layers": layers}))
+def measure(spec: str, layers: int, vocab: int, with_jit_init: bool, overrides: dict) -> dict:
+  c = config_lib.resolve(experiments.get_config(spec, {**overrides, "model.num_layers": layers}))
   c.model.vocab_size = c.model.vocab_size or vocab
   mesh = sharding.make_mesh("dp", devices=jax.devices()[:1])
   out = {}
@@ -73,14 +74,17 @@ def main() -> None:
   p.add_argument("--layers", default="4,12,32")
   p.add_argument("--vocab", type=int, default=50257, help="when the config leaves it to the data")
   p.add_argument("--jit_init", action="store_true")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="a dotted config override (repeatable)")
   args = p.parse_args()
+  overrides = dict(item.split("=", 1) for item in args.set)
   print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
-        f"{args.spec}")
+        f"{args.spec} {' '.join(args.set)}")
   print("| layers | params | build (s) | " + ("one-program init (s) | " if args.jit_init else "")
         + "train-step compile (s) |")
   print("|---|---|---|" + ("---|" if args.jit_init else "") + "---|")
   for n in (int(x) for x in args.layers.split(",")):
-    r = measure(args.spec, n, args.vocab, args.jit_init)
+    r = measure(args.spec, n, args.vocab, args.jit_init, overrides)
     jit = f" {r['jit_init_s']:.1f} |" if args.jit_init else ""
     print(f"| {n} | {r['params_m']:.0f}M | {r['build_s']:.1f} |{jit} {r['step_compile_s']:.1f} |",
           flush=True)

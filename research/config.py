@@ -46,6 +46,10 @@ def default_config() -> ml_collections.ConfigDict:
   m.init_std = 0.02  # 0: 1/sqrt(2.5 d_model)
   m.init_out_scaling = "total_depth"  # output projections: none | total_depth | layer_depth
   m.remat = "none"  # none | block
+  # off | on | auto: the blocks as one stacked module run by a scan (compile time flat in
+  # depth), for homogeneous models only (lm.scan_unsupported names the options that need the
+  # unrolled form); auto: on where supported (resolved into on / off)
+  m.scan_blocks = "off"
   m.embed = ml_collections.ConfigDict(
       dict(kind="plain", factorized=False))  # over_width (VWN): factorized = E_base W_expand
   # residual: streams = n (hyper); fracs = m (frac, vwn); expansion = r = n/m (vwn, D' = r D);
@@ -297,6 +301,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   mixer = ffn_lib.CHANNEL_MIXERS.get(m.channel.kind)
   if hasattr(mixer, "resolve"):  # a channel mixer's own derived fields (moe.py, memory.py)
     mixer.resolve(m)
+  if m.scan_blocks != "off":
+    from research.model.lm import scan_unsupported  # pylint: disable=import-outside-toplevel
+    why = scan_unsupported(m)
+    if why and m.scan_blocks == "on":
+      raise ConfigError(f"model.scan_blocks=on needs identical blocks that write nothing "
+                        f"across layers: {why}; set model.scan_blocks=off (or auto)")
+    m.scan_blocks = "off" if why else "on"
   t = c.train
   if t.grad_accum and t.batch_size % t.grad_accum:
     raise ConfigError(
@@ -335,6 +346,7 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "model.init_out_scaling": ("none", "total_depth", "layer_depth"),
     "model.remat": ("none", "block"),
+    "model.scan_blocks": ("off", "on", "auto"),
 }
 
 

@@ -48,6 +48,7 @@ def apply_scale(c: ml_collections.ConfigDict, scale: str, *, corpus: str = "",
     c.data.seq_len = 1024
     t.steps, t.batch_size, t.lr, t.warmup_steps = 5000, 32, 6e-4, 200
     t.grad_accum = 0  # as few micro-batches as fit: 1 on an 80 GB GPU, 4 on a 24 GB CPU
+    m.scan_blocks = "auto"  # one block's program for all 12 where the options allow
     t.log_every, t.checkpoint_every = 50, 1000
     e.every, e.batches = 500, 0  # every validation window that fits (WikiText-2: 7 x 32 x 1024)
   elif scale == "paper":
@@ -57,6 +58,7 @@ def apply_scale(c: ml_collections.ConfigDict, scale: str, *, corpus: str = "",
     t.steps, t.batch_size, t.lr, t.warmup_steps = 100_000, 1024, 3e-4, 2000
     t.grad_accum = 0
     m.remat = "block"
+    m.scan_blocks = "auto"
     c.mesh.preset = "fsdp"
     # every validation window that fits, 16 per batch (WikiText-2 at 2048: 7 batches)
     e.batches, e.batch_size = 0, 16

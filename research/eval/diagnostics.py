@@ -36,4 +36,8 @@ def layer_cosine(model, tokens: jax.Array) -> list[float]:
 def block_grad_norms(grads) -> dict[str, jax.Array]:
   """{"grad_norm/block_<i>": norm} from the gradient State of a DecoderLM's parameters."""
   blocks = grads["blocks"]
+  if not all(isinstance(k, int) for k in blocks.keys()):  # stacked blocks (model.scan_blocks)
+    squares = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+                  for g in jax.tree.leaves(blocks))
+    return {f"grad_norm/block_{i:02d}": jnp.sqrt(squares[i]) for i in range(squares.shape[0])}
   return {f"grad_norm/block_{i:02d}": optax.tree.norm(blocks[i]) for i in sorted(blocks.keys())}

@@ -89,8 +89,12 @@ class DecoderLM(nnx.Module):
     self.dtype = dtype
     self.embed = embedding_lib.EMBEDDINGS.get(cfg.embed.kind)(cfg, dtype=dtype, rngs=rngs)
     self.residual_cls = residual_lib.RESIDUALS.get(cfg.residual.kind)
-    self.blocks = nnx.List([Block(cfg, layer=i, dtype=dtype, rngs=rngs)
-                            for i in range(cfg.num_layers)])
+    self.scanned = cfg.get("scan_blocks", "off") == "on" and cfg.num_layers > 0
+    if self.scanned:
+      self.blocks = stacked_blocks(cfg, dtype=dtype, rngs=rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, layer=i, dtype=dtype, rngs=rngs)
+                              for i in range(cfg.num_layers)])
     needs_final = norms_lib.NORM_PLACEMENTS.get(cfg.norm.kind).final_norm or not cfg.num_layers
     self.final_norm = (norms_lib.RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dtype)
                        if needs_final else None)
@@ -130,7 +134,9 @@ class DecoderLM(nnx.Module):
     h = self.embed(tokens)
     h = ctx.dropout(h, self.cfg.dropout, site=2 * self.cfg.num_layers)
     stream = self.stream.expand(h)
-    for block in self.blocks:
+    if self.scanned:
+      stream = self._scan_blocks(stream, ctx, hidden)
+    for block in ([] if self.scanned else self.blocks):
       if hidden is not None:
         hidden.append(self.stream.collapse(stream))
       stream = self._apply_block(block, stream, ctx)
@@ -150,6 +156,23 @@ class DecoderLM(nnx.Module):
     hidden = []
     self._run_blocks(tokens, ctx, hidden)
     return hidden
+
+  def _scan_blocks(self, stream, ctx: ForwardContext, hidden: list | None):
+    """The stacked blocks (model.scan_blocks) as one scan: one block's program, run
+    num_layers times. Blocks in a scan may not write the context (aux losses, statistics,
+    cross-layer state, a KV cache): scan_unsupported refuses the options that do."""
+    if ctx.cache is not None:
+      raise ValueError("model.scan_blocks=on has no KV-cache (inference) path yet")
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def body(stream, block):
+      before = self.stream.collapse(stream) if hidden is not None else None
+      return self._apply_block(block, stream, ctx), before
+
+    stream, before = body(stream, self.blocks)
+    if hidden is not None:
+      hidden.extend(before[i] for i in range(before.shape[0]))
+    return stream
 
   def _apply_block(self, block: Block, stream, ctx: ForwardContext):
     if self.remat == "none":
@@ -174,7 +197,47 @@ class DecoderLM(nnx.Module):
     """Forward FLOPs per token (multiply-add = 2), analytic; training is 3x this."""
     ends = (self.embed.flops_per_token() + self.stream.flops_per_token()
             + self.head.flops_per_token(seq_len))
+    if self.scanned:  # one stacked block of num_layers identical ones
+      return self.cfg.num_layers * self.blocks.flops_per_token(seq_len) + ends
     return sum(b.flops_per_token(seq_len) for b in self.blocks) + ends
+
+
+def scan_unsupported(cfg) -> str | None:
+  """Why `cfg` (config.model) cannot run its blocks as one scan, or None. A scan runs one
+  block's program for every layer, so blocks must be identical and write nothing into the
+  forward's context: options that depend on the layer index, keep cross-layer state or add
+  auxiliary losses need the unrolled form."""
+  reasons = []
+  if cfg.attention.kind != "dense":
+    reasons.append(f"attention.kind={cfg.attention.kind} (cross-layer state)")
+  if cfg.channel.kind != "ffn":
+    reasons.append(f"channel.kind={cfg.channel.kind} (per-layer units or auxiliary losses)")
+  if cfg.residual.kind != "plain":
+    reasons.append(f"residual.kind={cfg.residual.kind} (per-layer connection init)")
+  placement = norms_lib.NORM_PLACEMENTS.get(cfg.norm.kind)
+  if placement.modes(0) != placement.modes(1):
+    reasons.append(f"norm.kind={cfg.norm.kind} (block 0 differs)")
+  if cfg.init_out_scaling == "layer_depth":
+    reasons.append("init_out_scaling=layer_depth (init depends on the layer)")
+  if cfg.dropout:
+    reasons.append("dropout > 0 (its sites are numbered by layer)")
+  if cfg.head.kind != "plain":
+    reasons.append(f"head.kind={cfg.head.kind}")
+  return "; ".join(reasons) or None
+
+
+def stacked_blocks(cfg, *, dtype, rngs: nnx.Rngs) -> Block:
+  """num_layers blocks as one Block whose parameters have a leading `layers` axis (logical
+  name "layers": replicated). Each layer draws its own random init (split rngs), so a scanned
+  model's init is not the unrolled model's."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers,
+            transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return Block(cfg, layer=0, dtype=dtype, rngs=rngs)
+
+  return make(rngs)
 
 
 def compute_dtype(precision: str, platform: str | None = None):

@@ -41,8 +41,18 @@ def make_schedule(t) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """True for parameters that get weight decay: those with two or more dimensions."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for parameters that get weight decay: those with two or more dimensions, not
+  counting the `layers` axis of stacked blocks (model.scan_blocks: a norm's scales stacked
+  over layers stay a vector per layer)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  def decays(p):
+    if isinstance(p, nnx.Variable):
+      axes = p.get_metadata().get("out_sharding") or ()
+      return p.get_value().ndim - sum(a == "layers" for a in axes) >= 2
+    return p.ndim >= 2
+
+  return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _names(path) -> tuple[str, ...]:
