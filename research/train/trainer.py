@@ -87,7 +87,7 @@ def make_train_step(graphdef, tx, schedule, cfg):
   `step.with_key(state, batch, seed_key)` is the same step with the seed's key an argument
   (what seed-stacked training vmaps over; research/train/loop.py).
   """
-  accum = cfg.train.grad_accum
+  accum = cfg.train.grad_accum or 1  # 0 ("fit the memory") is decided by Trainer._resolve
   deterministic = cfg.model.dropout == 0.0
   base_key = jax.random.key(cfg.seed)
 
