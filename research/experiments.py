@@ -54,6 +54,9 @@ class Sweep:
   arm; "" for none, e.g. a learning-rate sweep). varies: group -> config keys the table varies
   on purpose among those `research report` watches for confounds (init, data, optimizer and
   schedule, model size; report.WATCHED), so that a difference there is not flagged.
+  superseded: group -> why another group carries the verdicts that this one's arms would give
+  (e.g. a table measured with a handicapped baseline, kept as a sensitivity table): its report
+  shows the comparisons but no verdict words.
   """
   groups: dict[str, list[Arm]]
   arg: str = "scale=tiny"
@@ -61,6 +64,7 @@ class Sweep:
   default_group: str = ""
   references: dict[str, str] = dataclasses.field(default_factory=dict)
   varies: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  superseded: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def group(self, name: str | None) -> tuple[str, list[Arm]]:
     name = name or self.default_group or next(iter(self.groups))

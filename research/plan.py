@@ -159,6 +159,9 @@ class Plan:
   mfu: float
   grad_accum: int = 1
   lowered: str = "not tried"  # "ok (N s)" or the error
+  # parameters of at least UNSHARDED_FRACTION of the model that the mesh was meant to split but
+  # cannot (a dim that does not divide its mesh axes is replicated): "path shape (axes)"
+  unsharded: tuple[str, ...] = ()
 
   @property
   def bytes_total(self) -> float:
@@ -172,6 +175,24 @@ class Plan:
   @property
   def step_time_s(self) -> float:
     return self.flops_per_step / (self.cluster.devices * self.cluster.peak_flops * self.mfu)
+
+
+UNSHARDED_FRACTION = 0.01
+
+
+def _lost_axes(logical, shape, mesh) -> list[str]:
+  """The mesh axes (of size > 1) that `logical` asks for on a dim they do not divide."""
+  lost, used = [], set()
+  for name, dim in zip(logical or (), shape):
+    axes = dict(sharding.LOGICAL_RULES).get(name) if name is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if size > 1 and dim % size:
+      lost.append(f"{name}: {dim} over {size}")
+    elif size > 1:
+      used.update(axes)
+  return lost
 
 
 def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
@@ -189,10 +210,14 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
   model = abstract_model(m)
   summary = model_summary(model, c.data.seq_len)
   bytes_params = bytes_gathered = 0.0
-  for var in jax.tree.leaves(nnx.state(model, nnx.Param),
-                             is_leaf=lambda x: isinstance(x, nnx.Variable)):
+  unsharded = []
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     value = var.get_value()
-    spec = sharding.logical_to_spec(var.get_metadata().get("out_sharding"), value.shape, mesh)
+    logical = var.get_metadata().get("out_sharding")
+    spec = sharding.logical_to_spec(logical, value.shape, mesh)
+    lost = _lost_axes(logical, value.shape, mesh)
+    if lost and value.size >= UNSHARDED_FRACTION * summary["params"]:
+      unsharded.append(f"{'/'.join(map(str, path))} {tuple(value.shape)} ({'; '.join(lost)})")
     shards = _shards(spec, shape)
     bytes_params += value.size * 4 / shards
     fsdp = _shards([a for a in spec if a is not None and "fsdp" in ((a,) if isinstance(a, str) else a)],
@@ -213,6 +238,7 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
               bytes_optimizer=2 * bytes_params, bytes_gradients=bytes_params,
               bytes_gathered=bytes_gathered, bytes_activations=activations,
               flops_per_step=summary["flops_per_token_train"] * t.batch_size * c.data.seq_len,
+              unsharded=tuple(unsharded),
               tokens_per_step=t.batch_size * c.data.seq_len, mfu=mfu, grad_accum=accum)
 
 
@@ -292,4 +318,7 @@ def table(plans: list[Plan]) -> str:
         f"{'yes' if p.fits else 'NO'} | {p.flops_per_step / 1e12:,.0f} | "
         f"{p.step_time_s:.2f} @{p.mfu:.0%} | {p.tokens_per_step / p.step_time_s:,.0f} | "
         f"{p.lowered} |")
+  for p in plans:
+    for item in p.unsharded:
+      lines.append(f"- {p.cluster.name}: replicated, its dim does not divide the mesh: {item}")
   return "\n".join(lines)

@@ -462,7 +462,9 @@ def _judge(experiment: str, group: dict) -> None:
   rows = {row["arm"]: row for row in group["arms"]}
   ref = rows.get(sweep.reference(group["group"]))
   group["reference"] = ref["arm"] if ref else None
-  claims = {a.name: a.claim for a in arms}
+  superseded = sweep.superseded.get(group["group"])
+  group["superseded"] = superseded
+  claims = {} if superseded else {a.name: a.claim for a in arms}
   for row in group["arms"]:
     row.pop("comparison", None)
     row.pop("verdict", None)
@@ -514,6 +516,8 @@ def _markdown(experiment: str, group: dict) -> str:
   if borrowed:
     lines.append("- arms marked † are not trained here: another table reports the same config "
                  f"with every seed, and its row is shown: {'; '.join(borrowed)}")
+  if group.get("superseded"):
+    lines.append(f"- **no verdicts here**: {group['superseded']}")
   if group.get("confounds"):
     lines.append("- **possible confound**: besides what the table varies, its arms differ in "
                  + "; ".join(group["confounds"]))

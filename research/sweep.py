@@ -65,6 +65,11 @@ _SWITCHED_SETTINGS = (
     ("model.attention.prefill", {"flexprefill": "model.attention.flexprefill."}),
     ("model.head.kind", {"mtp": "model.head.mtp_weight"}),
 )
+# Settings that one value of a switch leaves unread: (switch key, value, key prefix). The plain
+# residual reads none of the multi-stream residuals' settings (streams, fracs, expansion, ...).
+_UNREAD_UNDER = (("model.residual.kind", "plain", "model.residual."),)
+_SWITCHES = frozenset(switch for switch, _ in _SWITCHED_SETTINGS) | frozenset(
+    switch for switch, _, _ in _UNREAD_UNDER)
 
 
 def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
@@ -335,7 +340,7 @@ def same_config(run_config: dict, config) -> bool:
   resolved = config if isinstance(config, dict) else config_lib.resolve(config).to_dict()
   inert = inert_prefixes(resolved)
   return not [k for k in config_differences(run_config, resolved)
-              if k not in _IRRELEVANT_KEYS and not k.startswith(inert)]
+              if k not in _IRRELEVANT_KEYS and (k in _SWITCHES or not k.startswith(inert))]
 
 
 def inert_prefixes(config: dict) -> tuple[str, ...]:
@@ -346,6 +351,8 @@ def inert_prefixes(config: dict) -> tuple[str, ...]:
   for switch, read_by in _SWITCHED_SETTINGS:
     selected = config_lib.get_dotted(config, switch)
     out += [prefix for value, prefix in read_by.items() if selected != value]
+  out += [prefix for switch, value, prefix in _UNREAD_UNDER
+          if config_lib.get_dotted(config, switch) == value]
   if config_lib.get_dotted(config, "data.corpus") not in synthetic.TASKS:
     out.append("data.synthetic.")
   return tuple(out)

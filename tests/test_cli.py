@@ -260,3 +260,11 @@ def test_twin_configs_ignore_settings_of_unselected_components():
   assert not sweep.same_config(dense_a, moe_a)  # the switch differs
   assert not sweep.same_config(dense_a, resolved({"model.channel.d_ff": 64}))  # a setting it reads
   assert "model.channel.moe." not in sweep.inert_prefixes(moe_a)
+  # the plain residual reads none of the multi-stream residuals' settings; a hyper one does
+  plain_a = resolved({"model.residual.streams": 4, "model.residual.fracs": 4})
+  plain_b = resolved({"model.residual.streams": 2, "model.residual.fracs": 2})
+  assert sweep.same_config(plain_a, plain_b)
+  hyper_a = resolved({"model.residual.kind": "hyper", "model.residual.streams": 4})
+  hyper_b = resolved({"model.residual.kind": "hyper", "model.residual.streams": 2})
+  assert not sweep.same_config(hyper_a, hyper_b)
+  assert not sweep.same_config(plain_a, hyper_a)  # the switch differs

@@ -90,6 +90,17 @@ def test_a_config_that_cannot_fit_is_reported_so():
                   plan.cluster("v5e-256"))
 
 
+def test_parameters_the_mesh_cannot_split_are_named():
+  """With 6-way FSDP, the tiny model's 128-wide dims do not divide: its large matrices are
+  replicated, and the plan names them (with 8 ways nothing is lost)."""
+  six = plan.Cluster("six", "cpu", 6, 24, 1e11, "cpu")
+  c = _config(**{"train.batch_size": 24})
+  lost = plan.estimate(c, six).unsharded
+  assert lost and any("128 over 6" in item for item in lost)
+  assert plan.estimate(c, CPU8).unsharded == ()
+  assert "replicated, its dim does not divide the mesh" in plan.table([plan.estimate(c, six)])
+
+
 def test_the_train_step_lowers_on_an_abstract_mesh_of_the_cluster():
   """No devices and no memory: 64 abstract GPUs, the real train step's shardings."""
   c = _config(**{"train.batch_size": 64})

@@ -80,3 +80,34 @@ def test_report_judges_each_arm_against_the_reference(tmp_path):
   assert by_arm["dhc4"]["verdict"] == "reproduced" and by_arm["dhc8"]["verdict"] == "contradicted"
   text = rp._markdown("hyper_connections", group)
   assert "Δ vs pre (t, seeds agreeing)" in text and "| reproduced |" in text
+
+def test_a_superseded_group_shows_comparisons_without_verdicts():
+  """hyper_connections' init-0.02 tables are kept for the init's effect; `fair` carries the
+  verdicts, so table1 gets Δ and t but no verdict word, and says why."""
+  sweep = experiments.get_sweep("hyper_connections")
+  assert "fair" in sweep.superseded["table1"]
+  rows = [{"arm": a, "seeds_total": 3, "seeds_finished": 3, "diverged": 0, "status": "done",
+           "valid_loss": rp._stats(v), "valid_bpb": rp._stats(v), "tokens_per_s": None,
+           "overrides": {}, "paper": {}}
+          for a, v in {"pre": [1.70, 1.71, 1.69], "dhc4": [1.65, 1.66, 1.64]}.items()]
+  group = {"group": "table1", "arg": sweep.arg, "seeds_per_arm": [3], "arms": rows,
+           "date": "2026-12-04"}
+  rp._judge("hyper_connections", group)
+  dhc4 = group["arms"][1]
+  assert dhc4["comparison"]["delta"] == pytest.approx(-0.05) and "verdict" not in dhc4
+  text = rp._markdown("hyper_connections", group)
+  assert "no verdicts here" in text and "| reproduced |" not in text
+
+
+def test_heat_maps_of_groups_carried_over_stay_linked(tmp_path):
+  """A report made from a runs directory without a group's runs keeps linking the heat maps an
+  earlier report drew for it, each under its own group (width's glob must not take width_mtp's)."""
+  from research.eval import connections  # pylint: disable=import-outside-toplevel
+  for name in ("width_vwn2_connections.png", "width_mtp_vwn2_mtp_connections.png"):
+    (tmp_path / name).write_bytes(b"png")
+  text = connections.report_section("virtual_width", tmp_path / "runs", ["width", "width_mtp"],
+                                    tmp_path)
+  assert text.count("(width_vwn2_connections.png)") == 1
+  assert text.count("(width_mtp_vwn2_mtp_connections.png)") == 1
+  assert "![width vwn2 connections]" in text and "![width_mtp vwn2_mtp connections]" in text
+  assert connections.report_section("virtual_width", tmp_path / "runs", ["fair"], tmp_path) == ""

@@ -159,18 +159,24 @@ def report_section(experiment: str, runs_root: str | Path, groups: list[str],
   lines = []
   for group in groups:
     manifest_path = runs_root / group / "manifest.json"
-    if not manifest_path.is_file():
+    if not manifest_path.is_file():  # a group carried over from an earlier report: its maps
+      longer = tuple(f"{g}_" for g in groups if g != group and g.startswith(f"{group}_"))
+      lines += [f"![{group} {png.name[len(group) + 1:-len('_connections.png')]} connections]"
+                f"({png.name})\n" for png in sorted(out_dir.glob(f"{group}_*_connections.png"))
+                if not png.name.startswith(longer or ("\0",))]
       continue
     _, arms = report_lib._load_sweep(manifest_path)  # pylint: disable=protected-access
     for arm in arms:
       found = [json.loads((r.workdir / "connections.json").read_text()) for r in arm.finished
                if (r.workdir / "connections.json").is_file()]
+      name = f"{group}_{arm.name}_connections.png".replace("/", "_")
       if not found:
+        if (out_dir / name).is_file():  # drawn by an earlier report from runs not here
+          lines.append(f"![{group} {arm.name} connections]({name})\n")
         continue
       mean = dict(found[0])
       for key in ("matrices", "unfolded"):
         mean[key] = np.mean([np.asarray(d[key]) for d in found], axis=0).tolist()
-      name = f"{group}_{arm.name}_connections.png".replace("/", "_")
       title = f"{experiment} / {group} / {arm.name} (mean of {len(found)} seeds)"
       plot(mean, out_dir / name, title)
       lines.append(f"![{group} {arm.name} connections]({name})\n")
