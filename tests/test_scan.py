@@ -70,6 +70,29 @@ def test_stacked_norm_scales_are_not_weight_decayed():
   assert mask["blocks"]["attn_norm"]["norm"]["scale"] is False  # [layers, embed]: vectors
 
 
+@pytest.mark.parametrize("remat", ["none", "block"])
+def test_scanned_step_with_gradient_accumulation_equals_one_batch(remat):
+  """The small and paper scales scan their blocks and accumulate gradients: the scan then runs
+  inside the accumulation scan (variables traced one level out). Two micro-batches give the
+  one-batch step's loss and update."""
+  from research.train.trainer import make_train_step  # pylint: disable=import-outside-toplevel
+  steps = {}
+  for accum in (1, 2):
+    c = _config(True, **{"model.remat": remat, "train.grad_accum": accum,
+                         "train.batch_size": 4})
+    graphdef, params, other = nnx.split(create_model(c.model, seed=3), nnx.Param, ...)
+    tx, schedule = optim.make_optimizer(c.train)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "other": other,
+             "opt_state": tx.init(params)}
+    x = jax.random.randint(jax.random.key(0), (4, 32), 0, 65)
+    batch = {"inputs": x, "targets": jnp.roll(x, -1, axis=1)}
+    steps[accum] = jax.jit(make_train_step(graphdef, tx, schedule, c))(state, batch)
+  (one, m1), (two, m2) = steps[1], steps[2]
+  np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.needs_data
 def test_scanned_model_trains_and_logs_per_block_gradient_norms(tmp_path):
   from research.train.trainer import Trainer  # pylint: disable=import-outside-toplevel

@@ -164,12 +164,16 @@ class DecoderLM(nnx.Module):
     if ctx.cache is not None:
       raise ValueError("model.scan_blocks=on has no KV-cache (inference) path yet")
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-    def body(stream, block):
+    # A plain lax.scan over the stacked variables, merged into a Block inside: nnx.scan would
+    # refuse variables traced one level out (a gradient-accumulation scan, eval_shape).
+    graphdef, variables = nnx.split(self.blocks)
+
+    def body(stream, layer_variables):
       before = self.stream.collapse(stream) if hidden is not None else None
+      block = nnx.merge(graphdef, layer_variables)
       return self._apply_block(block, stream, ctx), before
 
-    stream, before = body(stream, self.blocks)
+    stream, before = jax.lax.scan(body, stream, variables)
     if hidden is not None:
       hidden.extend(before[i] for i in range(before.shape[0]))
     return stream

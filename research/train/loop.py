@@ -261,6 +261,9 @@ def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
         batch = next_batch()
       bar.update(1)
       if step % t.log_every == 0 or step == t.steps or step == 1:
+        # wait for the step just dispatched, so the interval's time is its steps' (not what was
+        # dispatched by then; the first interval would otherwise time a dispatch alone)
+        jax.block_until_ready(program.pending[-1])
         now = time.perf_counter()
         elapsed = now - interval_start
         tokens_per_s = interval_steps * tokens_per_step / elapsed  # per seat
