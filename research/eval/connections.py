@@ -163,7 +163,7 @@ def report_section(experiment: str, runs_root: str | Path, groups: list[str],
       longer = tuple(f"{g}_" for g in groups if g != group and g.startswith(f"{group}_"))
       lines += [f"![{group} {png.name[len(group) + 1:-len('_connections.png')]} connections]"
                 f"({png.name})\n" for png in sorted(out_dir.glob(f"{group}_*_connections.png"))
-                if not png.name.startswith(longer or ("\0",))]
+                if not (longer and png.name.startswith(longer))]
       continue
     _, arms = report_lib._load_sweep(manifest_path)  # pylint: disable=protected-access
     for arm in arms:
