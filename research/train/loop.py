@@ -152,10 +152,12 @@ class _Program:
   def slice(self, state, i: int):
     return state if not self.stacked else jax.tree.map(lambda x: x[i], state)
 
-  def pending_of(self, i: int) -> list[dict]:
-    """Seat i's pending metrics, on the host."""
+  def pending_per_seat(self) -> list[list[dict]]:
+    """Every seat's pending metrics, on the host, from one fetch."""
     fetched = fetch(self.pending)
-    return fetched if not self.stacked else [{k: v[i] for k, v in m.items()} for m in fetched]
+    if not self.stacked:
+      return [fetched]
+    return [[{k: v[i] for k, v in m.items()} for m in fetched] for i in range(len(self.seats))]
 
   def evaluate(self, state, valid_batches) -> list[float]:
     if not self.stacked:
@@ -243,10 +245,11 @@ def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
         # A stop is only acted on here, between steps, where (step, state, data_state) agree;
         # an interrupt raised mid-step could pair a state with the wrong iterator position.
         bar.close()
+        pending = program.pending_per_seat()
         for i, seat in enumerate(seats):
           if seat.summary is None and saved_step != step:
             seat.ckpt.save(step, program.slice(state, i), seat.data_state,
-                           pending_log_state(program.pending_of(i)), force=True)
+                           pending_log_state(pending[i]), force=True)
         for seat in live:
           seat.ckpt.wait()
           where = (f"checkpoint saved in {seat.trainer.workdir / 'checkpoints'}" if step > 0
@@ -267,10 +270,11 @@ def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
         now = time.perf_counter()
         elapsed = now - interval_start
         tokens_per_s = interval_steps * tokens_per_step / elapsed  # per seat
+        pending = program.pending_per_seat()
         for i, seat in enumerate(seats):
           if seat.summary is not None:
             continue
-          fetched = program.pending_of(i)
+          fetched = pending[i]
           seat.train_loss = float(np.mean([m["loss"] for m in fetched]))
           record = {"split": "train", "step": step, "loss": seat.train_loss,
                     "lr": float(fetched[-1]["lr"]),
@@ -307,10 +311,11 @@ def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
                                 if s.summary is None)
                     + (f", {live[0].last_valid[1]:.4f} bits/byte" if len(seats) == 1 else ""))
       if step % t.checkpoint_every == 0 or step == t.steps:
+        pending = program.pending_per_seat()
         for i, seat in enumerate(seats):
           if seat.summary is None:
             seat.ckpt.save(step, program.slice(state, i), seat.data_state,
-                           pending_log_state(program.pending_of(i)))
+                           pending_log_state(pending[i]))
         saved_step = step
       interval_start += time.perf_counter() - paused
     if live and any(seat.last_valid_step != step for seat in live):

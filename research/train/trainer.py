@@ -470,6 +470,9 @@ def train_seeds(trainers: list[Trainer]) -> list[dict]:
     for t in trainers:
       held.enter_context(workdir_lib.WorkdirLock(t.workdir, log=t.log))
     seats = []
+    # the seats not yet handed to train_seats (which closes the checkpointers of those it
+    # trains): closed here if something stops the rest
+    groups = [seats]
     try:
       for i, t in enumerate(trainers):
         seat = t.prepare(stop)
@@ -486,7 +489,7 @@ def train_seeds(trainers: list[Trainer]) -> list[dict]:
         for (i, _), summary in zip(group, loop_lib.train_seats([s for _, s in group], stop)):
           out[i] = summary
     except BaseException:
-      for group in groups if "groups" in locals() else [seats]:
+      for group in groups:
         for _, seat in group:
           try:
             seat.ckpt.close()
