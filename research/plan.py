@@ -30,7 +30,6 @@ model). A plan "fits" when the total is at most FIT_FRACTION of the device's mem
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import jax
@@ -180,21 +179,6 @@ class Plan:
 UNSHARDED_FRACTION = 0.01
 
 
-def _lost_axes(logical, shape, mesh) -> list[str]:
-  """The mesh axes (of size > 1) that `logical` asks for on a dim they do not divide."""
-  lost, used = [], set()
-  for name, dim in zip(logical or (), shape):
-    axes = dict(sharding.LOGICAL_RULES).get(name) if name is not None else None
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-    size = math.prod(mesh.shape[a] for a in axes)
-    if size > 1 and dim % size:
-      lost.append(f"{name}: {dim} over {size}")
-    elif size > 1:
-      used.update(axes)
-  return lost
-
-
 def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
   """The memory and time of `c` (a resolved config with model.vocab_size set) on `cl`."""
   from research.model import abstract_model, model_summary  # pylint: disable=import-outside-toplevel
@@ -214,8 +198,7 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     value = var.get_value()
     logical = var.get_metadata().get("out_sharding")
-    spec = sharding.logical_to_spec(logical, value.shape, mesh)
-    lost = _lost_axes(logical, value.shape, mesh)
+    spec, lost = sharding.split_dims(logical, value.shape, mesh)
     if lost and value.size >= UNSHARDED_FRACTION * summary["params"]:
       unsharded.append(f"{'/'.join(map(str, path))} {tuple(value.shape)} ({'; '.join(lost)})")
     shards = _shards(spec, shape)

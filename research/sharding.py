@@ -147,15 +147,16 @@ def mesh_from_config(mesh_cfg) -> jax.sharding.Mesh:
                    devices=devices)
 
 
-def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
-                    mesh: jax.sharding.Mesh) -> P:
-  """Maps logical axis names to a PartitionSpec, replicating dims that do not divide."""
+def split_dims(logical: Sequence[str | None] | None, shape: Sequence[int],
+               mesh: jax.sharding.Mesh) -> tuple[P, list[str]]:
+  """The PartitionSpec of `logical` on `mesh`, and the dims it replicates although their rule
+  names mesh axes (of size > 1) because those do not divide them ("name: dim over size")."""
   if logical is None:
-    return P()
+    return P(), []
   if len(logical) != len(shape):
     raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
   used: set[str] = set()
-  out = []
+  out, lost = [], []
   for name, dim in zip(logical, shape):
     if name is None:
       out.append(None)
@@ -165,12 +166,21 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
     axes = _RULES[name]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
     axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
-    if not axes or dim % math.prod(mesh.shape[a] for a in axes):
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or dim % size:
+      if axes:
+        lost.append(f"{name}: {dim} over {size}")
       out.append(None)
       continue
     used.update(axes)
     out.append(axes[0] if len(axes) == 1 else axes)
-  return P(*out)
+  return P(*out), lost
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int],
+                    mesh: jax.sharding.Mesh) -> P:
+  """Maps logical axis names to a PartitionSpec, replicating dims that do not divide."""
+  return split_dims(logical, shape, mesh)[0]
 
 
 def named_sharding(logical, shape, mesh) -> NamedSharding:
