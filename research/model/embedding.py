@@ -20,7 +20,7 @@ from flax import nnx
 
 from research.config import ConfigError
 from research.model import residual as residual_lib
-from research.model.linear import init_std
+from research.model.linear import init_std, token_matmul
 from research.model.registry import Registry
 
 EMBEDDINGS = Registry("model.embed.kind")
@@ -42,7 +42,7 @@ class PlainEmbedding(nnx.Module):
 
   def attend(self, h: jax.Array) -> jax.Array:
     # h: [batch, seq, embed] -> logits [batch, seq, vocab]
-    return jnp.dot(h, self.table[...].astype(h.dtype).T)
+    return token_matmul(h, self.table[...].astype(h.dtype).T)
 
   def flops_per_token(self) -> float:
     return 0.0  # a lookup
@@ -80,11 +80,11 @@ class OverWidthEmbedding(nnx.Module):
     # tokens: [batch, seq] -> [batch, seq, D']
     h = jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
     if self.factorized:
-      h = jnp.dot(h, self.expand[...].astype(self.dtype))
+      h = token_matmul(h, self.expand[...].astype(self.dtype))
     return h
 
   def attend(self, h: jax.Array) -> jax.Array:
-    return jnp.dot(h, self.table[...].astype(h.dtype).T)  # factorized only (checked at init)
+    return token_matmul(h, self.table[...].astype(h.dtype).T)  # factorized only (checked at init)
 
   def flops_per_token(self) -> float:
     return 2.0 * self.d * self.wide if self.factorized else 0.0

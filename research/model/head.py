@@ -23,7 +23,7 @@ from flax import nnx
 
 from research.config import ConfigError
 from research.model import residual as residual_lib
-from research.model.linear import PlainLinear, init_std
+from research.model.linear import PlainLinear, init_std, token_matmul
 from research.model.norms import RMSNorm
 from research.model.registry import Registry
 
@@ -48,7 +48,7 @@ class PlainHead(nnx.Module):
     if self.tied:
       logits = embedding.attend(h)
     else:
-      logits = jnp.dot(h, self.kernel[...].astype(h.dtype))
+      logits = token_matmul(h, self.kernel[...].astype(h.dtype))
     return logits.astype(jnp.float32)
 
   def flops_per_token(self, seq_len: int) -> float:
