@@ -299,8 +299,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     gated = int(mult * -(-int(8 / 3 * m.d_model) // mult))
     m.channel.d_ff = gated if ffn_lib.is_gated(m.channel.activation) else 3 * gated // 2
   mixer = ffn_lib.CHANNEL_MIXERS.get(m.channel.kind)
-  if hasattr(mixer, "resolve"):  # a channel mixer's own derived fields (moe.py, memory.py)
-    mixer.resolve(m)
+  mixer.resolve(m)  # a channel mixer's own derived fields (moe.py, memory.py)
   if m.scan_blocks != "off":
     from research.model.lm import scan_unsupported  # pylint: disable=import-outside-toplevel
     why = scan_unsupported(m)

@@ -18,7 +18,7 @@ __all__ = ["DecoderLM", "ForwardContext", "create_model", "param_shardings", "ab
 def lr_multipliers(cfg, steps: int) -> list:
   """Per-parameter lr multipliers the channel mixer asks for (research.train.optim)."""
   mixer = ffn.CHANNEL_MIXERS.get(cfg.channel.kind)
-  return mixer.lr_multipliers(cfg, steps) if hasattr(mixer, "lr_multipliers") else []
+  return mixer.lr_multipliers(cfg, steps)
 
 
 def _is_var(x) -> bool:

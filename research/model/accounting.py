@@ -28,8 +28,8 @@ from flax import nnx
 
 
 def _module_tables(model: nnx.Module) -> list[tuple[int, int, int]]:
-  return [t for _, node in nnx.iter_graph(model)
-          if isinstance(node, nnx.Module) and hasattr(node, "sparse_parameters")
+  from research.model.ffn import ChannelMixer  # pylint: disable=import-outside-toplevel
+  return [t for _, node in nnx.iter_graph(model) if isinstance(node, ChannelMixer)
           for t in node.sparse_parameters()]
 
 

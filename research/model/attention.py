@@ -27,10 +27,30 @@ from research.config import ConfigError
 from research.model.linear import make_linear
 from research.model import prefill as prefill_lib
 from research.model.norms import RMSNorm
+from research.model.option import Option
 from research.model.registry import Registry
 from research.sharding import constrain
 
-SEQUENCE_MIXERS = Registry("model.attention.kind")
+class SequenceMixer(Option):
+  """Base of `model.attention.kind` options: the block's sequence mixer, (x [b, t, d], ctx) ->
+  [b, t, d]. Hooks: `flops_per_token(seq_len)` (every option); `impls`, the values of
+  model.attention.impl it runs; `channel_writer(cfg, layer=, dtype=, rngs=)`, a module the
+  block runs beside its channel mixer, reading what the channel mixer reads (MoDA's FFN-side
+  K/V projection), or None."""
+
+  HOOKS = ("flops_per_token", "impls", "channel_writer")
+  impls: tuple[str, ...] = ("xla",)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
+
+  @staticmethod
+  def channel_writer(cfg, *, layer: int, dtype, rngs: nnx.Rngs):
+    del cfg, layer, dtype, rngs
+    return None
+
+
+SEQUENCE_MIXERS = Registry("model.attention.kind", base=SequenceMixer)
 # xla: plain jnp; the others run the Pallas flash-attention kernel of kernels_pallas.moda
 # (auto: the kernel on GPU/TPU, jnp on CPU; pallas: this backend's kernel, interpreted on CPU).
 ATTENTION_IMPLS = ("xla", "auto", "pallas", "pallas_gpu", "pallas_tpu")
@@ -132,10 +152,11 @@ def attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool =
 
 
 @SEQUENCE_MIXERS.register("dense")
-class DenseAttention(nnx.Module):
+class DenseAttention(SequenceMixer):
   """Causal multi-head (or grouped-query) self-attention."""
 
   impls = ATTENTION_IMPLS  # values of model.attention.impl this mixer runs
+  API = ("project_qkv", "sequence_keys", "attend", "project_out")  # the steps MoDA reuses
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     a = cfg.attention

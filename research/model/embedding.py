@@ -21,13 +21,27 @@ from flax import nnx
 from research.config import ConfigError
 from research.model import residual as residual_lib
 from research.model.linear import init_std, token_matmul
+from research.model.option import Option
 from research.model.registry import Registry
 
-EMBEDDINGS = Registry("model.embed.kind")
+class Embedding(Option):
+  """Base of `model.embed.kind` options: tokens [b, t] -> [b, t, width]. Hooks: `attend(h)`,
+  the tied head's logits (h [b, t, d_model] -> [b, t, vocab]); `flops_per_token()`."""
+
+  HOOKS = ("attend", "flops_per_token")
+
+  def attend(self, h: jax.Array) -> jax.Array:
+    raise NotImplementedError(f"{type(self).__name__} cannot be tied to the head")
+
+  def flops_per_token(self) -> float:
+    raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
+
+
+EMBEDDINGS = Registry("model.embed.kind", base=Embedding)
 
 
 @EMBEDDINGS.register("plain")
-class PlainEmbedding(nnx.Module):
+class PlainEmbedding(Embedding):
   """A token table E: [vocab, embed]; positions enter through RoPE in attention."""
 
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
@@ -49,7 +63,7 @@ class PlainEmbedding(nnx.Module):
 
 
 @EMBEDDINGS.register("over_width")
-class OverWidthEmbedding(nnx.Module):
+class OverWidthEmbedding(Embedding):
   """VWN's over-width embedding: tokens -> [batch, seq, D'].
 
   The full table draws its entries with the plain table's std; the factorized one keeps the

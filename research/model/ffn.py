@@ -24,10 +24,36 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.model.linear import make_linear
+from research.model.option import Option
 from research.model.registry import Registry
 from research.sharding import constrain
 
-CHANNEL_MIXERS = Registry("model.channel.kind")
+class ChannelMixer(Option):
+  """Base of `model.channel.kind` options: the block's channel mixer, (x [b, t, d], ctx) ->
+  [b, t, d]. Hooks: `flops_per_token(seq_len)` (every option); `resolve(m)`, derived fields of
+  `config.model` filled and checked by config.resolve; `lr_multipliers(m, steps)`, per-parameter
+  lr multipliers for research.train.optim; `sparse_parameters()`, the partly read parameter
+  tables [(items, params per item, items read per token)] for research/model/accounting.py."""
+
+  HOOKS = ("flops_per_token", "resolve", "lr_multipliers", "sparse_parameters")
+
+  def flops_per_token(self, seq_len: int) -> float:
+    raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
+
+  @classmethod
+  def resolve(cls, m) -> None:
+    del m
+
+  @classmethod
+  def lr_multipliers(cls, m, steps: int) -> list:
+    del m, steps
+    return []
+
+  def sparse_parameters(self) -> list[tuple[int, int, int]]:
+    return []
+
+
+CHANNEL_MIXERS = Registry("model.channel.kind", base=ChannelMixer)
 ACTIVATIONS = Registry("model.channel.activation")
 
 
@@ -114,7 +140,7 @@ def is_gated(activation: str) -> bool:
 
 
 @CHANNEL_MIXERS.register("ffn")
-class FeedForward(nnx.Module):
+class FeedForward(ChannelMixer):
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     c = cfg.channel

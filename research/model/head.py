@@ -25,13 +25,30 @@ from research.config import ConfigError
 from research.model import residual as residual_lib
 from research.model.linear import PlainLinear, init_std, token_matmul
 from research.model.norms import RMSNorm
+from research.model.option import Option
 from research.model.registry import Registry
 
-HEADS = Registry("model.head.kind")
+class Head(Option):
+  """Base of `model.head.kind` options: (h [b, t, d], embedding, ctx) -> fp32 logits. Hooks:
+  `flops_per_token(seq_len)` (every option); `reads_final_stream`, whether the decoder keeps the
+  last block's uncollapsed stream in ctx.state["final_stream"] for it; `add_loss(model, tokens,
+  ctx)`, called on training forwards to add the head's own aux losses (a no-op here)."""
+
+  HOOKS = ("flops_per_token", "reads_final_stream", "add_loss")
+  reads_final_stream = False
+
+  def flops_per_token(self, seq_len: int) -> float:
+    raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
+
+  def add_loss(self, model, tokens: jax.Array, ctx) -> None:
+    del model, tokens, ctx
+
+
+HEADS = Registry("model.head.kind", base=Head)
 
 
 @HEADS.register("plain")
-class PlainHead(nnx.Module):
+class PlainHead(Head):
 
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
     self.tied = cfg.head.tie_embeddings
@@ -89,6 +106,8 @@ class MultiTokenHead(PlainHead):
     adapter = residual_lib.RESIDUALS.get(cfg.residual.kind).stream_adapter
     self._stream_flops = adapter.flops(cfg)
     self._stream_width = adapter.width_of(cfg)
+
+  reads_final_stream = True
 
   def add_loss(self, model, tokens: jax.Array, ctx) -> None:
     """Adds `mtp_weight` x the next-2-token cross-entropy to `ctx` as aux loss `mtp`."""

@@ -25,9 +25,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.model.norms import rms_norm
+from research.model.option import Option
 from research.model.registry import Registry
 
-LINEARS = Registry("model.linear.kind")
+class Linear(Option):
+  """Base of `model.linear.kind` options: (in_features, out_features, *, axes, std, use_bias,
+  dtype, rngs, cfg, gain) -> a module x [..., in] -> [..., out]. Hook: `depth_scaling_in_gain`,
+  whether make_linear hands an output projection's depth factor to the option as `gain` (its
+  kernel then keeps the plain init_std) instead of folding it into the kernel's std."""
+
+  HOOKS = ("depth_scaling_in_gain",)
+  depth_scaling_in_gain = False
+
+
+LINEARS = Registry("model.linear.kind", base=Linear)
 ROLES = ("in", "out")
 OUT_SCALINGS = ("none", "total_depth", "layer_depth")
 
@@ -63,7 +74,7 @@ def out_depth_factor(cfg, layer: int) -> float:
 
 
 @LINEARS.register("plain")
-class PlainLinear(nnx.Module):
+class PlainLinear(Linear):
   """y = x W (+ b), W: [in, out] with logical axes `axes`."""
 
   def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
@@ -84,7 +95,7 @@ class PlainLinear(nnx.Module):
 
 
 @LINEARS.register("sdd")
-class SDDLinear(nnx.Module):
+class SDDLinear(Linear):
   """Scale-Distribution Decoupling: y = alpha ⊙ z / sqrt(mean(z^2) + eps), z = x V (eq. 3).
 
   The RMS is taken per token over the output features; alpha is one gain per output feature,
@@ -118,7 +129,7 @@ def make_linear(cfg, in_features: int, out_features: int, *, axes: Sequence[str]
     raise ValueError(f"linear role '{role}' is not one of {', '.join(ROLES)}")
   cls = LINEARS.get(cfg.linear.kind)
   depth = out_depth_factor(cfg, layer) if role == "out" else 1.0
-  if getattr(cls, "depth_scaling_in_gain", False):
+  if cls.depth_scaling_in_gain:
     std, gain = init_std(cfg), depth
   else:
     std, gain = init_std(cfg) * depth, 1.0

@@ -50,8 +50,7 @@ class Block(nnx.Module):
     self.attn = mixer(cfg, layer=layer, dtype=dtype, rngs=rngs)
     # A sequence mixer may run a module beside the channel mixer, reading what it reads
     # (MoDA's FFN-side K/V projection); None for the others.
-    writer = getattr(mixer, "channel_writer", None)
-    self.channel_side = writer(cfg, layer=layer, dtype=dtype, rngs=rngs) if writer else None
+    self.channel_side = mixer.channel_writer(cfg, layer=layer, dtype=dtype, rngs=rngs)
     self.channel_norm = placement(d, cfg=cfg, layer=layer, sublayer="channel", dtype=dtype,
                                   rngs=rngs)
     self.channel_residual = residual(d, cfg=cfg, layer=2 * layer + 1, dtype=dtype, rngs=rngs)
@@ -123,7 +122,7 @@ class DecoderLM(nnx.Module):
     if self.final_norm is not None:
       h = self.final_norm(h)
     logits = self.head(h, self.embed, ctx)
-    if hasattr(self.head, "add_loss") and logits_at is None and ctx.cache is None:
+    if logits_at is None and ctx.cache is None:
       self.head.add_loss(self, tokens, ctx)  # multi-token prediction (head.py): training only
     return constrain(logits, ("batch", "seq", "act_vocab"))
 
@@ -140,7 +139,7 @@ class DecoderLM(nnx.Module):
       if hidden is not None:
         hidden.append(self.stream.collapse(stream))
       stream = self._apply_block(block, stream, ctx)
-    if hasattr(self.head, "add_loss"):
+    if self.head.reads_final_stream:
       ctx.state["final_stream"] = stream  # uncollapsed, for a multi-token head (head.py)
     h = self.stream.collapse(stream)
     if hidden is not None:

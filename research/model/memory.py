@@ -476,11 +476,12 @@ class MemoryLayer(nnx.Module):
 
 # ----------------------------------------------------------------------------- the mixers
 
-class MemoryMixer(nnx.Module):
+class MemoryMixer(ffn_lib.ChannelMixer):
   """A block's channel mixer: its FFN (width `ffn_width`), plus the memory layer of the unit
   that reads this block, plus the outputs of skip units that end here."""
 
-  kind = ""
+  kind = ""  # the option's name and config key: model.channel.<kind>
+  API = ("kind",)
 
   @classmethod
   def resolve(cls, m) -> None:
@@ -518,6 +519,9 @@ class MemoryMixer(nnx.Module):
   def flops_per_token(self, seq_len: int) -> float:
     mem = self.memory.flops_per_token() if self.memory is not None else 0.0
     return self.ffn.flops_per_token(seq_len) + mem
+
+  def sparse_parameters(self) -> list[tuple[int, int, int]]:
+    return self.memory.sparse_parameters() if self.memory is not None else []
 
 
 @ffn_lib.CHANNEL_MIXERS.register("ultramem")

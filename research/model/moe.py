@@ -202,7 +202,7 @@ def resolve(m) -> None:
 
 
 @ffn_lib.CHANNEL_MIXERS.register("moe")
-class MoE(nnx.Module):
+class MoE(ffn_lib.ChannelMixer):
   """Top-k routed mixture of FFN experts (see the module docstring)."""
 
   resolve = staticmethod(resolve)

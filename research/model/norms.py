@@ -37,9 +37,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.model.option import Option
 from research.model.registry import Registry
 
-NORM_PLACEMENTS = Registry("model.norm.kind")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -91,8 +91,13 @@ SUBLAYERS = ("attn", "channel")
 MODES = ("none", "pre", "post", "normskip")
 
 
-class Placement(nnx.Module):
-  """Base of the placement options: `modes(layer)` gives (attention mode, channel mode)."""
+class Placement(Option):
+  """Base of the placement options (`model.norm.kind`). Hooks: `modes(layer)`, (attention
+  mode, channel mode) of block `layer`; `attention_norms`, the norms the placement puts inside
+  attention (merged by config.resolve); `final_norm`, whether the decoder needs a norm after
+  the last block."""
+
+  HOOKS = ("modes", "attention_norms", "final_norm")
 
   attention_norms = ""  # norms this placement puts inside attention (merged by config.resolve)
   final_norm = True  # whether the decoder needs a norm after the last block
@@ -117,6 +122,9 @@ class Placement(nnx.Module):
     if mode == "post":
       return norm(residual(stream, sublayer))
     return residual(norm(stream), sublayer)  # normskip: HybridNorm eq. (6), N(Y) + FFN(N(Y))
+
+
+NORM_PLACEMENTS = Registry("model.norm.kind", base=Placement)
 
 
 def _same_in_every_block(kind: str, attn: str, channel: str, *, attention_norms: str = "",

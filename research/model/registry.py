@@ -2,7 +2,8 @@
 
 A paper adds its option with `@FAMILY.register("name")` in the family's file; the decoder looks
 options up by the name in `config.model.<point>.kind`. An unknown name is an error that lists
-the registered ones.
+the registered ones. A registry with a `base` takes only subclasses of it whose public names are
+the base's declared hooks or the option's own API (research/model/option.py).
 """
 
 from __future__ import annotations
@@ -11,20 +12,27 @@ import difflib
 from typing import Callable, TypeVar
 
 from research.config import ConfigError
+from research.model.option import check_declared
 
 T = TypeVar("T")
 
 
 class Registry:
 
-  def __init__(self, config_key: str):
+  def __init__(self, config_key: str, base: type | None = None):
     self.config_key = config_key
+    self.base = base  # the composition point's Option class (research/model/option.py)
     self._entries: dict[str, object] = {}
 
   def register(self, name: str) -> Callable[[T], T]:
     def decorator(obj: T) -> T:
       if name in self._entries:
         raise ValueError(f"{self.config_key}: option '{name}' is registered twice")
+      if self.base is not None:
+        if not (isinstance(obj, type) and issubclass(obj, self.base)):
+          raise ValueError(f"{self.config_key}: option '{name}' is not a subclass of "
+                           f"{self.base.__name__}, the base that declares this point's hooks")
+        check_declared(obj, self.config_key)
       self._entries[name] = obj
       return obj
     return decorator

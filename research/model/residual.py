@@ -55,10 +55,10 @@ import numpy as np
 from flax import nnx
 
 from research.config import ConfigError
+from research.model.option import Option
 from research.model.registry import Registry
 from research.sharding import constrain
 
-RESIDUALS = Registry("model.residual.kind")
 REDUCE_NORMS = ("auto", "on", "off")
 REDUCE_INITS = ("random", "select")
 TEMPERATURES = ("sqrt", "width")
@@ -194,6 +194,25 @@ class VirtualWidthStream(nnx.Module):
     return 2.0 * self.wide * self.d
 
 
+class Residual(Option):
+  """Base of `model.residual.kind` options: how a sublayer f joins the residual stream,
+  (stream, f) -> stream. Hooks: `stream_adapter`, the module class that maps the embedding to
+  the stream and the stream back to one hidden state (PlainStream here); `flops_per_token()`;
+  `matrix()`, the static connection matrix drawn at the end of a run (None: nothing to draw)."""
+
+  HOOKS = ("stream_adapter", "flops_per_token", "matrix")
+  stream_adapter = PlainStream
+
+  def flops_per_token(self) -> float:
+    raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
+
+  def matrix(self) -> np.ndarray | None:
+    return None
+
+
+RESIDUALS = Registry("model.residual.kind", base=Residual)
+
+
 # ------------------------------------------------------------------ shapes and checks
 
 def _check_embedding_width(h: jax.Array, d: int) -> None:
@@ -293,7 +312,7 @@ def _rms(x: jax.Array, eps: float) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
-class MixingConnection(nnx.Module):
+class MixingConnection(Residual):
   """One generalized hyper-connection (see the module docstring); `hyper`, `frac` and `vwn`
   give its sizes and initial values.
 
@@ -301,6 +320,8 @@ class MixingConnection(nnx.Module):
   dynamic: W: [w, (m+S) + (m or 1)], zeros; scales s_alpha, s_beta: scalars (HC, FC) or
   matrices shaped like the static parts (VWN); logits multiplied by `temperature`.
   """
+
+  API = ("static_weights", "weights")  # read by research/eval/connections.py and the tests
 
   def __init__(self, *, slots: int, segments: int, width: int, alpha0: np.ndarray,
                beta0: np.ndarray, dynamic: bool, tanh: bool, scale0: float, matrix_scales: bool,
@@ -405,10 +426,8 @@ def _check_placement(cfg, layer: int, kind: str) -> None:
 # ------------------------------------------------------------------ the options
 
 @RESIDUALS.register("plain")
-class PlainResidual(nnx.Module):
+class PlainResidual(Residual):
   """h <- h + f(h)."""
-
-  stream_adapter = PlainStream
 
   def __init__(self, dim: int, *, cfg, layer: int, dtype, rngs: nnx.Rngs):
     del dim, cfg, layer, dtype, rngs
@@ -418,9 +437,6 @@ class PlainResidual(nnx.Module):
 
   def flops_per_token(self) -> float:
     return 0.0  # the add is not counted (elementwise work is not counted anywhere)
-
-  def matrix(self):
-    return None
 
 
 @RESIDUALS.register("hyper")

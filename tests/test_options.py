@@ -1,0 +1,72 @@
+"""Every registered option derives from its composition point's base and defines no public name
+that is not a hook of the point or in its own API (research/model/option.py)."""
+
+import pytest
+
+import research.model.lm  # noqa: F401  (registers every option)
+from research.model import attention, embedding, ffn, head, linear, norms, option, residual
+from research.model.registry import Registry
+
+POINTS = [ffn.CHANNEL_MIXERS, attention.SEQUENCE_MIXERS, head.HEADS, linear.LINEARS,
+          residual.RESIDUALS, embedding.EMBEDDINGS, norms.NORM_PLACEMENTS]
+
+
+@pytest.mark.parametrize("registry", POINTS, ids=lambda r: r.config_key)
+def test_registered_options_declare_their_names(registry):
+  assert registry.base is not None and issubclass(registry.base, option.Option)
+  for name in registry.names():
+    cls = registry.get(name)
+    assert issubclass(cls, registry.base), name
+    assert option.undeclared_names(cls) == [], name
+
+
+@pytest.mark.parametrize("registry", POINTS, ids=lambda r: r.config_key)
+def test_every_hook_is_defined_on_the_base(registry):
+  for hook in registry.base.HOOKS:
+    assert hook in vars(registry.base) or any(hook in vars(k) for k in registry.base.__mro__), hook
+
+
+def test_a_misspelled_hook_is_refused_at_registration():
+  points = Registry("model.channel.kind", base=ffn.ChannelMixer)
+
+  class Misspelled(ffn.ChannelMixer):
+
+    @classmethod
+    def lr_multiplier(cls, m, steps):  # the hook is lr_multipliers
+      return [("values", lambda step: 4.0)]
+
+  with pytest.raises(ValueError, match=r"lr_multiplier \(did you mean the hook lr_multipliers\?\)"):
+    points.register("misspelled")(Misspelled)
+
+
+def test_a_helper_needs_an_underscore_or_the_api():
+  points = Registry("model.channel.kind", base=ffn.ChannelMixer)
+
+  class Helper(ffn.ChannelMixer):
+
+    def route(self, x):
+      return x
+
+  with pytest.raises(ValueError, match="defines route"):
+    points.register("helper")(Helper)
+
+  class Declared(Helper):
+    API = ("route",)
+
+  points.register("declared")(Declared)
+  assert points.get("declared") is Declared
+
+
+def test_an_option_outside_the_base_is_refused():
+  points = Registry("model.head.kind", base=head.Head)
+  with pytest.raises(ValueError, match="not a subclass of Head"):
+    points.register("stray")(ffn.FeedForward)
+
+
+def test_default_hooks_are_no_ops():
+  assert ffn.ChannelMixer.lr_multipliers(None, 10) == []
+  assert ffn.ChannelMixer.resolve(None) is None
+  assert attention.SequenceMixer.channel_writer(None, layer=0, dtype=None, rngs=None) is None
+  assert head.Head.reads_final_stream is False and head.MultiTokenHead.reads_final_stream
+  assert linear.Linear.depth_scaling_in_gain is False and linear.SDDLinear.depth_scaling_in_gain
+  assert residual.Residual.stream_adapter is residual.PlainStream
