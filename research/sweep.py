@@ -44,6 +44,7 @@ from research import config as config_lib
 from research import experiments
 from research import report as report_lib
 from research.data import synthetic
+from research.model import options as model_options
 from research.errors import ResearchError, RunError, WorkdirBusy
 from research.train import workdir as workdir_lib
 from research.train.trainer import Trainer, train_seeds
@@ -53,23 +54,12 @@ from research.train.workdir import config_differences
 # the vocabulary size (0 in a config means "the tokenizer's", filled in when the run starts).
 _IRRELEVANT_KEYS = frozenset({"data.data_dir", "train.progress", "model.vocab_size"})
 
-# Settings of a component that only the selected component reads: (switch key, {switch value:
-# key prefix read only under that value}). While the switch has another value, keys under the
-# prefix change nothing (a dense-FFN run's `model.channel.moe.*` is never read), so two runs
+# What a run never reads comes from the options themselves (research/model/options.py): the
+# settings of components it does not select (a dense-FFN run's `model.channel.moe.*`, a plain
+# residual's multi-stream settings, a dense-prefill run's FlexPrefill settings), so two runs
 # that differ only there are twins. `attention.prefill` is inference-only, but the trained run
 # is what evaluation loads, so only the FlexPrefill settings of a dense-prefill run are inert.
-_SWITCHED_SETTINGS = (
-    ("model.channel.kind", {"moe": "model.channel.moe.",
-                            "ultramem": "model.channel.ultramem.",
-                            "ultramem_v2": "model.channel.ultramem_v2."}),
-    ("model.attention.prefill", {"flexprefill": "model.attention.flexprefill."}),
-    ("model.head.kind", {"mtp": "model.head.mtp_weight"}),
-)
-# Settings that one value of a switch leaves unread: (switch key, value, key prefix). The plain
-# residual reads none of the multi-stream residuals' settings (streams, fracs, expansion, ...).
-_UNREAD_UNDER = (("model.residual.kind", "plain", "model.residual."),)
-_SWITCHES = frozenset(switch for switch, _ in _SWITCHED_SETTINGS) | frozenset(
-    switch for switch, _, _ in _UNREAD_UNDER)
+_SWITCHES = model_options.SWITCHES
 
 
 def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
@@ -345,14 +335,9 @@ def same_config(run_config: dict, config) -> bool:
 
 def inert_prefixes(config: dict) -> tuple[str, ...]:
   """Key prefixes of `config` (a resolved config's dict) that its run never reads: the settings
-  of components it does not select (_SWITCHED_SETTINGS), and the synthetic-task sizes of a
+  of components it does not select (each option's `settings`), and the synthetic-task sizes of a
   text corpus. A difference in a switch itself is never inert."""
-  out = []
-  for switch, read_by in _SWITCHED_SETTINGS:
-    selected = config_lib.get_dotted(config, switch)
-    out += [prefix for value, prefix in read_by.items() if selected != value]
-  out += [prefix for switch, value, prefix in _UNREAD_UNDER
-          if config_lib.get_dotted(config, switch) == value]
+  out = list(model_options.unread_settings(config))
   if config_lib.get_dotted(config, "data.corpus") not in synthetic.TASKS:
     out.append("data.synthetic.")
   return tuple(out)

@@ -9,7 +9,8 @@ from flax import nnx
 from research import sharding
 from research.model.context import ForwardContext
 from research.model.lm import DecoderLM, abstract_model, compute_dtype, count_params, model_summary
-from research.model import ffn, memory, moe  # noqa: F401  (memory, moe register channel mixers)
+from research.model import ffn
+from research.model import options  # noqa: F401  (imports every family file: registers every option)
 
 __all__ = ["DecoderLM", "ForwardContext", "create_model", "param_shardings", "abstract_model",
            "compute_dtype", "count_params", "model_summary", "lr_multipliers"]

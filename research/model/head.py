@@ -108,6 +108,7 @@ class MultiTokenHead(PlainHead):
     self._stream_width = adapter.width_of(cfg)
 
   reads_final_stream = True
+  settings = ("model.head.mtp_weight",)
 
   def add_loss(self, model, tokens: jax.Array, ctx) -> None:
     """Adds `mtp_weight` x the next-2-token cross-entropy to `ctx` as aux loss `mtp`."""

@@ -29,7 +29,6 @@ from research.model import attention as attention_lib
 from research.model import embedding as embedding_lib
 from research.model import ffn as ffn_lib
 from research.model import head as head_lib
-from research.model import moda as _moda  # noqa: F401  registers the "moda" sequence mixer
 from research.model import norms as norms_lib
 from research.model import residual as residual_lib
 from research.model.context import ForwardContext

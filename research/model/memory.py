@@ -528,12 +528,14 @@ class MemoryMixer(ffn_lib.ChannelMixer):
 class UltraMem(MemoryMixer):
   """UltraMem: skip-layer memory units beside the FFNs (TDQKR, IVE, MCS)."""
   kind = "ultramem"
+  settings = ("model.channel.ultramem.",)
 
 
 @ffn_lib.CHANNEL_MIXERS.register("ultramem_v2")
 class UltraMemV2(MemoryMixer):
   """UltraMemV2: a memory layer in every block, PEER values, one value projector."""
   kind = "ultramem_v2"
+  settings = ("model.channel.ultramem_v2.",)
 
 
 def lr_multipliers(m, kind: str, steps: int):

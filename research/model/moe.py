@@ -206,6 +206,7 @@ class MoE(ffn_lib.ChannelMixer):
   """Top-k routed mixture of FFN experts (see the module docstring)."""
 
   resolve = staticmethod(resolve)
+  settings = ("model.channel.moe.",)
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     e = cfg.channel.moe

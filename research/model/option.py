@@ -22,16 +22,21 @@ _MODULE_NAMES = frozenset(dir(nnx.Module))
 
 
 class Option(nnx.Module):
-  """See the module docstring. `HOOKS`: the point's hooks; `API`: an option's further names."""
+  """See the module docstring. `HOOKS`: the point's hooks; `API`: an option's further names.
+
+  A hook of every point: `settings`, the config key prefixes that only this option reads (its
+  sub-config). A run that selects another option of the point never reads them, so runs that
+  differ only there compute the same thing (research/model/options.py: unread_settings)."""
 
   HOOKS: tuple[str, ...] = ()
   API: tuple[str, ...] = ()
+  settings: tuple[str, ...] = ()
 
 
 def undeclared_names(cls: type) -> list[str]:
   """Public names `cls` (or a base of it below its composition point's base) defines that are
   neither a hook of the point nor in `cls.API`."""
-  allowed = set(cls.HOOKS) | set(cls.API) | {"HOOKS", "API"}
+  allowed = set(cls.HOOKS) | set(cls.API) | {"HOOKS", "API", "settings"}
   found = set()
   for klass in cls.__mro__:
     if "HOOKS" in vars(klass):  # the composition point's base, which defines the hooks

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from research.config import ConfigError
 
 PREFILL_KINDS = ("dense", "flexprefill")
+CONFIG_KEY = "model.attention.prefill"
+SETTINGS = {"flexprefill": ("model.attention.flexprefill.",)}  # read only by that prefill kind
 
 
 @dataclasses.dataclass(frozen=True)

@@ -322,6 +322,9 @@ class MixingConnection(Residual):
   """
 
   API = ("static_weights", "weights")  # read by research/eval/connections.py and the tests
+  # the multi-stream settings (streams, fracs, expansion, dynamic, ...): the plain residual
+  # reads none of model.residual.* but its kind
+  settings = ("model.residual.",)
 
   def __init__(self, *, slots: int, segments: int, width: int, alpha0: np.ndarray,
                beta0: np.ndarray, dynamic: bool, tanh: bool, scale0: float, matrix_scales: bool,

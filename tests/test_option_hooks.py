@@ -70,3 +70,23 @@ def test_default_hooks_are_no_ops():
   assert head.Head.reads_final_stream is False and head.MultiTokenHead.reads_final_stream
   assert linear.Linear.depth_scaling_in_gain is False and linear.SDDLinear.depth_scaling_in_gain
   assert residual.Residual.stream_adapter is residual.PlainStream
+
+
+def test_unread_settings_come_from_the_options():
+  from research import config as config_lib
+  from research import experiments
+  from research.model import options
+
+  def unread(spec, **overrides):
+    return options.unread_settings(
+        config_lib.resolve(experiments.get_config(spec, overrides)).to_dict())
+
+  dense = unread("baseline:scale=smoke")
+  assert {"model.channel.moe.", "model.channel.ultramem.", "model.channel.ultramem_v2.",
+          "model.residual.", "model.head.mtp_weight", "model.attention.flexprefill."} <= set(dense)
+  moe = unread("baseline:scale=smoke", **{"model.channel.kind": "moe"})
+  assert "model.channel.moe." not in moe and "model.channel.ultramem." in moe
+  hyper = unread("baseline:scale=smoke", **{"model.residual.kind": "hyper"})
+  assert "model.residual." not in hyper  # every multi-stream option reads it
+  assert not any(s.startswith(tuple(dense)) for s in options.SWITCHES if s != "model.residual.kind")
+  assert "model.residual.kind" in options.SWITCHES  # under an unread prefix, yet it still counts
