@@ -21,11 +21,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-from research.errors import ResearchError
-
-
-class ConfigError(ResearchError, ValueError):
-  """A configuration problem: unknown key, bad value, or an inconsistent combination."""
+from research.errors import ConfigError  # noqa: F401  (defined in the leaf module; named here too)
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -23,6 +23,10 @@ class ResearchError(Exception):
   """A problem the user can fix; the message is one line saying what it is."""
 
 
+class ConfigError(ResearchError, ValueError):
+  """A configuration problem: unknown key, bad value, or an inconsistent combination."""
+
+
 class RunError(ResearchError, RuntimeError):
   """A run cannot start or continue as asked (its work directory holds another run, or is in
   use by another process)."""

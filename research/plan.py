@@ -39,7 +39,7 @@ from flax import nnx
 
 from research import config as config_lib
 from research import sharding
-from research.config import ConfigError
+from research.errors import ConfigError
 
 # per token per layer: values of width d_model kept for the backward (norm outputs, q, k, v,
 # attention output, residual inputs) and of width d_ff (gate, up, activation, down input)

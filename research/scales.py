@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from research.config import ConfigError, default_config, parse_arg
+from research.config import default_config, parse_arg
+from research.errors import ConfigError
 
 SCALES = ("smoke", "tiny", "small", "paper")
 # the experiment-argument keys every experiment built on the shared scales accepts

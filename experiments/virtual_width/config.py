@@ -28,7 +28,8 @@ setting of the paper's largest run (its backbone sizes are internal); for planni
 
 import re
 
-from research.config import ConfigError, apply_overrides
+from research.config import apply_overrides
+from research.errors import ConfigError
 from research.scales import SCALES, scaled_config_with_args  # noqa: F401  (SCALES: `research list`)
 
 CLAIM = ("widening only the embedding and residual state (virtual width r) lowers LM loss "

@@ -34,7 +34,7 @@ import math
 
 import numpy as np
 
-from research.config import ConfigError
+from research.errors import ConfigError
 
 TASKS = ("mqar", "facts")
 PAD, SEP = 0, 1

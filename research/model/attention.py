@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.model.linear import make_linear
 from research.model import prefill as prefill_lib
 from research.model.norms import RMSNorm

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.model import residual as residual_lib
 from research.model.linear import init_std, token_matmul
 from research.model.option import Option

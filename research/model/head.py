@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.model import residual as residual_lib
 from research.model.linear import PlainLinear, init_std, token_matmul
 from research.model.norms import RMSNorm

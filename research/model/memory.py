@@ -59,7 +59,7 @@ from flax import nnx
 
 from kernels_pallas.memory_lookup import memory_lookup, sharded_memory_lookup
 from research import sharding
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.model import ffn as ffn_lib
 
 RETRIEVALS = ("tucker", "product")

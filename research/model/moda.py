@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.model.attention import SEQUENCE_MIXERS, DenseAttention, rope
 from research.model.linear import make_linear
 from research.model.norms import RMSNorm

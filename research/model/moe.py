@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.model import ffn as ffn_lib
 from research.model.linear import init_std, out_depth_factor
 from research.sharding import constrain

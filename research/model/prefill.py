@@ -20,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from research.config import ConfigError
+from research.errors import ConfigError
 
 PREFILL_KINDS = ("dense", "flexprefill")
 CONFIG_KEY = "model.attention.prefill"

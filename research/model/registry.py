@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Callable, TypeVar
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.model.option import check_declared
 
 T = TypeVar("T")

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from research.config import ConfigError
+from research.errors import ConfigError
 from research.model.option import Option
 from research.model.registry import Registry
 from research.sharding import constrain
