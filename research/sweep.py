@@ -44,8 +44,8 @@ from research import config as config_lib
 from research import experiments
 from research import report as report_lib
 from research.data import synthetic
-from research.model import options as model_options
 from research.errors import ResearchError, RunError, WorkdirBusy
+from research.model import options as model_options
 from research.train import workdir as workdir_lib
 from research.train.trainer import Trainer, train_seeds
 from research.train.workdir import config_differences
@@ -59,7 +59,7 @@ _IRRELEVANT_KEYS = frozenset({"data.data_dir", "train.progress", "model.vocab_si
 # residual's multi-stream settings, a dense-prefill run's FlexPrefill settings), so two runs
 # that differ only there are twins. `attention.prefill` is inference-only, but the trained run
 # is what evaluation loads, so only the FlexPrefill settings of a dense-prefill run are inert.
-_SWITCHES = model_options.SWITCHES
+# A difference in a switch itself (model_options.SWITCHES) always counts.
 
 
 def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
@@ -330,7 +330,7 @@ def same_config(run_config: dict, config) -> bool:
   resolved = config if isinstance(config, dict) else config_lib.resolve(config).to_dict()
   inert = inert_prefixes(resolved)
   return not [k for k in config_differences(run_config, resolved)
-              if k not in _IRRELEVANT_KEYS and (k in _SWITCHES or not k.startswith(inert))]
+              if k not in _IRRELEVANT_KEYS and (k in model_options.SWITCHES or not k.startswith(inert))]
 
 
 def inert_prefixes(config: dict) -> tuple[str, ...]:

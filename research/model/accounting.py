@@ -26,9 +26,10 @@ import math
 import jax
 from flax import nnx
 
+from research.model.ffn import ChannelMixer
+
 
 def _module_tables(model: nnx.Module) -> list[tuple[int, int, int]]:
-  from research.model.ffn import ChannelMixer  # pylint: disable=import-outside-toplevel
   return [t for _, node in nnx.iter_graph(model) if isinstance(node, ChannelMixer)
           for t in node.sparse_parameters()]
 

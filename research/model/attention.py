@@ -31,6 +31,7 @@ from research.model.option import Option
 from research.model.registry import Registry
 from research.sharding import constrain
 
+
 class SequenceMixer(Option):
   """Base of `model.attention.kind` options: the block's sequence mixer, (x [b, t, d], ctx) ->
   [b, t, d]. Hooks: `flops_per_token(seq_len)` (every option); `impls`, the values of

@@ -24,6 +24,7 @@ from research.model.linear import init_std, token_matmul
 from research.model.option import Option
 from research.model.registry import Registry
 
+
 class Embedding(Option):
   """Base of `model.embed.kind` options: tokens [b, t] -> [b, t, width]. Hooks: `attend(h)`,
   the tied head's logits (h [b, t, d_model] -> [b, t, vocab]); `flops_per_token()`."""

@@ -28,6 +28,7 @@ from research.model.option import Option
 from research.model.registry import Registry
 from research.sharding import constrain
 
+
 class ChannelMixer(Option):
   """Base of `model.channel.kind` options: the block's channel mixer, (x [b, t, d], ctx) ->
   [b, t, d]. Hooks: `flops_per_token(seq_len)` (every option); `resolve(m)`, derived fields of

@@ -28,6 +28,7 @@ from research.model.norms import RMSNorm
 from research.model.option import Option
 from research.model.registry import Registry
 
+
 class Head(Option):
   """Base of `model.head.kind` options: (h [b, t, d], embedding, ctx) -> fp32 logits. Hooks:
   `flops_per_token(seq_len)` (every option); `reads_final_stream`, whether the decoder keeps the
@@ -89,6 +90,9 @@ class MultiTokenHead(PlainHead):
   last position of each window is not trained by this loss).
   """
 
+  reads_final_stream = True
+  settings = ("model.head.mtp_weight",)
+
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
     super().__init__(cfg, dtype=dtype, rngs=rngs)
     from research.model.lm import Block  # lm imports this module
@@ -106,9 +110,6 @@ class MultiTokenHead(PlainHead):
     adapter = residual_lib.RESIDUALS.get(cfg.residual.kind).stream_adapter
     self._stream_flops = adapter.flops(cfg)
     self._stream_width = adapter.width_of(cfg)
-
-  reads_final_stream = True
-  settings = ("model.head.mtp_weight",)
 
   def add_loss(self, model, tokens: jax.Array, ctx) -> None:
     """Adds `mtp_weight` x the next-2-token cross-entropy to `ctx` as aux loss `mtp`."""

@@ -41,7 +41,6 @@ from research.model.option import Option
 from research.model.registry import Registry
 
 
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
   """y = x / sqrt(mean(x^2) + eps) * g over the last axis, in fp32 (Zhang & Sennrich 2019, eq. 4).

@@ -18,18 +18,19 @@ OTHER_SWITCHES = ((prefill.CONFIG_KEY, prefill.SETTINGS),)
 SWITCHES = frozenset([r.config_key for r in POINTS] + [key for key, _ in OTHER_SWITCHES])
 
 
+def _settings_by_switch():
+  """(config key, {kind: the settings only that kind reads}) for every switch."""
+  for registry in POINTS:
+    yield registry.config_key, {n: registry.get(n).settings for n in registry.names()}
+  yield from OTHER_SWITCHES
+
+
 def unread_settings(config: dict) -> tuple[str, ...]:
   """Config key prefixes the run of `config` (a resolved config's dict) never reads: the
   settings of every option it does not select, except those its selected option reads too. The
   switches themselves are never among them (SWITCHES: callers keep those)."""
   out = []
-  for registry in POINTS:
-    selected = config_lib.get_dotted(config, registry.config_key)
-    own = registry.get(selected).settings if selected in registry else ()
-    for name in registry.names():
-      if name != selected:
-        out += [p for p in registry.get(name).settings if p not in own]
-  for key, by_kind in OTHER_SWITCHES:
+  for key, by_kind in _settings_by_switch():
     selected = config_lib.get_dotted(config, key)
     own = by_kind.get(selected, ())
     out += [p for kind, prefixes in by_kind.items() if kind != selected

@@ -15,8 +15,9 @@ Per step: the step runs; every `log_every` steps each seat's pending metrics are
 logged; every `eval.every` steps each seat is evaluated; every `checkpoint_every` steps each
 seat is saved (in the background: research/train/checkpoint.py). The progress bar's rate and
 the logged tokens/s are the training step's: evaluation, whose time its line states, and the
-checkpoint hand-off are left out of both (the bar's elapsed time is the wall clock's). A stop request (Ctrl-C, SIGTERM) is acted on
-between steps: every seat is saved where it stands. A seat whose loss stops being finite ends there with a diverged summary
+checkpoint hand-off are left out of both (the bar's elapsed time is the wall clock's). A stop
+request (Ctrl-C, SIGTERM) is acted on between steps: every seat is saved where it stands. A
+seat whose loss stops being finite ends there with a diverged summary
 (`train.stop_on_divergence`); the others go on.
 """
 
