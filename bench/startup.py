@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research import experiments
 from research import sharding
 from research.model import DecoderLM, abstract_model, create_model, param_shardings
@@ -42,7 +44,7 @@ def jit_init(cfg, mesh):
 
 
 def measure(spec: str, layers: int, vocab: int, with_jit_init: bool, overrides: dict) -> dict:
-  c = config_lib.resolve(experiments.get_config(spec, {**overrides, "model.num_layers": layers}))
+  c = run_config.resolve(experiments.get_config(spec, {**overrides, "model.num_layers": layers}))
   c.model.vocab_size = c.model.vocab_size or vocab
   mesh = sharding.make_mesh("dp", devices=jax.devices()[:1])
   out = {}

@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 
 from research import config as config_lib
+
+from research import run_config
 from research.errors import ResearchError
 from research.train.interrupt import STOP
 
@@ -157,7 +159,7 @@ def cmd_report(args) -> None:
 
 def cmd_plan(args, overrides) -> None:
   from research import experiments, plan
-  config = config_lib.resolve(experiments.get_config(args.spec, overrides))
+  config = run_config.resolve(experiments.get_config(args.spec, overrides))
   if config.model.vocab_size == 0:
     config.model.vocab_size = args.vocab
   if not 0 < args.mfu <= 1:

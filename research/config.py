@@ -1,4 +1,4 @@
-"""Default configuration and override handling.
+"""The core of the run config, and override handling.
 
 Every run is described by one `ml_collections.ConfigDict` with five sections:
 
@@ -8,9 +8,13 @@ Every run is described by one `ml_collections.ConfigDict` with five sections:
   mesh   device mesh preset and multi-host start-up
   eval   validation cadence and size
 
-An experiment's `get_config(arg)` starts from `default_config()` and changes values; the command
-line then applies dotted overrides (`--config.train.lr=3e-4`). Keys that do not exist are errors
-that name the closest valid keys: a typo must never silently train the wrong model.
+This module holds what is outside every option (`core_config`: the model's sizes, data, train,
+eval, mesh) and the generic tools; it imports nothing of the model. The whole default config,
+with each composition point's section assembled from its options, and `resolve` are
+research/run_config.py's. An experiment's `get_config(arg)` starts from that default and changes
+values; the command line then applies dotted overrides (`--config.train.lr=3e-4`). Keys that do
+not exist are errors that name the closest valid keys: a typo must never silently train the
+wrong model.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import ml_collections
 from research.errors import ConfigError  # noqa: F401  (defined in the leaf module; named here too)
 
 
-def default_config() -> ml_collections.ConfigDict:
+def core_config() -> ml_collections.ConfigDict:
+  """The settings outside every option: the model's sizes and the data, train, eval and mesh
+  sections. research/run_config.py adds each composition point's section (model.<point>)."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
-  # ---- model: one decoder assembled from the composition points of docs/architecture.md.
+  # ---- model: the decoder's sizes (its options: research/model/options.py)
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 0  # 0: taken from the tokenizer
   m.num_layers = 4
@@ -46,72 +52,6 @@ def default_config() -> ml_collections.ConfigDict:
   # depth), for homogeneous models only (lm.scan_unsupported names the options that need the
   # unrolled form); auto: on where supported (resolved into on / off)
   m.scan_blocks = "off"
-  m.embed = ml_collections.ConfigDict(
-      dict(kind="plain", factorized=False))  # over_width (VWN): factorized = E_base W_expand
-  # residual: streams = n (hyper); fracs = m (frac, vwn); expansion = r = n/m (vwn, D' = r D);
-  # dynamic / tanh: input-dependent weights and their tanh (hyper, frac, vwn); vwn only:
-  # reduce_norm auto|on|off (group norm before W_reduce; auto: when D' % D == 0),
-  # reduce_init random|select (W_reduce picks the first D features), temperature sqrt|width
-  # (tanh logits / sqrt(D/m) as the paper's pseudocode, or / (D/m) as its text)
-  m.residual = ml_collections.ConfigDict(
-      dict(kind="plain", streams=4, fracs=4, expansion=2.0, dynamic=True, tanh=True,
-           reduce_norm="auto", reduce_init="random", temperature="sqrt"))
-  m.norm = ml_collections.ConfigDict(dict(kind="pre"))
-  m.attention = ml_collections.ConfigDict(
-      dict(kind="dense", impl="xla", rope_theta=10000.0,
-           norms=""))  # norms inside attention: letters of "qkvc" ("qk" = QK-norm)
-  # Inference only (research/infer): attention of a prompt's prefill; training is always dense.
-  m.attention.prefill = "dense"  # dense | flexprefill
-  m.attention.flexprefill = ml_collections.ConfigDict(dict(
-      gamma=0.9, tau=0.1, block_size=128,  # FlexPrefill defaults (the official README/scripts)
-      min_budget=1024, max_budget=0,  # tokens, per vertical / slash part; max 0 = no cap
-      mode="flex",  # flex | vertical_slash | query_aware | fixed_budget (the ablations)
-      budget=0,  # tokens; fixed_budget only
-      count_rule="block",  # block | token (see kernels_pallas/sparse_prefill/README.md)
-      impl="auto"))  # auto (kernel on GPU/TPU, jnp reference on CPU) | xla | pallas
-  # MoDA (attention.kind="moda"): which sublayers write depth K/V (Table 3 of the paper)
-  m.attention.moda = ml_collections.ConfigDict(
-      dict(ffn_kv=True,  # a K/V projection beside each FFN writes a depth slot (the default)
-           extra_attn_kv=False,  # attention writes a separate projection, not its sequence K/V
-           ffn_kv_last_block=False))  # the last block's FFN K/V projection (it has no reader)
-  m.channel = ml_collections.ConfigDict(
-      dict(kind="ffn", activation="swiglu", d_ff=0, ff_multiple_of=32,
-           poly_order=3))  # poly_order: PolyReLU / PolyNorm
-  # channel.kind="moe" (research/model/moe.py): top-k softmax router, Switch balance loss
-  m.channel.moe = ml_collections.ConfigDict(dict(
-      num_experts=8, top_k=2,
-      d_expert=0,  # 0: d_ff // top_k (activated FFN compute = the dense FFN's)
-      dispatch="dropless",  # dropless (capacity = group size) | capacity
-      capacity_factor=1.25,  # capacity: ceil(factor * seq * top_k / num_experts) slots
-      aux_coef=0.01, z_coef=0.0,  # Switch load-balancing loss; router z-loss (ST-MoE)
-      norm_topk=False))  # renormalize the top-k gates to sum 1
-  # channel.kind="ultramem" / "ultramem_v2" (research/model/memory.py); 0 / "" = derived
-  memory = dict(
-      layers="",  # units "source:target,..."; "" = pairs 0:1,2:3,... (v1), every block (v2)
-      num_keys=112,  # n physical keys per side: n^2 value rows per memory layer
-      d_key=0, d_value=0,  # 0: d/4; d/2 (v1) or d/4 (v2)
-      d_pre_value=0, peer=False,  # PEER pre-values (v2), 0: d/4
-      heads=2, top_k=16,  # retrieval heads (one shared query), slots per head
-      side_top_k=0,  # first-stage rows / columns per side; 0: min(top_k, 128)
-      rank=2, cores=2,  # Tucker rank r (TDQKR), cores h (multi-core scoring)
-      retrieval="tucker",  # tucker (TDQKR) | product (plain product keys: rank=cores=1)
-      expansion=4,  # IVE rate E (a perfect square); 1 = off
-      ive_projectors=True,  # one projector per virtual block (v1) or one shared (v2)
-      per_rank_query=False,  # a separate query per Tucker rank (v2)
-      tucker_aux_coef=0.0, tucker_aux_margin=0.15,  # the Tucker-core penalty (paper 0.001)
-      init="code",  # code (official constants) | paper (calibrated scores, variance rule)
-      value_lr=4.0, value_lr_decay=True,  # value-table lr multiplier, decaying to 1x
-      impl="auto",  # memory_lookup: auto (kernel on GPU/TPU, xla on CPU) | xla | pallas
-      match_flops=True,  # shrink the FFNs so FLOPs/token equal the dense d_ff model's
-      ffn_width=0)  # the FFN width that runs; 0: derived (d_ff, or matched)
-  m.channel.ultramem = ml_collections.ConfigDict(memory)
-  m.channel.ultramem_v2 = ml_collections.ConfigDict(dict(
-      memory, heads=1, expansion=1, ive_projectors=False, per_rank_query=True, peer=True,
-      init="paper"))
-  m.linear = ml_collections.ConfigDict(dict(kind="plain", use_bias=False))
-  m.head = ml_collections.ConfigDict(
-      dict(kind="plain", tie_embeddings=True, mtp_weight=0.3))  # mtp_weight: head.kind=mtp
-
   # ---- data
   d = c.data = ml_collections.ConfigDict()
   d.corpus = "tinyshakespeare"
@@ -264,9 +204,9 @@ def parse_arg(arg: str, defaults: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Fills derived values (0 = "derive") and checks the combination; returns a new config."""
-  c = ml_collections.ConfigDict(config.to_dict())
+def resolve_core(c: ml_collections.ConfigDict) -> None:
+  """Fills the derived core values (0 = "derive") of `c` in place and checks them; the options'
+  own fields are research/model/options.py's (research/run_config.py: resolve runs both)."""
   check_values(c)
   m = c.model
   if m.num_kv_heads == 0:
@@ -281,35 +221,12 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"model.num_heads={m.num_heads} is not a multiple of model.num_kv_heads={m.num_kv_heads}")
   if m.max_seq_len == 0:
     m.max_seq_len = c.data.seq_len
-  # Lazy import: the model registries import this module for ConfigError.
-  from research.model import attention as attention_lib, ffn as ffn_lib, norms as norms_lib
-  # A norm placement may put norms inside attention (HybridNorm: QKV-norm); merge them so the
-  # saved config says what runs.
-  implied = norms_lib.NORM_PLACEMENTS.get(m.norm.kind).attention_norms
-  norms = attention_lib.check_attention_norms(m.attention.norms + implied)
-  m.attention.norms = "".join(x for x in attention_lib.ATTENTION_NORMS if x in norms)
-  if m.channel.d_ff == 0:
-    # A gated FFN (3 matrices) at 8/3 d, rounded up to ff_multiple_of (LLaMA); a plain one
-    # (2 matrices) at 1.5x that width, so both have the same parameters (PolyCom's matching).
-    mult = m.channel.ff_multiple_of
-    gated = int(mult * -(-int(8 / 3 * m.d_model) // mult))
-    m.channel.d_ff = gated if ffn_lib.is_gated(m.channel.activation) else 3 * gated // 2
-  mixer = ffn_lib.CHANNEL_MIXERS.get(m.channel.kind)
-  mixer.resolve(m)  # a channel mixer's own derived fields (moe.py, memory.py)
-  if m.scan_blocks != "off":
-    from research.model.lm import scan_unsupported  # pylint: disable=import-outside-toplevel
-    why = scan_unsupported(m)
-    if why and m.scan_blocks == "on":
-      raise ConfigError(f"model.scan_blocks=on needs identical blocks that write nothing "
-                        f"across layers: {why}; set model.scan_blocks=off (or auto)")
-    m.scan_blocks = "off" if why else "on"
   t = c.train
   if t.grad_accum and t.batch_size % t.grad_accum:
     raise ConfigError(
         f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
   if c.eval.batch_size == 0:
     c.eval.batch_size = t.batch_size
-  return c
 
 
 # The ranges of the core settings (each option checks its own fields where it is built). A bound

@@ -427,14 +427,15 @@ def confounds(experiment: str, arg: str, arms: list, varies=()) -> list[str]:
   """The WATCHED settings in which the resolved configs of a group's arms (`experiments.Arm`)
   differ, other than those in `varies`: "key (value: arm, arm; value: arm)"."""
   from research import config as config_lib  # pylint: disable=import-outside-toplevel
+  from research import run_config
   from research import experiments  # pylint: disable=import-outside-toplevel
   configs = {}
   for arm in arms:
     overrides = {k: v for k, v in arm.overrides.items() if k != "seed"}
-    configs[arm.name] = config_lib.resolve(
+    configs[arm.name] = run_config.resolve(
         experiments.get_config(f"{experiment}:{arg}", overrides)).to_dict()
   out = []
-  for key in config_lib.flat_keys(config_lib.default_config()):
+  for key in config_lib.flat_keys(run_config.default_config()):
     if not key.startswith(WATCHED) or key in varies or key in ("data.data_dir", "train.progress"):
       continue
     by_value: dict[str, list[str]] = {}

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from research.config import default_config, parse_arg
+from research.config import parse_arg
 from research.errors import ConfigError
+from research.run_config import default_config
 
 SCALES = ("smoke", "tiny", "small", "paper")
 # the experiment-argument keys every experiment built on the shared scales accepts
@@ -43,7 +44,7 @@ def apply_scale(c: ml_collections.ConfigDict, scale: str, *, corpus: str = "",
     t.log_every, t.checkpoint_every, t.keep_checkpoints = 4, 6, 2
     e.every, e.batches = 6, 2
   elif scale == "tiny":
-    pass  # config.default_config() is the nanoGPT-baby setting
+    pass  # run_config.default_config() is the nanoGPT-baby setting
   elif scale == "small":
     m.num_layers, m.d_model, m.num_heads = 12, 768, 12
     c.data.seq_len = 1024

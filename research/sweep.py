@@ -41,11 +41,12 @@ from pathlib import Path
 from typing import Any
 
 from research import config as config_lib
+
+from research import run_config
 from research import experiments
 from research import report as report_lib
 from research.data import synthetic
 from research.errors import ResearchError, RunError, WorkdirBusy
-from research.model import options as model_options
 from research.train import workdir as workdir_lib
 from research.train.trainer import Trainer, train_seeds
 from research.train.workdir import config_differences
@@ -54,12 +55,11 @@ from research.train.workdir import config_differences
 # the vocabulary size (0 in a config means "the tokenizer's", filled in when the run starts).
 _IRRELEVANT_KEYS = frozenset({"data.data_dir", "train.progress", "model.vocab_size"})
 
-# What a run never reads comes from the options themselves (research/model/options.py): the
-# settings of components it does not select (a dense-FFN run's `model.channel.moe.*`, a plain
-# residual's multi-stream settings, a dense-prefill run's FlexPrefill settings), so two runs
-# that differ only there are twins. `attention.prefill` is inference-only, but the trained run
-# is what evaluation loads, so only the FlexPrefill settings of a dense-prefill run are inert.
-# A difference in a switch itself (model_options.SWITCHES) always counts.
+# A resolved config holds only the settings of the options it selects (research/run_config.py),
+# and matching compares the keys of the config that would run: settings of options it does not
+# select (a dense-FFN run's `model.channel.moe.*`, stored by runs older than that rule) never
+# count. `attention.prefill` is inference-only, but the trained run is what evaluation loads,
+# so it counts like any switch.
 
 
 def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
@@ -249,7 +249,7 @@ def _check_arms(name: str, arg: str, root: Path, entries: list[dict],
     if data_dir:
       ov["data.data_dir"] = data_dir
     try:
-      resolved = config_lib.resolve(experiments.get_config(f"{name}:{arg}", ov))
+      resolved = run_config.resolve(experiments.get_config(f"{name}:{arg}", ov))
       actions[(e["arm"], e["seed"])], _ = workdir_lib.plan(root / e["workdir"],
                                                            resolved.to_dict())
     except ResearchError as err:
@@ -303,7 +303,7 @@ class ReportedRows:
     key = (experiment, arg, json.dumps(overrides, sort_keys=True, default=str))
     if key not in self._resolved:
       try:
-        self._resolved[key] = config_lib.resolve(
+        self._resolved[key] = run_config.resolve(
             experiments.get_config(f"{experiment}:{arg}", overrides)).to_dict()
       except Exception:  # an experiment or a key renamed since: not a twin of anything
         self._resolved[key] = None
@@ -313,7 +313,7 @@ class ReportedRows:
            ) -> tuple[str, str] | None:
     """("<experiment>/<group>/<arm>", date) of a row that reports `config` (seed 0's) with
     `seeds` finished or diverged seeds, or None."""
-    resolved = config_lib.resolve(config).to_dict()
+    resolved = run_config.resolve(config).to_dict()
     for experiment, group, row, date in self._rows:
       source = (experiment, group.get("group"), row.get("arm"))
       if source == exclude or row.get("seeds_total") != seeds or not _all_seeds(row, seeds):
@@ -324,37 +324,36 @@ class ReportedRows:
     return None
 
 
-def same_config(run_config: dict, config) -> bool:
+def same_config(stored: dict, config) -> bool:
   """Whether a run on disk (its config.json's "config") computes what `config` would (a
   ConfigDict, or the dict of an already resolved one)."""
-  resolved = config if isinstance(config, dict) else config_lib.resolve(config).to_dict()
+  resolved = config if isinstance(config, dict) else run_config.resolve(config).to_dict()
   inert = inert_prefixes(resolved)
-  return not [k for k in config_differences(run_config, resolved)
-              if k not in _IRRELEVANT_KEYS and (k in model_options.SWITCHES or not k.startswith(inert))]
+  return not [k for k in config_differences(stored, resolved)
+              if k not in _IRRELEVANT_KEYS and not k.startswith(inert)]
 
 
 def inert_prefixes(config: dict) -> tuple[str, ...]:
-  """Key prefixes of `config` (a resolved config's dict) that its run never reads: the settings
-  of components it does not select (each option's `settings`), and the synthetic-task sizes of a
-  text corpus. A difference in a switch itself is never inert."""
-  out = list(model_options.unread_settings(config))
+  """Key prefixes of `config` (a resolved config's dict) that its run never reads beyond the
+  options' settings (which a resolved config no longer holds): the synthetic-task sizes of a
+  text corpus."""
   if config_lib.get_dotted(config, "data.corpus") not in synthetic.TASKS:
-    out.append("data.synthetic.")
-  return tuple(out)
+    return ("data.synthetic.",)
+  return ()
 
 
 def find_finished_twin(runs_dir: Path, config, exclude: Path | None = None) -> Path | None:
   """A finished sweep run under `<runs_dir>/<experiment>/<group>/<arm>/seed<k>/` (any
   experiment: two papers' baselines are often the same model) whose config is `config`."""
-  resolved = config_lib.resolve(config).to_dict()
+  resolved = run_config.resolve(config).to_dict()
   for summary in sorted(Path(runs_dir).glob("*/*/*/seed*/summary.json")):
     workdir = summary.parent
     if exclude is not None and workdir.resolve() == Path(exclude).resolve():
       continue
     try:
-      run_config = json.loads((workdir / "config.json").read_text())["config"]
+      stored = json.loads((workdir / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
       continue
-    if same_config(run_config, resolved):
+    if same_config(stored, resolved):
       return workdir
   return None

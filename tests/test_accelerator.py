@@ -11,6 +11,7 @@ from flax import nnx
 
 import research
 from research import config as config_lib
+from research import run_config
 from research import experiments
 from research.eval import lm_eval
 from research.model import ForwardContext, compute_dtype, create_model
@@ -23,7 +24,7 @@ BF16_LOSS_TOLERANCE = 0.01
 
 
 def test_bf16_policy_keeps_parameters_and_logits_fp32():
-  c = config_lib.resolve(experiments.get_config("baseline:scale=smoke"))
+  c = run_config.resolve(experiments.get_config("baseline:scale=smoke"))
   c.model.vocab_size = 65
   assert compute_dtype("auto", "gpu") == compute_dtype("auto", "tpu") == jnp.bfloat16
   assert compute_dtype("auto", "cpu") == jnp.float32

@@ -8,6 +8,8 @@ import json
 import pytest
 
 from research import config as config_lib
+
+from research import run_config
 from research import data
 from research import experiments
 from research.model import abstract_model, model_summary
@@ -25,7 +27,7 @@ def test_every_scale_builds(name):
   claim, scales = experiments.describe(name)
   assert claim and "smoke" in scales and "tiny" in scales
   for scale in scales:
-    c = config_lib.resolve(experiments.get_config(f"{name}:scale={scale}"))
+    c = run_config.resolve(experiments.get_config(f"{name}:scale={scale}"))
     c.model.vocab_size = c.model.vocab_size or 256
     s = model_summary(abstract_model(c.model), c.data.seq_len)  # shapes only, no memory
     assert s["params"] > 0 and s["flops_per_token_train"] > 0
@@ -60,7 +62,7 @@ def test_smoke_data_never_fails_for_any_draw(name):
   """Every smoke scale is valid by construction: its training windows (passkey prompts mixed in
   included: flexprefill's used to fail at random when a draw's needles did not fit) build for
   several seeds and many batches."""
-  c = config_lib.resolve(experiments.get_config(f"{name}:scale=smoke"))
+  c = run_config.resolve(experiments.get_config(f"{name}:scale=smoke"))
   corpus = data.load_tokenized(c.data)
   for seed in range(4):
     c.seed = seed
@@ -77,7 +79,7 @@ def test_small_and_paper_scales_size_their_data(name):
   """The accelerator scales' data fits its corpus (WikiText-2 with GPT-2 BPE): the validation
   batches are built and a training batch is drawn, as a run would at start."""
   for scale in ("small", "paper"):
-    c = config_lib.resolve(experiments.get_config(f"{name}:scale={scale}"))
+    c = run_config.resolve(experiments.get_config(f"{name}:scale={scale}"))
     train_iter, valid = make_data(c, data.load_tokenized(c.data))
     assert len(valid) >= 1 and valid[0]["inputs"].shape == (c.eval.batch_size, c.data.seq_len)
     assert next(train_iter)["inputs"].shape == (c.train.batch_size, c.data.seq_len)

@@ -17,6 +17,8 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research.model import attention as attention_lib
 from research.model import ffn as ffn_lib
 from research.model import linear as linear_lib
@@ -84,7 +86,7 @@ def test_rope_matches_plain(arange):
 
 
 def _model_cfg(**overrides):
-  c = config_lib.resolve(config_lib.default_config())
+  c = run_config.resolve(run_config.default_config())
   m = c.model
   m.vocab_size, m.d_model, m.num_heads, m.head_dim, m.num_layers = 11, 32, 4, 8, 2
   m.num_kv_heads = overrides.pop("num_kv_heads", 4)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from research import config as config_lib
+
+from research import run_config
 from research import sharding
 from research.infer import Engine, KVCache, Sampling, pad_prompts, top_p_mask, with_overrides
 from flax import nnx
@@ -21,7 +23,7 @@ ATOL = 2e-5  # fp32; observed ~2e-7
 
 
 def small_config(**overrides):
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.model.vocab_size = VOCAB
   c.model.num_layers = 2
   c.model.d_model = 32
@@ -29,7 +31,7 @@ def small_config(**overrides):
   c.model.num_kv_heads = 2
   c.data.seq_len = 64
   config_lib.apply_overrides(c, {f"model.{k}": v for k, v in overrides.items()})
-  return config_lib.resolve(c).model
+  return run_config.resolve(c).model
 
 
 @pytest.fixture(scope="module")
@@ -231,12 +233,14 @@ def test_flexprefill_refuses_padded_rows(model):
     ("attention.flexprefill.impl", "cuda", "model.attention.flexprefill.impl='cuda'"),
 ])
 def test_config_errors(key, value, match):
+  """Checked when a model that reads them is built: a resolved config holds the FlexPrefill
+  settings only when it selects that prefill."""
   with pytest.raises(config_lib.ConfigError, match=match):
-    create_model(small_config(**{key: value}))
+    create_model(small_config(**{"attention.prefill": "flexprefill", key: value}))
 
 
 def test_unknown_prefill_key_is_an_error():
-  c = config_lib.default_config()
+  c = run_config.default_config()
   with pytest.raises(config_lib.ConfigError, match="unknown config key"):
     config_lib.apply_overrides(c, {"model.attention.flexprefill.gama": 0.9})
 

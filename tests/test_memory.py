@@ -12,6 +12,8 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research import sharding
 from research.config import ConfigError
 from research.model import (ForwardContext, abstract_model, accounting, create_model,
@@ -21,7 +23,7 @@ from research.train.trainer import make_train_step
 
 
 def mem_config(kind="ultramem", num_layers=2, d_model=32, **fields):
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.model.vocab_size = 61
   c.model.num_layers = num_layers
   c.model.d_model = d_model
@@ -33,7 +35,7 @@ def mem_config(kind="ultramem", num_layers=2, d_model=32, **fields):
   base = dict(num_keys=8, top_k=4)
   for k, v in {**base, **fields}.items():
     config_lib.apply_overrides(c, {f"model.channel.{kind}.{k}": v})
-  return config_lib.resolve(c)
+  return run_config.resolve(c)
 
 
 def layer_for(kind="ultramem", **fields):
@@ -233,7 +235,7 @@ def test_paper_init_calibrates_the_mean_selected_score(kind):
 
 @pytest.mark.parametrize("kind", ["ultramem", "ultramem_v2"])
 def test_flops_are_matched_to_the_dense_model(kind):
-  dense = config_lib.resolve(_dense_config())
+  dense = run_config.resolve(_dense_config())
   s_dense = model_summary(abstract_model(dense.model), 16)
   c = mem_config(kind, num_layers=4, d_model=64, num_keys=8)
   s = model_summary(abstract_model(c.model), 16)
@@ -244,7 +246,7 @@ def test_flops_are_matched_to_the_dense_model(kind):
 
 
 def _dense_config():
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.model.vocab_size, c.model.num_layers, c.model.d_model, c.model.num_heads = 61, 4, 64, 4
   c.data.seq_len = 16
   return c

@@ -11,13 +11,15 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research.model import ForwardContext, attention, create_model, model_summary
 from research.model.norms import RMSNorm
 from research.model.registry import Registry
 
 
 def small_config(**model_overrides):
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.model.vocab_size = 61
   c.model.num_layers = 2
   c.model.d_model = 32
@@ -25,7 +27,7 @@ def small_config(**model_overrides):
   c.data.seq_len = 16
   for k, v in model_overrides.items():
     config_lib.apply_overrides(c, {f"model.{k}": v})
-  return config_lib.resolve(c).model
+  return run_config.resolve(c).model
 
 
 forward = nnx.jit(lambda model, x: model(x))

@@ -11,6 +11,8 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research import sharding
 from research.config import ConfigError
 from research.model import ForwardContext, abstract_model, create_model, model_summary, moe
@@ -19,7 +21,7 @@ from research.train.trainer import make_train_step
 
 
 def moe_config(num_layers=2, **moe_overrides):
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.model.vocab_size = 61
   c.model.num_layers = num_layers
   c.model.d_model = 32
@@ -30,7 +32,7 @@ def moe_config(num_layers=2, **moe_overrides):
   c.train.warmup_steps = 0
   for k, v in moe_overrides.items():
     config_lib.apply_overrides(c, {f"model.channel.moe.{k}": v})
-  return config_lib.resolve(c)
+  return run_config.resolve(c)
 
 
 def make_moe(**overrides):

@@ -69,20 +69,48 @@ def test_default_hooks_are_no_ops():
   assert residual.Residual.stream_adapter is residual.PlainStream
 
 
-def test_unread_settings_come_from_the_options():
-  from research import config as config_lib
-  from research import experiments
+def test_resolved_config_holds_only_the_selected_options_settings():
+  from research import experiments, run_config  # pylint: disable=import-outside-toplevel
 
-  def unread(spec, **overrides):
-    return options.unread_settings(
-        config_lib.resolve(experiments.get_config(spec, overrides)).to_dict())
+  def resolved(spec, **overrides):
+    return run_config.resolve(experiments.get_config(spec, overrides)).to_dict()
 
-  dense = unread("baseline:scale=smoke")
-  assert {"model.channel.moe.", "model.channel.ultramem.", "model.channel.ultramem_v2.",
-          "model.residual.", "model.head.mtp_weight", "model.attention.flexprefill."} <= set(dense)
-  moe = unread("baseline:scale=smoke", **{"model.channel.kind": "moe"})
-  assert "model.channel.moe." not in moe and "model.channel.ultramem." in moe
-  hyper = unread("baseline:scale=smoke", **{"model.residual.kind": "hyper"})
-  assert "model.residual." not in hyper  # every multi-stream option reads it
-  assert not any(s.startswith(tuple(dense)) for s in options.SWITCHES if s != "model.residual.kind")
-  assert "model.residual.kind" in options.SWITCHES  # under an unread prefix, yet it still counts
+  dense = resolved("baseline:scale=smoke")
+  assert set(dense["model"]["channel"]) == {"kind", "activation", "d_ff", "ff_multiple_of",
+                                            "poly_order"}
+  assert dense["model"]["residual"] == {"kind": "plain"}
+  assert set(dense["model"]["head"]) == {"kind", "tie_embeddings"}  # no mtp_weight
+  attn = dense["model"]["attention"]
+  assert "flexprefill" not in attn and "moda" not in attn
+  moe = resolved("baseline:scale=smoke", **{"model.channel.kind": "moe",
+                                            "model.channel.moe.top_k": 1})
+  assert moe["model"]["channel"]["moe"]["top_k"] == 1 and "ultramem" not in moe["model"]["channel"]
+  hyper = resolved("baseline:scale=smoke", **{"model.residual.kind": "hyper"})
+  assert set(hyper["model"]["residual"]) == {"kind", "streams", "dynamic", "tanh"}
+  vwn = resolved("baseline:scale=smoke", **{"model.residual.kind": "vwn"})
+  assert {"fracs", "expansion", "temperature"} <= set(vwn["model"]["residual"])
+  assert "streams" not in vwn["model"]["residual"]
+  sparse = resolved("baseline:scale=smoke", **{"model.attention.prefill": "flexprefill"})
+  assert sparse["model"]["attention"]["flexprefill"]["gamma"] == 0.9
+
+
+def test_default_model_config_is_assembled_from_the_options():
+  """Every option's `defaults` appears under its point with its value; two options sharing a
+  setting with different defaults is an error naming it."""
+  from research import run_config  # pylint: disable=import-outside-toplevel
+  from research.model import moe  # pylint: disable=import-outside-toplevel
+  c = run_config.default_config()
+  assert c.model.channel.moe.to_dict() == moe.MoE.defaults["moe"]
+  assert c.model.head.mtp_weight == head.MultiTokenHead.defaults["mtp_weight"]
+  assert [c.model[p].kind for p in ("embed", "residual", "norm", "attention", "channel",
+                                    "linear", "head")] == [r.default for r in POINTS]
+  with pytest.raises(ValueError, match="model.residual.fracs is declared with two defaults"):
+    option.merge_settings({"fracs": 4}, {"fracs": 8}, "model.residual", "vwn")
+
+
+def test_config_module_imports_nothing_of_the_model():
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ("import sys, research.config; "
+          "assert not [m for m in sys.modules if m.startswith('research.model')], sys.modules")
+  subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from research import cli
 from research import config as config_lib
+from research import run_config
 from research import experiments
 from research import plan
 from research import sharding
@@ -21,7 +22,7 @@ CPU8 = plan.Cluster("cpu8", "cpu", 8, 24, 1e11, "cpu")
 
 
 def _config(spec="baseline:scale=tiny", **overrides):
-  c = config_lib.resolve(experiments.get_config(spec, {"mesh.preset": "fsdp", **overrides}))
+  c = run_config.resolve(experiments.get_config(spec, {"mesh.preset": "fsdp", **overrides}))
   c.model.vocab_size = 65
   return c
 
@@ -76,7 +77,7 @@ def test_optimizer_moments_are_sharded_like_their_parameters():
 
 
 def test_a_config_that_cannot_fit_is_reported_so():
-  c = config_lib.resolve(experiments.get_config("baseline:scale=paper", {"train.grad_accum": 1}))
+  c = run_config.resolve(experiments.get_config("baseline:scale=paper", {"train.grad_accum": 1}))
   c.model.vocab_size = 50257
   small = plan.estimate(c, plan.cluster("h100x8"))
   large = plan.estimate(c, plan.cluster("v5p-256"))
@@ -86,7 +87,7 @@ def test_a_config_that_cannot_fit_is_reported_so():
   # 7B in fp32 over 8-way FSDP: 26.7 GB of weights, 3.3 GB per device
   assert small.bytes_params == pytest.approx(small.params * 4 / 8, rel=0.01)
   with pytest.raises(config_lib.ConfigError, match="does not divide over the 256-way"):
-    plan.estimate(config_lib.resolve(experiments.get_config("baseline:scale=tiny")),
+    plan.estimate(run_config.resolve(experiments.get_config("baseline:scale=tiny")),
                   plan.cluster("v5e-256"))
 
 

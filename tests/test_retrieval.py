@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research import data as data_lib
 from research import experiments
 from research.data import ByteTokenizer, CharTokenizer
@@ -90,11 +92,11 @@ def test_key_char_accuracy_counts_matching_positions():
 
 @pytest.fixture(scope="module")
 def byte_model():
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.model.vocab_size = 256
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.num_kv_heads = 2, 32, 2, 1
   c.data.seq_len = 128
-  return create_model(config_lib.resolve(c).model)
+  return create_model(run_config.resolve(c).model)
 
 
 SPARSE = {"model.attention.prefill": "flexprefill", "model.attention.flexprefill.gamma": 0.8,

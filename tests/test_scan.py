@@ -13,6 +13,8 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research import experiments
 from research.eval import lm_eval
 from research.model import ForwardContext, create_model
@@ -20,7 +22,7 @@ from research.train import optim
 
 
 def _config(scan: bool, **overrides):
-  c = config_lib.resolve(experiments.get_config("baseline:scale=smoke", {
+  c = run_config.resolve(experiments.get_config("baseline:scale=smoke", {
       "model.num_layers": 3, "model.scan_blocks": "on" if scan else "off", **overrides}))
   c.model.vocab_size = 65
   return c
@@ -117,11 +119,11 @@ def test_scanned_model_trains_and_logs_per_block_gradient_norms(tmp_path):
 def test_options_that_need_unrolled_blocks_are_refused(key, value, reason):
   with pytest.raises(config_lib.ConfigError, match=f"model.scan_blocks=on needs identical "
                      f"blocks .*{re.escape(reason)}"):
-    config_lib.resolve(experiments.get_config("baseline:scale=smoke",
+    run_config.resolve(experiments.get_config("baseline:scale=smoke",
                                                {"model.scan_blocks": "on", key: value}))
 
 
 def test_auto_scans_where_the_options_allow():
-  on = config_lib.resolve(experiments.get_config("baseline:scale=small"))
-  off = config_lib.resolve(experiments.get_config("moda:scale=small"))
+  on = run_config.resolve(experiments.get_config("baseline:scale=small"))
+  off = run_config.resolve(experiments.get_config("moda:scale=small"))
   assert on.model.scan_blocks == "on" and off.model.scan_blocks == "off"

@@ -9,6 +9,8 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research import sharding
 from research.model import create_model
 from research.train.optim import make_optimizer
@@ -18,7 +20,7 @@ PRESETS = [("dp", 1), ("fsdp", 1), ("fsdp_tp", 2), ("fsdp_tp", 4)]
 
 
 def make_config():
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.model.vocab_size = 64
   c.model.num_layers = 2
   c.model.d_model = 64
@@ -28,7 +30,7 @@ def make_config():
   c.data.seq_len = 16
   c.train.batch_size = 8
   c.train.warmup_steps = 0
-  return config_lib.resolve(c)
+  return run_config.resolve(c)
 
 
 def batch_for(c, seed=0):
@@ -108,7 +110,7 @@ def test_mesh_errors_are_clear(preset, tensor, expert, message):
 
 
 def test_mesh_from_config_checks_device_count():
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.mesh.num_devices = 16
   with pytest.raises(sharding.MeshError, match="mesh.num_devices=16 but only 8 cpu device"):
     sharding.mesh_from_config(c.mesh)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from research import config as config_lib
+
+from research import run_config
 from research.config import ConfigError
 from research.data import load_tokenized, make_train_iterator, make_valid_batches
 from research.data import synthetic
@@ -18,7 +20,7 @@ from research.train.trainer import Trainer
 
 
 def data_config(corpus, seq_len=32, **fields):
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.data.corpus, c.data.tokenizer, c.data.seq_len = corpus, "synthetic", seq_len
   c.data.synthetic.train_sequences, c.data.synthetic.valid_sequences = 200, 40
   for k, v in fields.items():

@@ -18,6 +18,8 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research.model import create_model, ffn
 from research.train import optim
 from research.train.checkpoint import Checkpointer
@@ -186,7 +188,7 @@ def test_changed_config_in_same_workdir_is_refused(uninterrupted):
 # ---------------------------------------------------------------- in-process pieces
 
 def train_config(**train):
-  c = config_lib.default_config()
+  c = run_config.default_config()
   c.model.vocab_size = 32
   c.model.num_layers = 1
   c.model.d_model = 16
@@ -194,7 +196,7 @@ def train_config(**train):
   c.data.seq_len = 8
   for k, v in train.items():
     c.train[k] = v
-  return config_lib.resolve(c)
+  return run_config.resolve(c)
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "wsd"])
@@ -271,7 +273,9 @@ def test_a_run_from_before_a_new_option_still_resumes():
   """config.json of a run started before an option existed lacks its key: no difference while
   the option is at its default, a difference once it is changed."""
   from research.train.trainer import config_differences
-  new = config_lib.resolve(config_lib.default_config()).to_dict()
+  c = run_config.default_config()
+  c.model.attention.kind = "moda"
+  new = run_config.resolve(c).to_dict()
   old = json.loads(json.dumps(new))
   del old["model"]["attention"]["moda"]
   assert config_differences(old, new) == []

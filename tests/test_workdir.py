@@ -19,6 +19,7 @@ import pytest
 
 from research import cli
 from research import config as config_lib
+from research import run_config
 from research import experiments
 from research.errors import ResearchError, RunError, WorkdirBusy
 from research.train import workdir as workdir_lib
@@ -165,8 +166,27 @@ def test_restart_discards_the_run_and_more_steps_extend_it(finished, tmp_path):
     train(work, **{"train.lr": 3e-4})
 
 
+@pytest.mark.needs_data
+def test_a_run_that_stored_every_options_settings_still_resumes_and_loads(finished, tmp_path):
+  """Runs from before resolved configs dropped the settings of unselected options hold them
+  all in config.json (here with a value of their own): such a run extends and loads."""
+  from research.infer import load_run  # pylint: disable=import-outside-toplevel
+  work = copy_run(finished, tmp_path / "run")
+  path = work / "config.json"
+  stored = json.loads(path.read_text())
+  full = run_config.expand(stored["config"])
+  full.model.channel.moe.num_experts = 64
+  assert "moe" not in stored["config"]["model"]["channel"]  # what runs store now
+  stored["config"] = full.to_dict()
+  path.write_text(json.dumps(stored))
+  log = []
+  summary = train(work, log, **{"train.steps": 14})
+  assert any("resumed from step 12" in l for l in log) and summary["step"] == 14
+  assert load_run(work).step == 14
+
+
 def test_resume_plan_allows_logging_changes_and_ignores_where_the_data_is(tmp_path):
-  c = config_lib.resolve(smoke()).to_dict()
+  c = run_config.resolve(smoke()).to_dict()
   (tmp_path / "config.json").write_text(json.dumps({"config": c}))
   changed = json.loads(json.dumps(c))
   changed["train"]["log_every"] = 2
@@ -219,7 +239,7 @@ def test_metrics_of_a_run_killed_before_its_first_checkpoint_start_over(tmp_path
 ])
 def test_values_out_of_range_are_one_line_config_errors(key, value, message):
   with pytest.raises(config_lib.ConfigError, match=message) as e:
-    config_lib.resolve(smoke(**{key: value}))
+    run_config.resolve(smoke(**{key: value}))
   assert "\n" not in str(e.value)
 
 
@@ -261,7 +281,7 @@ def test_python_entry_points_raise_the_typed_one_line_errors_of_the_cli(tmp_path
     with pytest.raises(ResearchError) as e:
       call()
     assert "\n" not in str(e.value), what
-  c = config_lib.resolve(smoke())
+  c = run_config.resolve(smoke())
   c.model.vocab_size = 65
   engine = Engine(create_model(c.model), max_len=16)
   for bad in ([[1, 2, 65]], [[-1, 3]]):

@@ -22,7 +22,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from research import config as config_lib
+
+from research import run_config
 from research.model import abstract_model, compute_dtype, lr_multipliers
+from research.model import options as model_options
 from research.model.lm import DecoderLM
 from research.train.checkpoint import CheckpointError
 from research.train.optim import make_optimizer
@@ -36,17 +39,16 @@ class LoadedRun:
   workdir: Path
 
 
-def run_config(workdir: str | Path, overrides: dict[str, Any] | None = None):
-  """The config a run trained with (config.json), over today's defaults so fields added since
-  (e.g. model.attention.prefill) read as their defaults; dotted overrides applied."""
+def saved_config(workdir: str | Path, overrides: dict[str, Any] | None = None):
+  """The resolved config a run trained with (config.json), over today's defaults so settings
+  added since (e.g. model.attention.prefill) and those of options it did not select read as
+  their defaults; dotted overrides applied."""
   path = Path(workdir) / "config.json"
   if not path.is_file():
     raise CheckpointError(f"{workdir} has no config.json: not a run directory")
-  saved = json.loads(path.read_text())["config"]
-  c = config_lib.default_config()
-  c.update(saved)
+  c = run_config.expand(json.loads(path.read_text())["config"])
   config_lib.apply_overrides(c, overrides or {})
-  return config_lib.resolve(c)
+  return run_config.resolve(c)
 
 
 def load_run(workdir: str | Path, *, step: int | None = None,
@@ -57,7 +59,7 @@ def load_run(workdir: str | Path, *, step: int | None = None,
   parameters unchanged make sense (model.attention.prefill and flexprefill.*, say).
   """
   workdir = Path(workdir)
-  c = run_config(workdir, overrides)
+  c = saved_config(workdir, overrides)
   dtype = compute_dtype(c.train.precision)
   graphdef, params, other = nnx.split(abstract_model(c.model, dtype), nnx.Param, ...)
   tx, _ = make_optimizer(c.train, lr_multipliers(c.model, c.train.steps))  # as the trainer's
@@ -92,8 +94,9 @@ def with_overrides(model: DecoderLM, overrides: dict[str, Any]) -> DecoderLM:
   bad = [k for k in overrides if not k.startswith("model.")]
   if bad:
     raise config_lib.ConfigError(f"with_overrides takes model.* keys only, got {', '.join(bad)}")
-  root = ml_collections.ConfigDict({"model": model.cfg.to_dict()})
+  root = run_config.expand({"model": model.cfg.to_dict()})  # unselected options' settings too
   config_lib.apply_overrides(root, overrides)
+  root = ml_collections.ConfigDict(model_options.select(root.to_dict()))
   state = nnx.state(model)
   graphdef, abstract = nnx.split(abstract_model(root.model, model.dtype))
   same = jax.tree.structure(abstract) == jax.tree.structure(state) and all(

@@ -41,6 +41,9 @@ class SequenceMixer(Option):
 
   HOOKS = ("flops_per_token", "impls", "channel_writer")
   impls: tuple[str, ...] = ("xla",)
+  # norms inside the mixer: letters of "qkvc" ("qk" = QK-norm); a norm placement adds its own
+  # (HybridNorm's QKV-norm) when the config is resolved
+  defaults = dict(norms="")
 
   def flops_per_token(self, seq_len: int) -> float:
     raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
@@ -51,7 +54,7 @@ class SequenceMixer(Option):
     return None
 
 
-SEQUENCE_MIXERS = Registry("model.attention.kind", base=SequenceMixer)
+SEQUENCE_MIXERS = Registry("model.attention.kind", base=SequenceMixer, default="dense")
 # xla: plain jnp; the others run the Pallas flash-attention kernel of kernels_pallas.moda
 # (auto: the kernel on GPU/TPU, jnp on CPU; pallas: this backend's kernel, interpreted on CPU).
 ATTENTION_IMPLS = ("xla", "auto", "pallas", "pallas_gpu", "pallas_tpu")
@@ -158,6 +161,7 @@ class DenseAttention(SequenceMixer):
 
   impls = ATTENTION_IMPLS  # values of model.attention.impl this mixer runs
   API = ("project_qkv", "sequence_keys", "attend", "project_out")  # the steps MoDA reuses
+  defaults = dict(impl="xla", rope_theta=10000.0)
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     a = cfg.attention

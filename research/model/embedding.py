@@ -38,7 +38,7 @@ class Embedding(Option):
     raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
 
 
-EMBEDDINGS = Registry("model.embed.kind", base=Embedding)
+EMBEDDINGS = Registry("model.embed.kind", base=Embedding, default="plain")
 
 
 @EMBEDDINGS.register("plain")
@@ -72,6 +72,8 @@ class OverWidthEmbedding(Embedding):
   1/sqrt(d_model), so both give entries of the same scale. A tied head needs the factorized
   form (the head is d_model wide): it then attends with the base table.
   """
+
+  defaults = dict(factorized=False)  # True: E_wide = E_base W_expand (low rank)
 
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
     self.wide = residual_lib.virtual_width(cfg)

@@ -2,9 +2,10 @@
 
 `ffn` is the position-wise feed-forward block; its activation (`model.channel.activation`) is
 a registry of its own: gated ones (SwiGLU) use two input projections, plain ones one, so a
-plain activation gets 1.5x the hidden width of a gated one at equal parameters (config.resolve:
-d_ff = 8/3 d gated, 4 d plain). An activation is a function, or an nnx.Module class for those
-with parameters (PolyCom's coefficients). MoE, UltraMem and other channel mixers register
+plain activation gets 1.5x the hidden width of a gated one at equal parameters
+(research/model/options.py: resolve_model, d_ff = 8/3 d gated, 4 d plain). An activation is a
+function, or an nnx.Module class for those with parameters (PolyCom's coefficients). MoE,
+UltraMem and other channel mixers register
 beside `ffn`.
 
   swiglu    silu(x W_gate) * (x W_up)                     gated
@@ -32,11 +33,14 @@ from research.sharding import constrain
 class ChannelMixer(Option):
   """Base of `model.channel.kind` options: the block's channel mixer, (x [b, t, d], ctx) ->
   [b, t, d]. Hooks: `flops_per_token(seq_len)` (every option); `resolve(m)`, derived fields of
-  `config.model` filled and checked by config.resolve; `lr_multipliers(m, steps)`, per-parameter
+  `config.model` filled and checked by run_config.resolve; `lr_multipliers(m, steps)`, per-parameter
   lr multipliers for research.train.optim; `sparse_parameters()`, the partly read parameter
   tables [(items, params per item, items read per token)] for research/model/accounting.py."""
 
   HOOKS = ("flops_per_token", "resolve", "lr_multipliers", "sparse_parameters")
+  # the FFN every channel mixer builds on: its activation (ACTIVATIONS), width (0: 8/3 d
+  # gated, 4 d plain, rounded up to ff_multiple_of) and the PolyReLU / PolyNorm order
+  defaults = dict(activation="swiglu", d_ff=0, ff_multiple_of=32, poly_order=3)
 
   def flops_per_token(self, seq_len: int) -> float:
     raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
@@ -54,7 +58,7 @@ class ChannelMixer(Option):
     return []
 
 
-CHANNEL_MIXERS = Registry("model.channel.kind", base=ChannelMixer)
+CHANNEL_MIXERS = Registry("model.channel.kind", base=ChannelMixer, default="ffn")
 ACTIVATIONS = Registry("model.channel.activation")
 
 

@@ -37,6 +37,7 @@ class Head(Option):
 
   HOOKS = ("flops_per_token", "reads_final_stream", "add_loss")
   reads_final_stream = False
+  defaults = dict(tie_embeddings=True)  # the logits from the embedding table
 
   def flops_per_token(self, seq_len: int) -> float:
     raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
@@ -45,7 +46,7 @@ class Head(Option):
     del model, tokens, ctx
 
 
-HEADS = Registry("model.head.kind", base=Head)
+HEADS = Registry("model.head.kind", base=Head, default="plain")
 
 
 @HEADS.register("plain")
@@ -91,7 +92,7 @@ class MultiTokenHead(PlainHead):
   """
 
   reads_final_stream = True
-  settings = ("model.head.mtp_weight",)
+  defaults = dict(mtp_weight=0.3)  # the weight of the t+2 cross-entropy in the objective
 
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
     super().__init__(cfg, dtype=dtype, rngs=rngs)

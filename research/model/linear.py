@@ -37,9 +37,10 @@ class Linear(Option):
 
   HOOKS = ("depth_scaling_in_gain",)
   depth_scaling_in_gain = False
+  defaults = dict(use_bias=False)
 
 
-LINEARS = Registry("model.linear.kind", base=Linear)
+LINEARS = Registry("model.linear.kind", base=Linear, default="plain")
 ROLES = ("in", "out")
 OUT_SCALINGS = ("none", "total_depth", "layer_depth")
 

@@ -203,7 +203,7 @@ def _check(c, kind: str) -> None:
 
 
 def resolve(m, kind: str) -> None:
-  """config.resolve hook: fills the derived fields of model.channel.<kind> (0 / '' = derive)."""
+  """run_config.resolve hook: fills the derived fields of model.channel.<kind> (0 / '' = derive)."""
   c = m.channel[kind]
   d = m.d_model
   if not c.layers:
@@ -476,6 +476,27 @@ class MemoryLayer(nnx.Module):
 
 # ----------------------------------------------------------------------------- the mixers
 
+# The settings of a memory layer (model.channel.<kind>); 0 / "" = derived.
+MEMORY_DEFAULTS = dict(
+    layers="",  # units "source:target,..."; "" = pairs 0:1,2:3,... (v1), every block (v2)
+    num_keys=112,  # n physical keys per side: n^2 value rows per memory layer
+    d_key=0, d_value=0,  # 0: d/4; d/2 (v1) or d/4 (v2)
+    d_pre_value=0, peer=False,  # PEER pre-values (v2), 0: d/4
+    heads=2, top_k=16,  # retrieval heads (one shared query), slots per head
+    side_top_k=0,  # first-stage rows / columns per side; 0: min(top_k, 128)
+    rank=2, cores=2,  # Tucker rank r (TDQKR), cores h (multi-core scoring)
+    retrieval="tucker",  # tucker (TDQKR) | product (plain product keys: rank=cores=1)
+    expansion=4,  # IVE rate E (a perfect square); 1 = off
+    ive_projectors=True,  # one projector per virtual block (v1) or one shared (v2)
+    per_rank_query=False,  # a separate query per Tucker rank (v2)
+    tucker_aux_coef=0.0, tucker_aux_margin=0.15,  # the Tucker-core penalty (paper 0.001)
+    init="code",  # code (official constants) | paper (calibrated scores, variance rule)
+    value_lr=4.0, value_lr_decay=True,  # value-table lr multiplier, decaying to 1x
+    impl="auto",  # memory_lookup: auto (kernel on GPU/TPU, xla on CPU) | xla | pallas
+    match_flops=True,  # shrink the FFNs so FLOPs/token equal the dense d_ff model's
+    ffn_width=0)  # the FFN width that runs; 0: derived (d_ff, or matched)
+
+
 class MemoryMixer(ffn_lib.ChannelMixer):
   """A block's channel mixer: its FFN (width `ffn_width`), plus the memory layer of the unit
   that reads this block, plus the outputs of skip units that end here."""
@@ -528,14 +549,15 @@ class MemoryMixer(ffn_lib.ChannelMixer):
 class UltraMem(MemoryMixer):
   """UltraMem: skip-layer memory units beside the FFNs (TDQKR, IVE, MCS)."""
   kind = "ultramem"
-  settings = ("model.channel.ultramem.",)
+  defaults = dict(ultramem=MEMORY_DEFAULTS)
 
 
 @ffn_lib.CHANNEL_MIXERS.register("ultramem_v2")
 class UltraMemV2(MemoryMixer):
   """UltraMemV2: a memory layer in every block, PEER values, one value projector."""
   kind = "ultramem_v2"
-  settings = ("model.channel.ultramem_v2.",)
+  defaults = dict(ultramem_v2=dict(MEMORY_DEFAULTS, heads=1, expansion=1, ive_projectors=False,
+                                   per_rank_query=True, peer=True, init="paper"))
 
 
 def lr_multipliers(m, kind: str, steps: int):

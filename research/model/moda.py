@@ -224,6 +224,11 @@ class MoDAAttention(DenseAttention):
   docstring); writes its own K/V (or a projection's, `extra_attn_kv`) into its depth slot."""
 
   impls = IMPLS
+  # which sublayers write depth K/V (Table 3 of the paper)
+  defaults = dict(moda=dict(
+      ffn_kv=True,  # a K/V projection beside each FFN writes a depth slot (the default)
+      extra_attn_kv=False,  # attention writes a separate projection, not its sequence K/V
+      ffn_kv_last_block=False))  # the last block's FFN K/V projection (it has no reader)
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     check_moda_config(cfg)

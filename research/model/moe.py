@@ -188,7 +188,7 @@ class Experts(nnx.Module):
 # ------------------------------------------------------------------------------ the mixer
 
 def resolve(m) -> None:
-  """config.resolve hook: d_expert = 0 -> d_ff // top_k (activated FFN compute = the dense
+  """run_config.resolve hook: d_expert = 0 -> d_ff // top_k (activated FFN compute = the dense
   FFN's); checks the combination."""
   e = m.channel.moe
   if not 1 <= e.top_k <= e.num_experts:
@@ -206,7 +206,13 @@ class MoE(ffn_lib.ChannelMixer):
   """Top-k routed mixture of FFN experts (see the module docstring)."""
 
   resolve = staticmethod(resolve)
-  settings = ("model.channel.moe.",)
+  defaults = dict(moe=dict(
+      num_experts=8, top_k=2,
+      d_expert=0,  # 0: d_ff // top_k (activated FFN compute = the dense FFN's)
+      dispatch="dropless",  # dropless (capacity = group size) | capacity
+      capacity_factor=1.25,  # capacity: ceil(factor * seq * top_k / num_experts) slots
+      aux_coef=0.01, z_coef=0.0,  # Switch load-balancing loss; router z-loss (ST-MoE)
+      norm_topk=False))  # renormalize the top-k gates to sum 1
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     e = cfg.channel.moe

@@ -93,12 +93,12 @@ MODES = ("none", "pre", "post", "normskip")
 class Placement(Option):
   """Base of the placement options (`model.norm.kind`). Hooks: `modes(layer)`, (attention
   mode, channel mode) of block `layer`; `attention_norms`, the norms the placement puts inside
-  attention (merged by config.resolve); `final_norm`, whether the decoder needs a norm after
+  attention (merged by run_config.resolve); `final_norm`, whether the decoder needs a norm after
   the last block."""
 
   HOOKS = ("modes", "attention_norms", "final_norm")
 
-  attention_norms = ""  # norms this placement puts inside attention (merged by config.resolve)
+  attention_norms = ""  # norms this placement puts inside attention (merged by run_config.resolve)
   final_norm = True  # whether the decoder needs a norm after the last block
 
   @classmethod
@@ -123,7 +123,7 @@ class Placement(Option):
     return residual(norm(stream), sublayer)  # normskip: HybridNorm eq. (6), N(Y) + FFN(N(Y))
 
 
-NORM_PLACEMENTS = Registry("model.norm.kind", base=Placement)
+NORM_PLACEMENTS = Registry("model.norm.kind", base=Placement, default="pre")
 
 
 def _same_in_every_block(kind: str, attn: str, channel: str, *, attention_norms: str = "",

@@ -23,19 +23,50 @@ _MODULE_NAMES = frozenset(dir(nnx.Module))
 class Option(nnx.Module):
   """See the module docstring. `HOOKS`: the point's hooks; `API`: an option's further names.
 
-  A hook of every point: `settings`, the config key prefixes that only this option reads (its
-  sub-config). A run that selects another option of the point never reads them, so runs that
-  differ only there compute the same thing (research/model/options.py: unread_settings)."""
+  `defaults`: the settings a class reads, with their default values, as a nested dict relative
+  to its point's config section (`model.channel` for a channel mixer: {"moe": {"top_k": 2,
+  ...}}). A point's base declares the settings every option of the point reads; an option adds
+  its own (`settings_of` merges them along the class's bases). The run config's model section
+  is assembled from these (research/model/options.py), and a resolved config keeps only the
+  selected options' settings."""
 
   HOOKS: tuple[str, ...] = ()
   API: tuple[str, ...] = ()
-  settings: tuple[str, ...] = ()
+  defaults: dict = {}
+
+
+def merge_settings(into: dict, more: dict, where: str, owner: str = "") -> dict:
+  """Deep-merges the nested settings dict `more` into `into` (in place; returned). The same
+  setting declared twice must have the same default: else ValueError naming `where.key`."""
+  for key, value in more.items():
+    name = f"{where}.{key}"
+    if isinstance(value, dict):
+      node = into.setdefault(key, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"{name} is both a setting and a group of settings ({owner})")
+      merge_settings(node, value, name, owner)
+    elif key in into and (isinstance(into[key], dict) or into[key] != value
+                          or type(into[key]) is not type(value)):
+      raise ValueError(f"{name} is declared with two defaults, {into[key]!r} and {value!r} "
+                       f"({owner}); options that share a setting share its default")
+    else:
+      into[key] = value
+  return into
+
+
+def settings_of(cls: type, where: str = "") -> dict:
+  """The settings option class `cls` reads: the `defaults` of it and of its bases, merged."""
+  out: dict = {}
+  for klass in reversed(cls.__mro__):
+    if "defaults" in vars(klass):
+      merge_settings(out, klass.defaults, where, cls.__name__)
+  return out
 
 
 def undeclared_names(cls: type) -> list[str]:
   """Public names `cls` (or a base of it below its composition point's base) defines that are
   neither a hook of the point nor in `cls.API`."""
-  allowed = set(cls.HOOKS) | set(cls.API) | {"HOOKS", "API", "settings"}
+  allowed = set(cls.HOOKS) | set(cls.API) | {"HOOKS", "API", "defaults"}
   found = set()
   for klass in cls.__mro__:
     if "HOOKS" in vars(klass):  # the composition point's base, which defines the hooks

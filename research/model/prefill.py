@@ -21,10 +21,20 @@ import jax
 import jax.numpy as jnp
 
 from research.errors import ConfigError
+from research.model.registry import Switch
 
 PREFILL_KINDS = ("dense", "flexprefill")
-CONFIG_KEY = "model.attention.prefill"
-SETTINGS = {"flexprefill": ("model.attention.flexprefill.",)}  # read only by that prefill kind
+FLEXPREFILL_DEFAULTS = dict(
+    gamma=0.9, tau=0.1, block_size=128,  # FlexPrefill defaults (the official README/scripts)
+    min_budget=1024, max_budget=0,  # tokens, per vertical / slash part; max 0 = no cap
+    mode="flex",  # flex | vertical_slash | query_aware | fixed_budget (the ablations)
+    budget=0,  # tokens; fixed_budget only
+    count_rule="block",  # block | token (see kernels_pallas/sparse_prefill/README.md)
+    impl="auto")  # auto (kernel on GPU/TPU, jnp reference on CPU) | xla | pallas
+# The switch as the run config sees it: model.attention.prefill selects a kind, and only
+# flexprefill reads model.attention.flexprefill.*
+SWITCH = Switch("model.attention.prefill", "dense",
+                {"dense": {}, "flexprefill": {"flexprefill": FLEXPREFILL_DEFAULTS}})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,25 +56,23 @@ class PrefillSettings:
 def prefill_settings(attention_cfg) -> PrefillSettings:
   """Reads and checks the prefill fields of `model.attention`; bad values raise ConfigError.
 
-  Configs written before these fields existed read as dense prefill with the defaults.
+  A config without these fields (written before they existed, or resolved for a dense-prefill
+  run) reads as dense prefill with the defaults.
   """
   kind = attention_cfg.get("prefill", "dense")
   if kind not in PREFILL_KINDS:
     raise ConfigError(f"model.attention.prefill='{kind}' is not one of {', '.join(PREFILL_KINDS)}")
-  f = attention_cfg.get("flexprefill", None)
-  if f is None:
-    return PrefillSettings(kind=kind)
+  f = attention_cfg.get("flexprefill", None) or {}  # absent: a dense-prefill run's config
   known = {x.name for x in dataclasses.fields(PrefillSettings)} - {"kind"}
   unknown = sorted(set(f.keys()) - known)
   if unknown:
     raise ConfigError(f"model.attention.flexprefill has unknown keys {', '.join(unknown)} "
                       f"(known: {', '.join(sorted(known))})")
+  f = {**FLEXPREFILL_DEFAULTS, **f}
   s = PrefillSettings(
-      kind=kind, gamma=float(f.get("gamma", 0.9)), tau=float(f.get("tau", 0.1)),
-      block_size=f.get("block_size", 128), min_budget=f.get("min_budget", 1024),
-      max_budget=f.get("max_budget", 0) or None, mode=f.get("mode", "flex"),
-      budget=f.get("budget", 0) or None, count_rule=f.get("count_rule", "block"),
-      impl=f.get("impl", "auto"))
+      kind=kind, gamma=float(f["gamma"]), tau=float(f["tau"]), block_size=f["block_size"],
+      min_budget=f["min_budget"], max_budget=f["max_budget"] or None, mode=f["mode"],
+      budget=f["budget"] or None, count_rule=f["count_rule"], impl=f["impl"])
   # The kernels' own argument checks, reported as config errors naming the key.
   from kernels_pallas import sparse_prefill  # pylint: disable=import-outside-toplevel
   from kernels_pallas.sparse_prefill import reference  # pylint: disable=import-outside-toplevel

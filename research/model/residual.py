@@ -210,7 +210,7 @@ class Residual(Option):
     return None
 
 
-RESIDUALS = Registry("model.residual.kind", base=Residual)
+RESIDUALS = Registry("model.residual.kind", base=Residual, default="plain")
 
 
 # ------------------------------------------------------------------ shapes and checks
@@ -243,6 +243,9 @@ def frac_count(cfg) -> int:
 def vwn_shape(cfg) -> tuple[int, int, int]:
   """(m backbone segments, n over-width slots, slot width D/m) for VWN: n = r m must be an
   integer (r = n / m)."""
+  if "expansion" not in cfg.residual:  # a resolved config holds only its residual's settings
+    raise ConfigError(f"model.residual.kind='{cfg.residual.kind}' has no virtual width: "
+                      "model.embed.kind='over_width' goes with model.residual.kind='vwn'")
   m, r = frac_count(cfg), cfg.residual.expansion
   if r < 1:
     raise ConfigError(f"model.residual.expansion={r} must be at least 1")
@@ -322,9 +325,8 @@ class MixingConnection(Residual):
   """
 
   API = ("static_weights", "weights")  # read by research/eval/connections.py and the tests
-  # the multi-stream settings (streams, fracs, expansion, dynamic, ...): the plain residual
-  # reads none of model.residual.* but its kind
-  settings = ("model.residual.",)
+  # input-dependent connection weights (DHC, DFC, DGHC), and the tanh on their logits
+  defaults = dict(dynamic=True, tanh=True)
 
   def __init__(self, *, slots: int, segments: int, width: int, alpha0: np.ndarray,
                beta0: np.ndarray, dynamic: bool, tanh: bool, scale0: float, matrix_scales: bool,
@@ -451,6 +453,7 @@ class HyperConnection(MixingConnection):
   """
 
   stream_adapter = HyperStream
+  defaults = dict(streams=4)  # n
 
   def __init__(self, dim: int, *, cfg, layer: int, dtype, rngs: nnx.Rngs):
     del rngs
@@ -472,6 +475,7 @@ class FracConnection(MixingConnection):
   """
 
   stream_adapter = PlainStream
+  defaults = dict(fracs=4)  # m
 
   def __init__(self, dim: int, *, cfg, layer: int, dtype, rngs: nnx.Rngs):
     del rngs
@@ -504,6 +508,12 @@ class VirtualWidthConnection(MixingConnection):
   """
 
   stream_adapter = VirtualWidthStream
+  # fracs = m, expansion = r = n/m (D' = r D); reduce_norm auto|on|off (the group norm before
+  # W_reduce; auto: when D' % D == 0); reduce_init random|select (W_reduce picks the first D
+  # features); temperature sqrt|width (tanh logits / sqrt(D/m) as the paper's pseudocode, or
+  # / (D/m) as its text)
+  defaults = dict(fracs=4, expansion=2.0, reduce_norm="auto", reduce_init="random",
+                  temperature="sqrt")
 
   def __init__(self, dim: int, *, cfg, layer: int, dtype, rngs: nnx.Rngs):
     del rngs, dim

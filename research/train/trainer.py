@@ -37,6 +37,8 @@ from flax import nnx
 import optax
 
 from research import config as config_lib
+
+from research import run_config
 from research import data as data_lib
 from research import sharding
 from research.eval import connections, diagnostics, lm_eval
@@ -210,7 +212,7 @@ class Trainer:
 
   # ---------------------------------------------------------------- set-up
   def _resolve(self):
-    c = config_lib.resolve(self.raw_config)
+    c = run_config.resolve(self.raw_config)
     corpus = data_lib.load_tokenized(c.data)
     vocab = corpus.tokenizer.vocab_size
     if c.model.vocab_size == 0:

@@ -33,6 +33,8 @@ from pathlib import Path
 import ml_collections
 
 from research import config as config_lib
+
+from research import run_config
 from research.errors import RunError, WorkdirBusy
 
 LOCK = "lock"
@@ -57,7 +59,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
   behaviour, so such a run still resumes. The IGNORED keys are never differences, nor is a
   `model.vocab_size` of 0 in `new` (the tokenizer's, filled in when the run starts).
   """
-  defaults = config_lib.default_config().to_dict()
+  defaults = run_config.default_config().to_dict()
   diffs = []
   for k in config_lib.flat_keys(ml_collections.ConfigDict(new)):
     if k in IGNORED or (k == "model.vocab_size" and config_lib.get_dotted(new, k) == 0):
