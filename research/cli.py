@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, extra) -> int:
-  from research.train.checkpoint import CheckpointError
+  from research.checkpoint import CheckpointError
   code = 0
   try:
     overrides = _split_overrides(extra) if args.command in ("run", "sweep", "plan") else {}

@@ -100,6 +100,10 @@ def core_config() -> ml_collections.ConfigDict:
   e.every = 250
   e.batches = 40  # fixed validation batches; 0: the whole validation split
   e.batch_size = 0  # 0: train.batch_size
+  # what a run measures besides its losses (research/eval/__init__.py): modules of research/eval
+  # run at every evaluation (exact_match: synthetic tasks only) or at the end (layer_cosine;
+  # connections: heat maps of hyper / frac / vwn connections)
+  e.evaluators = "exact_match,layer_cosine,connections"
 
   # ---- mesh
   h = c.mesh = ml_collections.ConfigDict()

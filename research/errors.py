@@ -11,7 +11,7 @@ raises the same typed errors, so a notebook or a script can catch `ResearchError
     MeshError        research.sharding: a mesh that does not fit the devices
     DataError        research.data: a corpus that is missing, corrupt or too small
     RunError         research.train: a work directory that holds another run, or is in use
-    CheckpointError  research.train.checkpoint: a checkpoint that cannot be written or read
+    CheckpointError  research.checkpoint: a checkpoint that cannot be written or read
     ReportError      research.report: runs or results that cannot be tabulated
     InputError       research.infer: inputs a model cannot take (token ids out of range)
 """

@@ -20,7 +20,7 @@ A *run directory* holds:
 * ``summary.json``, only once the run finished: ``{"step", "valid_loss", "valid_bpb",
   "train_loss", "tokens_per_s", "params", "diverged", "layer_cosine"}`` (``diverged``: the run
   stopped on a non-finite loss; ``layer_cosine``: [num_layers] adjacent-layer similarity, see
-  research/eval/diagnostics.py). Training lines may also hold ``grad_norm/block_<i>``. Newer
+  research/eval/layer_cosine.py). Training lines may also hold ``grad_norm/block_<i>``. Newer
   summaries add ``step_time_s``, ``params_activated``, ``flops_per_token_fwd``,
   ``param_bytes_per_token`` (research/model/accounting.py) and, on a synthetic task,
   ``valid_exact_match`` (valid lines then carry ``exact_match``); the tables show them when
@@ -163,7 +163,7 @@ def _mean_finite(values) -> float | None:
   return float(np.mean(finite)) if finite else None
 
 
-def load_run(workdir: str | Path) -> Run:
+def read_run(workdir: str | Path) -> Run:
   """Reads config.json, metrics.jsonl and (if present) summary.json of one run directory."""
   workdir = Path(workdir)
   metrics_path = workdir / "metrics.jsonl"
@@ -182,7 +182,7 @@ def _finite(values: np.ndarray) -> np.ndarray:
 
 def plot_run(workdir: str | Path, out_png: str | Path | None = None) -> Path:
   """Train loss (light) and valid loss (markers) over steps; saved as <workdir>/loss.png."""
-  run = load_run(workdir)
+  run = read_run(workdir)
   out_png = Path(out_png) if out_png is not None else run.workdir / "loss.png"
   fig = Figure(figsize=(7, 4.5))
   ax = fig.subplots()
@@ -256,7 +256,7 @@ def _load_sweep(manifest_path: Path) -> tuple[dict, list[_Arm]]:
     if not workdir.is_absolute():
       workdir = manifest_path.parent / workdir
     arm.entries.append(entry)
-    arm.runs.append(load_run(workdir) if (workdir / "metrics.jsonl").exists() else None)
+    arm.runs.append(read_run(workdir) if (workdir / "metrics.jsonl").exists() else None)
   return manifest, list(arms.values())
 
 

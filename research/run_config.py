@@ -15,6 +15,7 @@ from __future__ import annotations
 import ml_collections
 
 from research import config as config_lib
+from research import eval as eval_lib
 from research.model import options
 
 
@@ -31,6 +32,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   options not selected; returns a new config."""
   c = ml_collections.ConfigDict(config.to_dict())
   config_lib.resolve_core(c)
+  eval_lib.load(c.eval.evaluators)  # an unknown evaluator fails here, before anything trains
   options.resolve_model(c.model)
   return ml_collections.ConfigDict(options.select(c.to_dict()))
 

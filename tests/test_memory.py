@@ -182,7 +182,7 @@ def test_skip_unit_adds_its_output_after_the_target_block():
                              rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(outs[2], mixers[2].ffn(xs[2], None) + mixers[0].memory(xs[0]),
                              rtol=1e-5, atol=1e-7)
-  assert not ctx.state
+  assert not ctx.slots
 
 
 def test_remat_equals_no_remat_with_skip_units():

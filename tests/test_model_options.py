@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
-from research.eval import diagnostics
+from research.eval import layer_cosine as layer_cosine_eval
+from research.train.trainer import block_grad_norms
 from research.model import ForwardContext, attention, create_model, ffn, linear, norms
 
 from test_model import naive_attention, small_config, tokens
@@ -256,7 +257,7 @@ def test_hidden_states_and_layer_cosine():
   assert len(hidden) == cfg.num_layers + 1
   logits = model.head(model.final_norm(hidden[-1]), model.embed, None)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(model(x)), rtol=1e-5, atol=1e-5)
-  cos = diagnostics.layer_cosine(model, x)
+  cos = layer_cosine_eval.layer_cosine(model, x)
   h = [np.asarray(v, np.float64) for v in hidden]
   def mean_cos(a, b):
     return np.mean(np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1))
@@ -267,7 +268,7 @@ def test_block_grad_norms_partition_the_global_norm():
   model = create_model(small_config(num_layers=3, **{"head.tie_embeddings": False}))
   x = tokens()
   grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
-  blocks = diagnostics.block_grad_norms(grads)
+  blocks = block_grad_norms(grads)
   assert list(blocks) == ["grad_norm/block_00", "grad_norm/block_01", "grad_norm/block_02"]
   rest = [grads["embed"], grads["head"], grads["final_norm"]]
   total = sum(float(v) ** 2 for v in blocks.values()) + sum(

@@ -64,7 +64,7 @@ def test_default_hooks_are_no_ops():
   assert ffn.ChannelMixer.lr_multipliers(None, 10) == []
   assert ffn.ChannelMixer.resolve(None) is None
   assert attention.SequenceMixer.channel_writer(None, layer=0, dtype=None, rngs=None) is None
-  assert head.Head.reads_final_stream is False and head.MultiTokenHead.reads_final_stream
+  assert head.Head.add_loss(None, None, None, None, None) is None
   assert linear.Linear.depth_scaling_in_gain is False and linear.SDDLinear.depth_scaling_in_gain
   assert residual.Residual.stream_adapter is residual.PlainStream
 
@@ -114,3 +114,61 @@ def test_config_module_imports_nothing_of_the_model():
   code = ("import sys, research.config; "
           "assert not [m for m in sys.modules if m.startswith('research.model')], sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ layering and typed state
+
+def _modules_after_import(statement: str) -> list[str]:
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+  out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+  return out.stdout.split()
+
+
+def test_layers_import_one_way():
+  """The trainer imports no evaluator (eval.evaluators names them); no evaluator, nor infer,
+  imports training code; the head family does not import the decoder."""
+  trainer = _modules_after_import("import research.train.trainer")
+  assert not [m for m in trainer if m.startswith("research.eval.")
+              and m != "research.eval.lm_eval"], trainer
+  evaluators = _modules_after_import(
+      "import research.eval.connections, research.eval.exact_match, research.eval.layer_cosine, "
+      "research.eval.long_ppl, research.eval.retrieval, research.infer; "
+      "research.eval.connections.from_checkpoint")
+  assert not [m for m in evaluators if m.startswith("research.train")]
+  import ast  # pylint: disable=import-outside-toplevel
+  tree = ast.parse(open(head.__file__).read())
+  imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  imported |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+               for a in n.names}
+  assert not [m for m in imported
+              if m == "research.model.lm" or m.startswith("research.model.lm.")], imported
+
+
+def test_cross_layer_state_goes_through_declared_slots():
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from research.model.context import ForwardContext, Slot  # pylint: disable=import-outside-toplevel
+  ctx = ForwardContext(positions=jnp.zeros((1, 4), jnp.int32))
+  with pytest.raises(TypeError, match="declared Slot"):
+    ctx.write("moda/depth", 1)
+  pending = Slot("test/pending")
+  with pytest.raises(KeyError, match="test/pending/3 was read before it was written"):
+    ctx.take(pending.at(3))
+  ctx.write(pending.at(3), 7)
+  assert ctx.read(pending.at(3)) == 7 and ctx.take(pending.at(3)) == 7 and not ctx.slots
+  ctx.add_stat("dropped", 0.5)
+  ctx.add_stat("dropped", 1.5)
+  assert float(ctx.stats()["dropped"]) == 1.0
+
+
+def test_unknown_evaluator_is_a_config_error_before_anything_trains():
+  from research import run_config  # pylint: disable=import-outside-toplevel
+  from research.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  c = run_config.default_config()
+  c.eval.evaluators = "exact_match,layer_cosin"
+  with pytest.raises(ConfigError, match="no evaluator 'layer_cosin'"):
+    run_config.resolve(c)
+  c.eval.evaluators = "lm_eval"
+  with pytest.raises(ConfigError, match="lm_eval.py is not an evaluator"):
+    run_config.resolve(c)

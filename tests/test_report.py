@@ -98,8 +98,8 @@ def _header(md):
   return [cell.strip() for cell in line.strip("|").split("|")]
 
 
-def test_load_run_keeps_last_line_per_step(runs_dir):
-  run = rp.load_run(runs_dir / "baseline" / "lr" / "lr=1e-3" / "seed1")
+def test_read_run_keeps_last_line_per_step(runs_dir):
+  run = rp.read_run(runs_dir / "baseline" / "lr" / "lr=1e-3" / "seed1")
   steps, loss = run.curve("train")
   np.testing.assert_array_equal(steps, STEPS)
   assert not np.any(loss == 99.0)  # The stale pre-crash lines were replaced.
@@ -110,8 +110,8 @@ def test_load_run_keeps_last_line_per_step(runs_dir):
   assert run.config["arg"] == "scale=tiny"
 
 
-def test_load_run_flags_divergence(runs_dir):
-  run = rp.load_run(runs_dir / "baseline" / "lr" / "lr=3e-3" / "seed2")
+def test_read_run_flags_divergence(runs_dir):
+  run = rp.read_run(runs_dir / "baseline" / "lr" / "lr=3e-3" / "seed2")
   assert run.diverged and not run.finished
 
 

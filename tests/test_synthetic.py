@@ -15,7 +15,7 @@ from research import run_config
 from research.config import ConfigError
 from research.data import load_tokenized, make_train_iterator, make_valid_batches
 from research.data import synthetic
-from research.eval import synthetic as synthetic_eval
+from research.eval import exact_match as exact_match_eval
 from research.train.trainer import Trainer
 
 
@@ -100,14 +100,14 @@ def test_exact_match_counts_answer_positions_only():
   inputs, targets = jnp.asarray(x[:, :-1]), jnp.asarray(x[:, 1:])
   vocab = task.layout.vocab_size
   perfect = jnp.eye(vocab)[targets] * 10.0
-  correct, total = synthetic_eval.count_correct(perfect, inputs, targets, task)
+  correct, total = exact_match_eval.count_correct(perfect, inputs, targets, task)
   assert float(correct) == float(total) == 4 * 12
   wrong = perfect.at[:, :9].set(0.0)  # context positions do not count
-  assert float(synthetic_eval.count_correct(wrong, inputs, targets, task)[0]) == 48
+  assert float(exact_match_eval.count_correct(wrong, inputs, targets, task)[0]) == 48
   mask = np.asarray(task.answer_mask(inputs, targets))
   first = np.argmax(mask[0])
   half = perfect.at[0, first].set(0.0)
-  assert float(synthetic_eval.count_correct(half, inputs, targets, task)[0]) == 47
+  assert float(exact_match_eval.count_correct(half, inputs, targets, task)[0]) == 47
 
 
 def test_trainer_scores_exact_match_on_a_task(tmp_path):

@@ -22,7 +22,7 @@ from research import config as config_lib
 from research import run_config
 from research.model import create_model, ffn
 from research.train import optim
-from research.train.checkpoint import Checkpointer
+from research.checkpoint import Checkpointer
 from research.train.trainer import make_train_step
 
 pytestmark = pytest.mark.needs_data
@@ -148,7 +148,7 @@ FAILING_SAVE = """
 import os, shutil, sys
 from pathlib import Path
 import jax.numpy as jnp
-from research.train.checkpoint import CheckpointError, Checkpointer
+from research.checkpoint import CheckpointError, Checkpointer
 root = Path(sys.argv[1])
 ckpt = Checkpointer(root / "ck", keep=2)
 ckpt.save(1, {"w": jnp.ones((4,))}, {"i": 1})

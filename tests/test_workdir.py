@@ -427,3 +427,13 @@ def test_sweep_extends_finished_arms_and_skips_busy_ones(tmp_path):
   # a config that differs in more than steps is refused before anything trains
   with pytest.raises(RunError, match=r"arm lr=1e-3 seed 0: .* train.b2 0.99 -> 0.9;"):
     run_sweep("baseline", **{**args, "overrides": {**QUIET, "train.b2": 0.9}})
+
+
+@pytest.mark.needs_data
+def test_end_of_run_evaluators_are_declared_in_the_config(finished, tmp_path):
+  """The default evaluators write layer_cosine into the summary; a config without them does
+  not (and a run that names them differently is another run)."""
+  summary = json.loads((finished / "summary.json").read_text())
+  layers = json.loads((finished / "config.json").read_text())["config"]["model"]["num_layers"]
+  assert len(summary["layer_cosine"]) == layers
+  assert "layer_cosine" not in train(tmp_path / "none", **{"eval.evaluators": ""})

@@ -18,7 +18,7 @@ The `paper` scale is the dense OLMo2-1B2 of Table 4 (16 layers, width 2048, 16 h
 """
 
 from research.config import apply_overrides
-from research.model import residual
+from research.experiments import load_config_module
 from research.scales import SCALES, scaled_config_with_args  # noqa: F401  (SCALES: `research list`)
 
 CLAIM = ("frac-connections (m fractions of the stream, dynamic) lower LM loss vs the pre-norm "
@@ -27,8 +27,8 @@ DEFAULT_VARIANT = "dfc4"
 
 
 def variant_overrides(variant: str) -> dict:
-  """Config overrides of a variant name (research.model.residual.variant_overrides)."""
-  return residual.variant_overrides(variant, "frac_connections")
+  """Config overrides of a variant name: hyper_connections' naming of the papers' rows."""
+  return load_config_module("hyper_connections").variant_overrides(variant, "frac_connections")
 
 
 def get_config(arg: str = ""):

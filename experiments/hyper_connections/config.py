@@ -20,8 +20,10 @@ at the end of each run (connections.png).
 The `paper` scale is OLMo-1B with DHC x4 (16 layers, width 2048, 16 heads, 500B tokens there).
 """
 
+import re
+
 from research.config import apply_overrides
-from research.model import residual
+from research.errors import ConfigError
 from research.scales import SCALES, scaled_config_with_args  # noqa: F401  (SCALES: `research list`)
 
 CLAIM = ("hyper-connections (n >= 2 streams, dynamic) lower LM loss vs the pre-norm residual "
@@ -29,9 +31,25 @@ CLAIM = ("hyper-connections (n >= 2 streams, dynamic) lower LM loss vs the pre-n
 DEFAULT_VARIANT = "dhc4"
 
 
-def variant_overrides(variant: str) -> dict:
-  """Config overrides of a variant name (research.model.residual.variant_overrides)."""
-  return residual.variant_overrides(variant, "hyper_connections")
+_VARIANT = re.compile(r"(?P<kind>[sd])(?P<family>hc|fc)(?P<rate>\d+)(?P<notanh>_notanh)?")
+
+
+def variant_overrides(variant: str, experiment: str = "hyper_connections") -> dict:
+  """Config overrides of a connection variant name, as the papers name their rows: `pre` (the
+  plain residual), `shc<n>` / `dhc<n>` (static / dynamic hyper-connections, n streams) and
+  `sfc<m>` / `dfc<m>` (frac-connections, m fractions), each optionally with `_notanh`. The
+  frac_connections experiment names its rows the same way and reads them here."""
+  if variant == "pre":
+    return {"model.residual.kind": "plain"}
+  match = _VARIANT.fullmatch(variant)
+  if not match:
+    raise ConfigError(f"{experiment}: unknown variant '{variant}' (expected pre, shc<n>, dhc<n>, "
+                      "sfc<m> or dfc<m>, optionally with _notanh)")
+  rate = int(match["rate"])
+  out = {"model.residual.dynamic": match["kind"] == "d", "model.residual.tanh": not match["notanh"]}
+  if match["family"] == "fc":
+    return {"model.residual.kind": "frac", "model.residual.fracs": rate, **out}
+  return {"model.residual.kind": "hyper", "model.residual.streams": rate, **out}
 
 
 def get_config(arg: str = ""):

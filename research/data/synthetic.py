@@ -5,7 +5,7 @@ load time from `data.synthetic.seed` (nothing is stored on disk). Every instance
 `seq_len + 1` tokens, one training window: the pipeline starts its windows on the instance grid
 (`TokenizedCorpus.task` set, so `make_train_iterator(aligned=True)`), and the fixed validation
 batches are whole held-out instances. A model trains on them like on text (next-token loss on
-every position); `research.eval.synthetic` scores exact match at the answer positions.
+every position); `research.eval.exact_match` scores exact match at the answer positions.
 
 Vocabulary (one layout for both tasks):
 

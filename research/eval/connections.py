@@ -3,8 +3,8 @@
   extract(model)       each sublayer's static connection matrix [[0, B], [A_read, A_carry]]
                        (research/model/residual.py) and the unfolded map below; None for a
                        model whose residual option has no matrices (plain)
-  write(model, dir)    connections.json + connections.png in a run directory (the trainer calls
-                       it at the end of a run)
+  write(model, dir)    connections.json + connections.png in a run directory (`at_end`: the
+                       evaluator `connections`, run at the end of a run)
   from_checkpoint(dir) the trained model of a run directory, from its latest checkpoint
   report_section(...)  one heat map per arm of a sweep (mean over finished seeds), for
                        `research report` (called from the experiments' analysis.py)
@@ -127,27 +127,21 @@ def write(model, workdir: str | Path, title: str = "") -> Path | None:
   return plot(data, workdir / "connections.png", title)
 
 
+WHEN = "at_end"  # an evaluator (research/eval/__init__.py)
+
+
+def at_end(model, *, tokens, workdir, title: str, primary: bool) -> dict:
+  """Writes the heat maps of a model whose residual option has connection matrices."""
+  del tokens
+  if primary:
+    write(model, workdir, title=title)
+  return {}
+
+
 def from_checkpoint(workdir: str | Path):
   """The model of a run directory with the parameters of its latest checkpoint."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from research.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
-  from research.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
-  workdir = Path(workdir)
-  record = json.loads((workdir / "config.json").read_text())
-  run = Trainer(ml_collections.ConfigDict(record["config"]), workdir, log=lambda *_: None).build()
-  ckpt = Checkpointer(workdir / "checkpoints", keep=run.config.train.keep_checkpoints)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
-    state, _, _ = ckpt.restore(step, abstract)
-  finally:
-    ckpt.close()
-  return nnx.merge(run.graphdef, state["params"], state["other"])
+  from research.infer import load_run  # pylint: disable=import-outside-toplevel
+  return load_run(workdir).model
 
 
 def report_section(experiment: str, runs_root: str | Path, groups: list[str],

@@ -3,9 +3,10 @@
   run = load_run("runs/flexprefill/train/dense/seed0")          # latest checkpoint
   sparse = with_overrides(run.model, {"model.attention.prefill": "flexprefill"})
 
-The checkpoint holds the trainer's whole state (step, params, other, opt_state; see
-research/train/checkpoint.py); it is read through a read-only manager against the abstract
-state rebuilt from the saved config, so nothing is allocated twice and nothing is written.
+The checkpoint holds the trainer's whole state (step, params, other, opt_state); only the step
+and the model's variables are read (research/checkpoint.py: restore_model_state, read-only),
+against the abstract model rebuilt from the saved config, so nothing is allocated twice and
+nothing is written. The evaluators read runs through this too.
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from research import config as config_lib
 
 from research import run_config
-from research.model import abstract_model, compute_dtype, lr_multipliers
+from research.model import abstract_model, compute_dtype
 from research.model import options as model_options
 from research.model.lm import DecoderLM
-from research.train.checkpoint import CheckpointError
-from research.train.optim import make_optimizer
+from research.checkpoint import CheckpointError, restore_model_state
 
 
 @dataclasses.dataclass
@@ -62,30 +61,13 @@ def load_run(workdir: str | Path, *, step: int | None = None,
   c = saved_config(workdir, overrides)
   dtype = compute_dtype(c.train.precision)
   graphdef, params, other = nnx.split(abstract_model(c.model, dtype), nnx.Param, ...)
-  tx, _ = make_optimizer(c.train, lr_multipliers(c.model, c.train.steps))  # as the trainer's
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "other": other,
-              "opt_state": jax.eval_shape(tx.init, params)}
+  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "other": other}
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           abstract)
-  directory = (workdir / "checkpoints").absolute()
-  try:
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-      step = manager.latest_step() if step is None else step
-      if step is None:
-        raise CheckpointError(f"{directory} holds no checkpoint")
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))["state"]
-    finally:
-      manager.close()
-  except CheckpointError:
-    raise
-  except Exception as e:  # orbax raises many types; all mean "cannot read this checkpoint"
-    raise CheckpointError(f"cannot restore {directory} (step {step}): {e}") from e
+  step, state = restore_model_state(workdir / "checkpoints", abstract, step)
   model = nnx.merge(graphdef, state["params"], state["other"])
-  return LoadedRun(config=c, model=model, step=int(step), workdir=workdir)
+  return LoadedRun(config=c, model=model, step=step, workdir=workdir)
 
 
 def with_overrides(model: DecoderLM, overrides: dict[str, Any]) -> DecoderLM:

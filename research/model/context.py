@@ -3,9 +3,15 @@
 Everything that one forward pass shares across layers travels here rather than in globals or
 module attributes: token positions, the dropout key, auxiliary losses that modules add (a MoE
 balance loss, say), scalar statistics the trainer logs (a MoE's dropped fraction), and
-cross-layer state (MoDA's depth keys/values, hyper-connection streams).
-At inference the KV cache travels here too (`cache`; None in training).
+cross-layer state in typed slots (MoDA's depth keys/values, a skip memory unit's pending
+output). At inference the KV cache travels here too (`cache`; None in training).
 The context lives only inside one traced forward; modules read it and add to it.
+
+A `Slot` is declared, at module level, by the option that owns it (moda.DEPTH,
+memory.PENDING); modules write and read it through `ctx.write(slot, value)`, `ctx.read(slot)`
+and `ctx.take(slot)`, never by a string key, so two options cannot collide on a name and a
+misspelled slot is a NameError where it is used. The decoder threads every slot through a
+rematerialized block generically (lm.py: the slots dict goes in and out of jax.checkpoint).
 """
 
 from __future__ import annotations
@@ -17,13 +23,26 @@ import jax
 import jax.numpy as jnp
 
 
+@dataclasses.dataclass(frozen=True)
+class Slot:
+  """A named entry of the cross-layer state (see the module docstring). `at(i)`: the slot's
+  i-th member, for state kept per layer."""
+  name: str
+
+  def at(self, index) -> "Slot":
+    return Slot(f"{self.name}/{index}")
+
+
+STATS = Slot("stat")  # add_stat's [sum, count] per statistic name
+
+
 @dataclasses.dataclass
 class ForwardContext:
   positions: jax.Array  # [batch, seq] int32, absolute position of each token
   deterministic: bool = True  # False enables dropout
   dropout_key: jax.Array | None = None
   aux_losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
-  state: dict[str, Any] = dataclasses.field(default_factory=dict)
+  slots: dict[str, Any] = dataclasses.field(default_factory=dict)  # Slot name -> value
   # Inference only: the KV cache (research/infer/cache.py KVCache) this forward reads and
   # appends to; None in training. Modules replace it functionally (ctx.cache = ...).
   cache: Any = None
@@ -34,17 +53,38 @@ class ForwardContext:
     value = jnp.asarray(value, jnp.float32)
     self.aux_losses[name] = self.aux_losses.get(name, 0.0) + value
 
+  def write(self, slot: Slot, value: Any) -> None:
+    if not isinstance(slot, Slot):
+      raise TypeError(f"cross-layer state is written through a declared Slot, not {slot!r}")
+    self.slots[slot.name] = value
+
+  def read(self, slot: Slot, default: Any = None) -> Any:
+    if not isinstance(slot, Slot):
+      raise TypeError(f"cross-layer state is read through a declared Slot, not {slot!r}")
+    return self.slots.get(slot.name, default)
+
+  def take(self, slot: Slot) -> Any:
+    """Reads and removes `slot` (a value consumed once, such as a skip unit's output); a slot
+    never written is a KeyError naming it."""
+    if not isinstance(slot, Slot):
+      raise TypeError(f"cross-layer state is read through a declared Slot, not {slot!r}")
+    if slot.name not in self.slots:
+      raise KeyError(f"cross-layer slot {slot.name} was read before it was written")
+    return self.slots.pop(slot.name)
+
   def add_stat(self, name: str, value: jax.Array) -> None:
     """Records a scalar measured in the forward (not a loss), averaged over the calls of one
-    forward (e.g. over layers); the trainer logs it as `stat/<name>`. It lives in `state` under
-    "stat/<name>" as [sum, count] so it travels wherever the cross-layer state does."""
+    forward (e.g. over layers); the trainer logs it as `stat/<name>`. It lives in the slot
+    STATS.at(name) as [sum, count] so it travels wherever the cross-layer state does."""
     entry = jnp.stack([jnp.asarray(value, jnp.float32), jnp.float32(1)])
-    key = f"stat/{name}"
-    self.state[key] = self.state[key] + entry if key in self.state else entry
+    slot = STATS.at(name)
+    before = self.read(slot)
+    self.write(slot, entry if before is None else before + entry)
 
   def stats(self) -> dict[str, jax.Array]:
     """{name: mean of the values recorded with add_stat} of this forward."""
-    return {k[len("stat/"):]: v[0] / v[1] for k, v in self.state.items() if k.startswith("stat/")}
+    prefix = STATS.name + "/"
+    return {k[len(prefix):]: v[0] / v[1] for k, v in self.slots.items() if k.startswith(prefix)}
 
   def dropout(self, x: jax.Array, rate: float, site: int) -> jax.Array:
     """Inverted dropout with a key derived from (per-step key, site): no hidden rng state."""

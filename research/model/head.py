@@ -8,13 +8,16 @@ embedding (`tie_embeddings=True`) or owns a separate [embed, vocab] matrix.
          MTP, as Virtual Width Networks' Fig. 3c uses it) that predicts token t+2 and adds
          `head.mtp_weight` x its cross-entropy to the objective as the auxiliary loss `mtp`
 
-A head with `add_loss(model, tokens, ctx)` is called by the decoder after the logits; heads
-report their forward FLOPs per token.
+On training forwards the decoder calls the head's loss hook `add_loss(stream, tokens, ctx,
+shared)` with the last block's stream (uncollapsed) and the decoder's modules a loss may reuse
+(`SharedParts`): MTP is a loss module over (hidden, tokens) that never calls back into the
+decoder. Heads report their forward FLOPs per token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,27 +26,35 @@ from flax import nnx
 
 from research.errors import ConfigError
 from research.model import residual as residual_lib
+from research.model.block import Block
 from research.model.linear import PlainLinear, init_std, token_matmul
 from research.model.norms import RMSNorm
 from research.model.option import Option
 from research.model.registry import Registry
 
 
+class SharedParts(NamedTuple):
+  """The decoder's modules that a head's loss reuses: its embedding (token -> stream input),
+  its residual stream adapter (expand / collapse) and its final norm (None without one)."""
+  embed: nnx.Module
+  stream: nnx.Module
+  final_norm: nnx.Module | None
+
+
 class Head(Option):
   """Base of `model.head.kind` options: (h [b, t, d], embedding, ctx) -> fp32 logits. Hooks:
-  `flops_per_token(seq_len)` (every option); `reads_final_stream`, whether the decoder keeps the
-  last block's uncollapsed stream in ctx.state["final_stream"] for it; `add_loss(model, tokens,
-  ctx)`, called on training forwards to add the head's own aux losses (a no-op here)."""
+  `flops_per_token(seq_len)` (every option); `add_loss(stream, tokens, ctx, shared)`, called on
+  training forwards with the last block's uncollapsed stream to add the head's own aux losses
+  (a no-op here)."""
 
-  HOOKS = ("flops_per_token", "reads_final_stream", "add_loss")
-  reads_final_stream = False
+  HOOKS = ("flops_per_token", "add_loss")
   defaults = dict(tie_embeddings=True)  # the logits from the embedding table
 
   def flops_per_token(self, seq_len: int) -> float:
     raise NotImplementedError(f"{type(self).__name__} must define flops_per_token")
 
-  def add_loss(self, model, tokens: jax.Array, ctx) -> None:
-    del model, tokens, ctx
+  def add_loss(self, stream: jax.Array, tokens: jax.Array, ctx, shared: "SharedParts") -> None:
+    del stream, tokens, ctx, shared
 
 
 HEADS = Registry("model.head.kind", base=Head, default="plain")
@@ -91,12 +102,10 @@ class MultiTokenHead(PlainHead):
   last position of each window is not trained by this loss).
   """
 
-  reads_final_stream = True
   defaults = dict(mtp_weight=0.3)  # the weight of the t+2 cross-entropy in the objective
 
   def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
     super().__init__(cfg, dtype=dtype, rngs=rngs)
-    from research.model.lm import Block  # lm imports this module
     w = residual_lib.segment_width(cfg)
     self.weight = cfg.head.mtp_weight
     if self.weight < 0:
@@ -112,21 +121,22 @@ class MultiTokenHead(PlainHead):
     self._stream_flops = adapter.flops(cfg)
     self._stream_width = adapter.width_of(cfg)
 
-  def add_loss(self, model, tokens: jax.Array, ctx) -> None:
-    """Adds `mtp_weight` x the next-2-token cross-entropy to `ctx` as aux loss `mtp`."""
-    stream = ctx.state["final_stream"][:, :-1]  # [b, T-1, ...]: the last block's output at t
+  def add_loss(self, stream: jax.Array, tokens: jax.Array, ctx, shared: "SharedParts") -> None:
+    """Adds `mtp_weight` x the next-2-token cross-entropy to `ctx` as aux loss `mtp`; `stream`:
+    the last block's output (uncollapsed), `tokens` the inputs."""
+    stream = stream[:, :-1]  # [b, T-1, ...]: the last block's output at t
     b, t = stream.shape[:2]
-    nxt = model.stream.expand(model.embed(tokens[:, 1:]))  # token t+1, in stream space
+    nxt = shared.stream.expand(shared.embed(tokens[:, 1:]))  # token t+1, in stream space
     w = self.segment
     hs = self.h_norm(stream.reshape(b, t, -1, w))
     es = self.e_norm(nxt.reshape(b, t, -1, w))
     z = self.fuse(jnp.concatenate([hs, es], axis=-1)).reshape(stream.shape)
     inner = dataclasses.replace(ctx, positions=ctx.positions[:, :-1])  # shares aux_losses
     z = self.block(z, inner)
-    h = model.stream.collapse(z)
-    if model.final_norm is not None:
-      h = model.final_norm(h)
-    logits = self(h[:, :-1], model.embed, ctx)  # position t predicts token t+2
+    h = shared.stream.collapse(z)
+    if shared.final_norm is not None:
+      h = shared.final_norm(h)
+    logits = self(h[:, :-1], shared.embed, ctx)  # position t predicts token t+2
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 2:])
     ctx.add_aux_loss("mtp", self.weight * jnp.mean(nll))
 

@@ -6,12 +6,9 @@
 (`stream` is the residual option's stream adapter, one per decoder: the identity for plain,
 n copies / their sum for hyper-connections, VWN's layout / group norm + reduce.)
 
-A Block is two sublayers (sequence mixer, channel mixer); each is wrapped by its norm
-placement and joined to the stream by its own residual connection:
-
-  stream <- placement(stream, sublayer, residual)
-
-so every family can change without the others knowing. See docs/architecture.md.
+A Block (block.py) is two sublayers (sequence mixer, channel mixer); each is wrapped by its
+norm placement and joined to the stream by its own residual connection, so every family can
+change without the others knowing. See docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -25,57 +22,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.model import accounting
-from research.model import attention as attention_lib
 from research.model import embedding as embedding_lib
-from research.model import ffn as ffn_lib
 from research.model import head as head_lib
 from research.model import norms as norms_lib
 from research.model import residual as residual_lib
+from research.model.block import Block
 from research.model.context import ForwardContext
 from research.sharding import constrain
-
-
-class Block(nnx.Module):
-
-  def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
-    d = cfg.d_model
-    placement = norms_lib.NORM_PLACEMENTS.get(cfg.norm.kind)
-    residual = residual_lib.RESIDUALS.get(cfg.residual.kind)
-    self.layer = layer
-    self.dropout = cfg.dropout
-    self.attn_norm = placement(d, cfg=cfg, layer=layer, sublayer="attn", dtype=dtype, rngs=rngs)
-    self.attn_residual = residual(d, cfg=cfg, layer=2 * layer, dtype=dtype, rngs=rngs)
-    mixer = attention_lib.SEQUENCE_MIXERS.get(cfg.attention.kind)
-    self.attn = mixer(cfg, layer=layer, dtype=dtype, rngs=rngs)
-    # A sequence mixer may run a module beside the channel mixer, reading what it reads
-    # (MoDA's FFN-side K/V projection); None for the others.
-    self.channel_side = mixer.channel_writer(cfg, layer=layer, dtype=dtype, rngs=rngs)
-    self.channel_norm = placement(d, cfg=cfg, layer=layer, sublayer="channel", dtype=dtype,
-                                  rngs=rngs)
-    self.channel_residual = residual(d, cfg=cfg, layer=2 * layer + 1, dtype=dtype, rngs=rngs)
-    self.channel = ffn_lib.CHANNEL_MIXERS.get(cfg.channel.kind)(
-        cfg, layer=layer, dtype=dtype, rngs=rngs)
-
-  def __call__(self, stream: jax.Array, ctx: ForwardContext) -> jax.Array:
-    site = 2 * self.layer
-
-    def attn(x):
-      return ctx.dropout(self.attn(x, ctx), self.dropout, site)
-
-    def channel(x):
-      if self.channel_side is not None:
-        self.channel_side(x, ctx)
-      return ctx.dropout(self.channel(x, ctx), self.dropout, site + 1)
-
-    stream = self.attn_norm(stream, attn, self.attn_residual)
-    stream = self.channel_norm(stream, channel, self.channel_residual)
-    return stream
-
-  def flops_per_token(self, seq_len: int) -> float:
-    side = self.channel_side.flops_per_token(seq_len) if self.channel_side is not None else 0.0
-    connections = self.attn_residual.flops_per_token() + self.channel_residual.flops_per_token()
-    return (self.attn.flops_per_token(seq_len) + self.channel.flops_per_token(seq_len) + side
-            + connections)
 
 
 class DecoderLM(nnx.Module):
@@ -115,19 +68,25 @@ class DecoderLM(nnx.Module):
     if ctx is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
       ctx = ForwardContext(positions=positions)
-    h = self._run_blocks(tokens, ctx)
+    h, stream = self._run_blocks(tokens, ctx)
     if logits_at is not None:
       h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
     if self.final_norm is not None:
       h = self.final_norm(h)
     logits = self.head(h, self.embed, ctx)
-    if logits_at is None and ctx.cache is None:
-      self.head.add_loss(self, tokens, ctx)  # multi-token prediction (head.py): training only
+    if logits_at is None and ctx.cache is None:  # a head's own loss (MTP): training only
+      self.head.add_loss(stream, tokens, ctx, self.shared_parts())
     return constrain(logits, ("batch", "seq", "act_vocab"))
 
-  def _run_blocks(self, tokens, ctx: ForwardContext, hidden: list | None = None) -> jax.Array:
-    """Embedding and blocks; returns the collapsed stream before the final norm. With `hidden`
-    a list, appends the collapsed stream entering each block and the last block's output."""
+  def shared_parts(self) -> head_lib.SharedParts:
+    """The decoder's modules a head's loss reuses (MTP: the embedding, the stream adapter, the
+    final norm)."""
+    return head_lib.SharedParts(embed=self.embed, stream=self.stream, final_norm=self.final_norm)
+
+  def _run_blocks(self, tokens, ctx: ForwardContext, hidden: list | None = None):
+    """Embedding and blocks; returns (the collapsed stream before the final norm, the last
+    block's stream uncollapsed). With `hidden` a list, appends the collapsed stream entering
+    each block and the last block's output."""
     tokens = constrain(tokens, ("batch", "seq"))
     h = self.embed(tokens)
     h = ctx.dropout(h, self.cfg.dropout, site=2 * self.cfg.num_layers)
@@ -138,12 +97,10 @@ class DecoderLM(nnx.Module):
       if hidden is not None:
         hidden.append(self.stream.collapse(stream))
       stream = self._apply_block(block, stream, ctx)
-    if self.head.reads_final_stream:
-      ctx.state["final_stream"] = stream  # uncollapsed, for a multi-token head (head.py)
     h = self.stream.collapse(stream)
     if hidden is not None:
       hidden.append(h)
-    return h
+    return h, stream
 
   def hidden_states(self, tokens: jax.Array, ctx: ForwardContext | None = None) -> list:
     """[num_layers + 1] x [batch, seq, embed]: the input of each block, then the last block's
@@ -186,13 +143,13 @@ class DecoderLM(nnx.Module):
     # back after the call and refuses integer buffers such as a memory layer's permutation).
     graphdef, variables = nnx.split(block)
 
-    def run(variables, stream, aux, state, cache):
-      inner = dataclasses.replace(ctx, aux_losses=dict(aux), state=dict(state), cache=cache)
+    def run(variables, stream, aux, slots, cache):
+      inner = dataclasses.replace(ctx, aux_losses=dict(aux), slots=dict(slots), cache=cache)
       out = nnx.merge(graphdef, variables)(stream, inner)
-      return out, inner.aux_losses, inner.state, inner.cache
+      return out, inner.aux_losses, inner.slots, inner.cache
 
-    out, ctx.aux_losses, ctx.state, ctx.cache = jax.checkpoint(run)(
-        variables, stream, ctx.aux_losses, ctx.state, ctx.cache)
+    out, ctx.aux_losses, ctx.slots, ctx.cache = jax.checkpoint(run)(
+        variables, stream, ctx.aux_losses, ctx.slots, ctx.cache)
     return out
 
   def flops_per_token(self, seq_len: int) -> float:

@@ -8,7 +8,7 @@ Each block keeps its FFN; a memory layer runs beside it. A memory unit `k:v` rea
 sublayer's input of block k (the normalized FFN input under pre-norm) and adds its output to
 the channel output of block v, i.e. to the residual stream after block v (skip-layer placement,
 UltraMem Fig. 3); `k:k` is in-block (UltraMemV2 puts one in every block). The pending output of
-a skip unit travels in `ctx.state["memory/<k>"]`.
+a skip unit travels in the forward context's slot `PENDING.at(k)`.
 
 One memory layer, per token x [embed]:
 
@@ -61,6 +61,7 @@ from kernels_pallas.memory_lookup import memory_lookup, sharded_memory_lookup
 from research import sharding
 from research.errors import ConfigError
 from research.model import ffn as ffn_lib
+from research.model.context import Slot
 
 RETRIEVALS = ("tucker", "product")
 INITS = ("code", "paper")
@@ -476,6 +477,8 @@ class MemoryLayer(nnx.Module):
 
 # ----------------------------------------------------------------------------- the mixers
 
+PENDING = Slot("memory/pending")  # .at(k): skip unit k's output, added after its target block
+
 # The settings of a memory layer (model.channel.<kind>); 0 / "" = derived.
 MEMORY_DEFAULTS = dict(
     layers="",  # units "source:target,..."; "" = pairs 0:1,2:3,... (v1), every block (v2)
@@ -532,9 +535,9 @@ class MemoryMixer(ffn_lib.ChannelMixer):
       if self.target == self.layer:
         out = out + mem
       else:  # skip unit: added after block `target`
-        ctx.state[f"memory/{self.layer}"] = mem
+        ctx.write(PENDING.at(self.layer), mem)
     for src in self.incoming:
-      out = out + ctx.state.pop(f"memory/{src}")
+      out = out + ctx.take(PENDING.at(src))
     return out
 
   def flops_per_token(self, seq_len: int) -> float:

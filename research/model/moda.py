@@ -14,7 +14,7 @@ Writers of the depth stream (Table 3), chosen by `model.attention.moda`:
   * `extra_attn_kv`: the attention writes K/V from a separate projection of its input instead
     of its sequence K/V (Table 3 row 5).
 
-The depth stream lives in the forward context (`ctx.state`) as two buffers (K, V), each
+The depth stream lives in the forward context (its slot `DEPTH`) as two buffers (K, V), each
 [slots written, batch, seq, kv_heads, head_dim]. Slot numbers are fixed by the layer index and
 written in order, so a sublayer reads the whole buffer; the same code runs unrolled, under
 remat, and when decoding: a token's depth K/V are produced and used in its own forward, so
@@ -46,10 +46,11 @@ from flax import nnx
 
 from research.errors import ConfigError
 from research.model.attention import SEQUENCE_MIXERS, DenseAttention, rope
+from research.model.context import Slot
 from research.model.linear import make_linear
 from research.model.norms import RMSNorm
 
-DEPTH = "moda/depth"  # ctx.state entry: (k, v), each [slots, batch, seq, kv_heads, head_dim]
+DEPTH = Slot("moda/depth")  # (k, v), each [slots, batch, seq, kv_heads, head_dim]
 IMPLS = ("xla", "auto", "pallas", "pallas_gpu", "pallas_tpu")
 
 
@@ -84,15 +85,15 @@ def write_depth(ctx, cfg, slot: int, k: jax.Array, v: jax.Array) -> None:
   flows back through one slice per write instead of one per (reader, slot) pair.
   """
   del cfg
-  buf = ctx.state.get(DEPTH)
+  buf = ctx.read(DEPTH)
   written = 0 if buf is None else buf[0].shape[0]
   if slot != written:
     raise ValueError(f"MoDA depth slot {slot} written out of order ({written} slots so far)")
   if buf is None:
-    ctx.state[DEPTH] = (k[None], v[None])
+    ctx.write(DEPTH, (k[None], v[None]))
   else:
-    ctx.state[DEPTH] = (jnp.concatenate([buf[0], k[None]], 0),
-                        jnp.concatenate([buf[1], v[None]], 0))
+    ctx.write(DEPTH, (jnp.concatenate([buf[0], k[None]], 0),
+                      jnp.concatenate([buf[1], v[None]], 0)))
 
 
 def read_depth(ctx, slots: int, axis: int = 2):
@@ -101,7 +102,7 @@ def read_depth(ctx, slots: int, axis: int = 2):
   when slots = 0."""
   if slots == 0:
     return None, None
-  buf = ctx.state.get(DEPTH)
+  buf = ctx.read(DEPTH)
   written = 0 if buf is None else buf[0].shape[0]
   if written < slots:
     raise ValueError(f"MoDA depth slots {list(range(written, slots))} were not written before "

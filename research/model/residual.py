@@ -46,7 +46,6 @@ decay; the dynamic projections W are matrices and are decayed, as the papers say
 from __future__ import annotations
 
 import math
-import re
 from typing import Callable
 
 import jax
@@ -63,26 +62,6 @@ REDUCE_NORMS = ("auto", "on", "off")
 REDUCE_INITS = ("random", "select")
 TEMPERATURES = ("sqrt", "width")
 STREAM_AXES = ("batch", "seq", "act_stream", "act_embed")
-
-
-_VARIANT = re.compile(r"(?P<kind>[sd])(?P<family>hc|fc)(?P<rate>\d+)(?P<notanh>_notanh)?")
-
-
-def variant_overrides(variant: str, experiment: str) -> dict:
-  """Config overrides of a connection variant name, as the papers name their rows: `pre` (the
-  plain residual), `shc<n>` / `dhc<n>` (static / dynamic hyper-connections, n streams) and
-  `sfc<m>` / `dfc<m>` (frac-connections, m fractions), each optionally with `_notanh`."""
-  if variant == "pre":
-    return {"model.residual.kind": "plain"}
-  match = _VARIANT.fullmatch(variant)
-  if not match:
-    raise ConfigError(f"{experiment}: unknown variant '{variant}' (expected pre, shc<n>, dhc<n>, "
-                      "sfc<m> or dfc<m>, optionally with _notanh)")
-  rate = int(match["rate"])
-  out = {"model.residual.dynamic": match["kind"] == "d", "model.residual.tanh": not match["notanh"]}
-  if match["family"] == "fc":
-    return {"model.residual.kind": "frac", "model.residual.fracs": rate, **out}
-  return {"model.residual.kind": "hyper", "model.residual.streams": rate, **out}
 
 
 # ------------------------------------------------------------------ stream adapters

@@ -1,6 +1,6 @@
 """The training loop, over one run or over the seeds of one config stacked into one program.
 
-A *seat* is one run in the loop: its Trainer (work directory, log, files), its built Run, its
+A *seat* is one run in the loop: its Trainer (work directory, log, files), its BuiltRun, its
 checkpointer and what it restored. `train_seats` trains one seat with the jitted step, or
 several seats whose configs differ only in their seed as one `jax.vmap` of that step over a
 leading seed axis of the state and the batch (seed-stacked training): each seed keeps its own
@@ -13,7 +13,7 @@ did.
 
 Per step: the step runs; every `log_every` steps each seat's pending metrics are fetched and
 logged; every `eval.every` steps each seat is evaluated; every `checkpoint_every` steps each
-seat is saved (in the background: research/train/checkpoint.py). The progress bar's rate and
+seat is saved (in the background: research/checkpoint.py). The progress bar's rate and
 the logged tokens/s are the training step's: evaluation, whose time its line states, and the
 checkpoint hand-off are left out of both (the bar's elapsed time is the wall clock's). A stop
 request (Ctrl-C, SIGTERM) is acted on between steps: every seat is saved where it stands. A
@@ -38,10 +38,9 @@ from tqdm import tqdm
 
 from research import sharding
 from research.eval import lm_eval
-from research.eval import synthetic as synthetic_eval
 from research.train import interrupt
 from research.train import mfu as mfu_lib
-from research.train.checkpoint import CheckpointError
+from research.checkpoint import CheckpointError
 
 LOGGED_PREFIXES = ("aux/", "stat/", "grad_norm/")
 STEPS_AHEAD = 2  # steps the host may dispatch beyond the last one the device has finished
@@ -82,8 +81,8 @@ class Restored:
 class Seat:
   """One run in the loop (see the module docstring)."""
   trainer: Any  # research.train.trainer.Trainer
-  run: Any  # research.train.trainer.Run
-  ckpt: Any  # research.train.checkpoint.Checkpointer
+  run: Any  # research.train.trainer.BuiltRun
+  ckpt: Any  # research.checkpoint.Checkpointer
   state: dict  # the state to start from
   restored: Restored
   metrics_file: Any = None
@@ -99,8 +98,9 @@ class Seat:
       if row.get("split") == "valid":
         self.last_valid = (row["loss"], row.get("bpb", float("nan")))
         self.last_valid_step = row["step"]
-        if "exact_match" in row:
-          self.scores["valid_exact_match"] = row["exact_match"]
+        for name in self.run.every_eval:  # the evaluators' last values
+          if name in row:
+            self.scores[f"valid_{name}"] = row[name]
       elif row.get("split") == "train":
         self.train_loss = row["loss"]
 
@@ -149,22 +149,23 @@ class _Program:
     if not self.stacked:
       self.state = seats[0].state
       self.step_fn = r.step_fn
-      self.eval_step, self.exact_step = r.eval_step, r.exact_match_step
+      self.eval_step = r.eval_step
+      self.every_eval = {name: step for name, (step, _) in r.every_eval.items()}
       return
     self.state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.state for s in seats])
     self.keys = jnp.stack([jax.random.key(s.run.config.seed) for s in seats])
     self.step_fn = jax.jit(jax.vmap(r.step_with_key), donate_argnums=0)
     self.eval_step = jax.jit(jax.vmap(r.eval_step, in_axes=(0, 0, None)))
-    self.exact_step = (jax.jit(jax.vmap(r.exact_match_step, in_axes=(0, 0, None)))
-                       if r.exact_match_step is not None else None)
+    self.every_eval = {name: jax.jit(jax.vmap(step, in_axes=(0, 0, None)))
+                       for name, (step, _) in r.every_eval.items()}
 
   def compile_eval(self, state, valid_batches) -> None:
     """Compiles the evaluation steps for the shapes of `valid_batches` now, at start-up: a
     first evaluation that compiles pauses training for the compile, and the steps right after
     a compile ran ~30% slower (tiny baseline on 2 CPU cores)."""
     self.eval_step = _Precompiled(self.eval_step, state, valid_batches)
-    if self.exact_step is not None:
-      self.exact_step = _Precompiled(self.exact_step, state, valid_batches)
+    self.every_eval = {name: _Precompiled(step, state, valid_batches)
+                       for name, step in self.every_eval.items()}
 
   def batch(self, host_batches: list[dict]) -> dict:
     """The device batch of this step from each seat's host batch."""
@@ -195,10 +196,14 @@ class _Program:
       return [lm_eval.evaluate(self.eval_step, state["params"], state["other"], valid_batches)]
     return lm_eval.evaluate(self.eval_step, state["params"], state["other"], valid_batches)
 
-  def exact_match(self, state, valid_batches) -> list[float]:
-    out = synthetic_eval.exact_match(self.exact_step, state["params"], state["other"],
-                                     valid_batches)
-    return [out] if not self.stacked else out
+  def scores(self, state, valid_batches) -> dict[str, list[float]]:
+    """Every every_eval evaluator's value per seat."""
+    out = {}
+    for name, step in self.every_eval.items():
+      score = self.seats[0].run.every_eval[name][1]
+      value = score(step, state["params"], state["other"], valid_batches)
+      out[name] = [value] if not self.stacked else value
+    return out
 
 
 def train_seats(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
@@ -235,16 +240,15 @@ def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
 
   def run_eval(step):
     losses = program.evaluate(state, valid_batches)
-    exact = (program.exact_match(state, valid_batches) if program.exact_step is not None
-             else None)
+    scores = program.scores(state, valid_batches)
     for i, seat in enumerate(seats):
       if seat.summary is not None:
         continue
       loss = losses[i]
       bpb = lm_eval.bits_per_byte(loss, bytes_per_token)
       record = {"split": "valid", "step": step, "loss": loss, "bpb": bpb}
-      if exact is not None:  # synthetic task: MQAR accuracy / fact recall
-        record["exact_match"] = seat.scores["valid_exact_match"] = exact[i]
+      for name, values in scores.items():  # e.g. exact_match: MQAR accuracy / fact recall
+        record[name] = seat.scores[f"valid_{name}"] = values[i]
       seat.write(record)
       seat.last_valid, seat.last_valid_step = (loss, bpb), step
     return losses

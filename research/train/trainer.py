@@ -37,12 +37,11 @@ from flax import nnx
 import optax
 
 from research import config as config_lib
-
-from research import run_config
 from research import data as data_lib
+from research import eval as eval_lib  # the evaluators' loader: each is imported by its name
+from research import run_config
 from research import sharding
-from research.eval import connections, diagnostics, lm_eval
-from research.eval import synthetic as synthetic_eval
+from research.eval import lm_eval
 from research.model import ForwardContext, create_model, compute_dtype, model_summary
 from research.model import lr_multipliers
 from research.model import overhead as overhead_lib
@@ -50,7 +49,7 @@ from research.errors import RunError
 from research.train import interrupt
 from research.train import loop as loop_lib
 from research.train import workdir as workdir_lib
-from research.train.checkpoint import CheckpointError, Checkpointer
+from research.checkpoint import CheckpointError, Checkpointer
 from research.train import optim
 from research.train.optim import make_optimizer
 from research.train.workdir import config_differences  # noqa: F401  (re-exported)
@@ -137,7 +136,7 @@ def make_train_step(graphdef, tx, schedule, cfg):
     params = jax.tree.map(lambda p, u: p + u, params, updates)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"])}
     if cfg.train.log_layer_grad_norms:
-      metrics.update(diagnostics.block_grad_norms(grads))
+      metrics.update(block_grad_norms(grads))
     metrics.update({k if k.startswith("stat/") else f"aux/{k}": v for k, v in aux.items()})
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -149,8 +148,19 @@ def make_train_step(graphdef, tx, schedule, cfg):
   return step
 
 
+def block_grad_norms(grads) -> dict[str, jax.Array]:
+  """{"grad_norm/block_<i>": norm} from the gradient State of a DecoderLM's parameters: the
+  profile over depth that shows growth (pre-norm) or vanishing (post-norm) toward the input."""
+  blocks = grads["blocks"]
+  if not all(isinstance(k, int) for k in blocks.keys()):  # stacked blocks (model.scan_blocks)
+    squares = sum(jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+                  for g in jax.tree.leaves(blocks))
+    return {f"grad_norm/block_{i:02d}": jnp.sqrt(squares[i]) for i in range(squares.shape[0])}
+  return {f"grad_norm/block_{i:02d}": optax.tree.norm(blocks[i]) for i in sorted(blocks.keys())}
+
+
 @dataclasses.dataclass
-class Run:
+class BuiltRun:
   """Everything a training run holds once built; `Trainer.build` makes it."""
   config: Any
   mesh: jax.sharding.Mesh
@@ -163,7 +173,9 @@ class Run:
   valid_batches: list
   batch_sharding: Any
   summary: dict
-  exact_match_step: Any = None  # synthetic tasks: (params, other, batch) -> (correct, answers)
+  # the every_eval evaluators that apply: name -> (step (params, other, batch), score)
+  every_eval: dict = dataclasses.field(default_factory=dict)
+  at_end: list = dataclasses.field(default_factory=list)  # the at_end evaluators' modules
   step_with_key: Any = None  # the unjitted step with the seed key an argument (stacking)
 
 
@@ -258,7 +270,7 @@ class Trainer:
               "packages": package_versions()}
     workdir_lib.write_record(self.workdir, record, workdir_lib.read_record(self.workdir), note)
 
-  def build(self, c=None, corpus=None) -> Run:
+  def build(self, c=None, corpus=None) -> BuiltRun:
     if c is None:
       c, corpus = self._resolve()
     mesh = sharding.mesh_from_config(c.mesh)
@@ -289,15 +301,20 @@ class Trainer:
     step_fn = jax.jit(train_step, donate_argnums=0,
                       out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     train_iter, valid_batches = make_data(c, corpus)
-    return Run(config=c, mesh=mesh, corpus=corpus, graphdef=graphdef, state=state,
+    every_eval, at_end = {}, []
+    for name, evaluator in eval_lib.load(c.eval.evaluators):
+      if evaluator.WHEN == "at_end":
+        at_end.append(evaluator)
+      elif (eval_step := evaluator.make_step(graphdef, corpus)) is not None:
+        every_eval[name] = (eval_step, evaluator.score)
+    return BuiltRun(config=c, mesh=mesh, corpus=corpus, graphdef=graphdef, state=state,
                step_fn=step_fn, eval_step=lm_eval.make_eval_step(graphdef),
                train_iter=train_iter, valid_batches=valid_batches,
                batch_sharding=batch_sharding, summary=summary,
-               exact_match_step=(synthetic_eval.make_exact_match_step(graphdef, corpus.task)
-                                 if getattr(corpus, "task", None) is not None else None),
+               every_eval=every_eval, at_end=at_end,
                step_with_key=train_step.with_key)
 
-  def _describe(self, r: Run) -> None:
+  def _describe(self, r: BuiltRun) -> None:
     c, s = r.config, r.summary
     tokens_per_step = c.train.batch_size * c.data.seq_len
     params = jax.tree.leaves(r.state["params"])
@@ -321,7 +338,7 @@ class Trainer:
       self.log(f"  {name} {tuple(x.shape)} sharded {x.sharding.spec}")
 
   # ---------------------------------------------------------------- running
-  def put_batch(self, r: Run, batch: dict) -> dict:
+  def put_batch(self, r: BuiltRun, batch: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(r.batch_sharding, np.asarray(v))
             for k, v in batch.items()}
 
@@ -379,7 +396,7 @@ class Trainer:
       raise
     return loop_lib.Seat(trainer=self, run=r, ckpt=ckpt, state=state, restored=restored)
 
-  def _restore(self, r: Run, ckpt: Checkpointer) -> tuple[dict, "loop_lib.Restored"]:
+  def _restore(self, r: BuiltRun, ckpt: Checkpointer) -> tuple[dict, "loop_lib.Restored"]:
     """The state to start from: the newest readable checkpoint's, with the iterator position
     and unlogged metrics it saved, and metrics.jsonl cut back to its step; else the fresh one."""
     abstract = jax.tree.map(
@@ -398,7 +415,7 @@ class Trainer:
     self.log(f"resumed from step {step} ({self.workdir / 'checkpoints'})")
     return state, loop_lib.Restored(step, loop_lib.pending_from_log_state(log_state), rows)
 
-  def _finish(self, r: Run, step: int, last_valid, train_loss: float, trained_steps: int,
+  def _finish(self, r: BuiltRun, step: int, last_valid, train_loss: float, trained_steps: int,
               train_time: float, *, diverged: bool = False, state=None, valid_batch=None,
               extra: dict | None = None) -> dict:
     """Writes summary.json (and loss.png): the run is finished, or ended as diverged (a train
@@ -416,12 +433,14 @@ class Trainer:
     summary.update(extra or {})
     if state is not None and valid_batch is not None:
       model = nnx.merge(r.graphdef, state["params"], state["other"])
-      summary["layer_cosine"] = diagnostics.layer_cosine(model, valid_batch["inputs"])
-      try:  # hyper / frac / vwn: connections.json and connections.png (their heat maps)
-        if self.primary:
-          connections.write(model, self.workdir, title=f"{self.experiment}: {self.arg}")
-      except Exception as e:  # a plot must never cost a finished run
-        self.log(f"could not write the connection matrices of {self.workdir}: {e}")
+      for evaluator in r.at_end:
+        try:
+          summary.update(evaluator.at_end(
+              model, tokens=valid_batch["inputs"], workdir=self.workdir,
+              title=f"{self.experiment}: {self.arg}", primary=self.primary))
+        except Exception as e:  # an end-of-run measurement must never cost a finished run
+          self.log(f"evaluator {evaluator.__name__.rsplit('.', 1)[-1]} failed on "
+                   f"{self.workdir}: {e}")
     if not self.primary:  # process 0 writes the run's files
       return summary
     (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2))

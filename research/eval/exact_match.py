@@ -6,9 +6,10 @@ of a facts instance) the model's argmax next token must equal the target:
   exact_match = correct answers / answers          (MQAR accuracy, fact recall)
 
 Answers are single tokens, so per-answer exact match is per-token accuracy at those positions.
-The trainer scores its fixed validation batches (whole held-out instances) at every evaluation
-when the corpus is a synthetic task and writes `exact_match` beside the loss;
-`evaluate_task` scores any model on freshly generated held-out instances.
+As an evaluator (research/eval/__init__.py; every_eval) it scores the trainer's fixed validation
+batches (whole held-out instances) at every evaluation when the corpus is a synthetic task, and
+the trainer writes `exact_match` beside the loss; `evaluate_task` scores any model on freshly
+generated held-out instances.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ def make_exact_match_step(graphdef: nnx.GraphDef, task: Task):
     return count_correct(logits, tokens, batch["targets"], task)
 
   return step
+
+
+WHEN = "every_eval"
+
+
+def make_step(graphdef: nnx.GraphDef, corpus):
+  """The evaluator's step: exact match on a synthetic task's corpus; None on a text corpus."""
+  task = getattr(corpus, "task", None)
+  return make_exact_match_step(graphdef, task) if task is not None else None
+
+
+def score(step, params, other, batches: Iterable[dict]):
+  return exact_match(step, params, other, batches)
 
 
 def exact_match(step, params, other, batches: Iterable[dict]) -> float:

@@ -9,6 +9,10 @@ while the next step trains; the error surfaces at the next save or at the end), 
 non-zero rather than training on without a way back. A newest checkpoint that cannot be read
 (corrupted on disk) is moved to `corrupt_checkpoints/` beside the checkpoint directory, with a
 warning, and the one before it is restored; when none can be read, CheckpointError says so.
+
+`restore_model_state` is the one read path for everything but the trainer (inference, the
+evaluators, a checkpoint's connection maps): it reads the step and the model's variables of a
+checkpoint, read-only, without the optimizer state (so it needs no optimizer to shape it).
 """
 
 from __future__ import annotations
@@ -156,3 +160,30 @@ class Checkpointer:
       self._manager.close()
     except Exception as e:
       raise self._failed(e, self._pending) from e
+
+
+def restore_model_state(directory: str | Path, abstract: dict, step: int | None = None
+                        ) -> tuple[int, dict]:
+  """(step, {"step", "params", "other"}) of checkpoint `step` (default: the newest) under
+  `directory`, read-only. `abstract`: ShapeDtypeStructs (with shardings) of those three entries
+  of the trainer's state; its opt_state is not read."""
+  directory = Path(directory).absolute()
+  try:
+    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "log"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+  except Exception as e:  # orbax raises many types; all mean "cannot read this directory"
+    raise CheckpointError(f"cannot read checkpoints in {directory} ({_reason(e)})") from e
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"{directory} holds no checkpoint")
+    restore = ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True)
+    try:
+      state = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+    except Exception as e:
+      raise CheckpointError(f"cannot restore {directory} (step {step}): {_reason(e)}") from e
+  finally:
+    manager.close()
+  return int(step), state
