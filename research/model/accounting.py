@@ -37,10 +37,8 @@ def _module_tables(model: nnx.Module) -> list[tuple[int, int, int]]:
 def sparse_tables(model: nnx.Module) -> list[tuple[int, int, int]]:
   """(items, params_per_item, items_per_token) of every partly read parameter table."""
   tables = _module_tables(model)
-  table = getattr(getattr(model, "embed", None), "table", None)
-  tied = getattr(getattr(getattr(model, "cfg", None), "head", None), "tie_embeddings", True)
-  if table is not None and not tied:
-    tables.append((table.shape[0], math.prod(table.shape[1:]), 1))
+  if not model.cfg.head.tie_embeddings:  # a tied table is read whole by the head
+    tables += model.embed.lookup_tables()
   return tables
 
 

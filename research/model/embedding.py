@@ -27,9 +27,14 @@ from research.model.registry import Registry
 
 class Embedding(Option):
   """Base of `model.embed.kind` options: tokens [b, t] -> [b, t, width]. Hooks: `attend(h)`,
-  the tied head's logits (h [b, t, d_model] -> [b, t, vocab]); `flops_per_token()`."""
+  the tied head's logits (h [b, t, d_model] -> [b, t, vocab]); `flops_per_token()`;
+  `lookup_tables()`, the tables a token reads one row of [(rows, params per row, rows read per
+  token)] for research/model/accounting.py (a tied table is read whole by the head instead)."""
 
-  HOOKS = ("attend", "flops_per_token")
+  HOOKS = ("attend", "flops_per_token", "lookup_tables")
+
+  def lookup_tables(self) -> list[tuple[int, int, int]]:
+    return []
 
   def attend(self, h: jax.Array) -> jax.Array:
     raise NotImplementedError(f"{type(self).__name__} cannot be tied to the head")
@@ -61,6 +66,10 @@ class PlainEmbedding(Embedding):
 
   def flops_per_token(self) -> float:
     return 0.0  # a lookup
+
+  def lookup_tables(self) -> list[tuple[int, int, int]]:
+    rows, width = self.table.shape
+    return [(rows, width, 1)]
 
 
 @EMBEDDINGS.register("over_width")
@@ -105,3 +114,7 @@ class OverWidthEmbedding(Embedding):
 
   def flops_per_token(self) -> float:
     return 2.0 * self.d * self.wide if self.factorized else 0.0
+
+  def lookup_tables(self) -> list[tuple[int, int, int]]:
+    rows, width = self.table.shape  # the factorized form's W_expand is read whole
+    return [(rows, width, 1)]

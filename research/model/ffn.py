@@ -89,7 +89,6 @@ def _swiglu_bwd(res, dh):
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
-swiglu.gated = True
 
 ACTIVATIONS.register("gelu")(lambda x: jax.nn.gelu(x, approximate=True))
 ACTIVATIONS.register("relu")(jax.nn.relu)
@@ -140,8 +139,13 @@ class PolyNorm(_PolyCom):
     return z * jax.lax.rsqrt(jnp.mean(z * z, axis=-1, keepdims=True) + 1e-6)
 
 
+# activations that take two projections, (x W_gate, x W_up): their FFN has three matrices
+GATED_ACTIVATIONS = frozenset({"swiglu"})
+
+
 def is_gated(activation: str) -> bool:
-  return getattr(ACTIVATIONS.get(activation), "gated", False)
+  ACTIVATIONS.get(activation)  # an unknown name is a ConfigError naming the registered ones
+  return activation in GATED_ACTIVATIONS
 
 
 @CHANNEL_MIXERS.register("ffn")
