@@ -22,6 +22,21 @@ Losses (added to the objective through the forward context):
                i, P_i = mean router probability of i (Switch Transformer eqs. 4-6; = aux_coef
                when perfectly balanced)
   moe_z        z_coef * mean(logsumexp(logits)^2) (ST-MoE eq. 5), when z_coef > 0
+  moe_erc      erc_coef * L_ERC, the expert-router coupling loss (Lv et al. 2025, §3 of the
+               digest), when erc_coef > 0, on training forwards only:
+                 proxies  R~_i = R_i (.) delta_i, delta_i ~ U(1 - eps_i, 1 + eps_i) elementwise,
+                          eps_i = min_{j != i} |R_i - R_j| / (2 |R_i|) (the bound that keeps a
+                          proxy nearer its own router row; App. B), no gradient through delta
+                 M[i, j]  = |R~_i W_g^j|_2, proxy i through expert j's gate projection [E, E]
+                 L_ERC    = 1/E^2 sum_i sum_{j != i} relu(M[i,j] - a M[i,i])
+                                                 + relu(M[j,i] - a M[i,i])
+               (rows: a proxy excites its own expert most; columns: an expert responds to its
+               own proxy most); a = erc_alpha; erc_noise=False uses the clean rows (the paper's
+               no-noise ablation); erc_router_grad=False keeps its gradient off the router
+               rows (the other reading of an ambiguous pseudocode line). Layers' losses are
+               summed, like the balance loss. The noise key is the step's key folded with
+               ERC's stream and the layer. Its unweighted value (mean over layers) and the
+               mean eps are logged as `stat/erc` and `stat/erc_eps`.
 
 The fraction of token-expert assignments dropped is recorded as the statistic `moe_dropped`
 (mean over MoE layers; the trainer logs it as `stat/moe_dropped`).
@@ -85,6 +100,44 @@ def switch_balance_loss(routing: Routing) -> jax.Array:
 def router_z_loss(routing: Routing) -> jax.Array:
   """mean over tokens of logsumexp(logits)^2 (ST-MoE eq. 5)."""
   return jnp.mean(jnp.square(jax.nn.logsumexp(routing.logits, axis=-1)))
+
+
+# ---------------------------------------------------------------------------------- ERC loss
+
+ERC_NOISE_STREAM = 0x455243  # folded into the step's key, so ERC's noise never reuses dropout's
+
+
+def erc_proxies(rows: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(R~ [E, d], eps [E]) for router rows R [E, d] (see the module docstring): each row scaled
+  elementwise by a stop-gradient draw from U(1 - eps_i, 1 + eps_i)."""
+  r = rows.astype(jnp.float32)
+  sq = jnp.sum(r * r, axis=-1)
+  gram = jnp.dot(r, r.T, precision=jax.lax.Precision.HIGHEST)
+  dist = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
+  dist = jnp.where(jnp.eye(r.shape[0], dtype=bool), jnp.inf, dist)
+  eps = jax.lax.stop_gradient(jnp.min(dist, axis=1) / (2.0 * jnp.sqrt(sq) + 1e-12))
+  u = jax.random.uniform(key, r.shape, jnp.float32)
+  delta = jax.lax.stop_gradient((1.0 - eps)[:, None] + u * (2.0 * eps)[:, None])
+  return r * delta, eps
+
+
+def erc_matrix(proxies: jax.Array, gate: jax.Array) -> jax.Array:
+  """M [E proxies, E experts], M[i, j] = |R~_i W_g^j|_2, for proxies [E, d] and the experts'
+  gate projections [E, d, D]."""
+  return jnp.linalg.norm(jnp.einsum("id,jdf->ijf", proxies, gate.astype(jnp.float32)), axis=-1)
+
+
+def erc_loss(proxies: jax.Array, gate: jax.Array, alpha: float) -> jax.Array:
+  """L_ERC of proxies [E, d] against the experts' gate projections [E, d, D] (module
+  docstring; the mean over all E^2 entries, the zero diagonal included, as the paper's
+  pseudocode)."""
+  e = proxies.shape[0]
+  m = erc_matrix(proxies, gate)
+  own = jnp.diagonal(m)
+  rows = jax.nn.relu(m - alpha * own[:, None])  # [i, j]: M[i, j] against alpha M[i, i]
+  cols = jax.nn.relu(m - alpha * own[None, :])  # [j, i]: M[j, i] against alpha M[i, i]
+  off = 1.0 - jnp.eye(e, dtype=jnp.float32)
+  return jnp.sum((rows + cols) * off) / (e * e)
 
 
 # ---------------------------------------------------------------------------------- dispatch
@@ -212,7 +265,11 @@ class MoE(ffn_lib.ChannelMixer):
       dispatch="dropless",  # dropless (capacity = group size) | capacity
       capacity_factor=1.25,  # capacity: ceil(factor * seq * top_k / num_experts) slots
       aux_coef=0.01, z_coef=0.0,  # Switch load-balancing loss; router z-loss (ST-MoE)
-      norm_topk=False))  # renormalize the top-k gates to sum 1
+      norm_topk=False,  # renormalize the top-k gates to sum 1
+      # ERC (expert-router coupling) loss: weight (0 = off; the paper's 1), margin alpha, the
+      # proxies' bounded noise (False: the clean router rows, the paper's ablation), and
+      # whether its gradient reaches the router rows (the paper's pseudocode is ambiguous)
+      erc_coef=0.0, erc_alpha=1.0, erc_noise=True, erc_router_grad=True))
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     e = cfg.channel.moe
@@ -221,6 +278,12 @@ class MoE(ffn_lib.ChannelMixer):
     self.num_experts, self.top_k = e.num_experts, e.top_k
     self.dispatch, self.capacity_factor = e.dispatch, e.capacity_factor
     self.aux_coef, self.z_coef = e.aux_coef, e.z_coef
+    self.erc_coef, self.erc_alpha, self.erc_noise = e.erc_coef, e.erc_alpha, e.erc_noise
+    self.erc_router_grad = e.erc_router_grad
+    if self.erc_coef < 0 or self.erc_alpha < 0:
+      raise ConfigError(f"model.channel.moe.erc_coef={self.erc_coef} and erc_alpha="
+                        f"{self.erc_alpha} must be >= 0")
+    self.layer = layer
     self.router = TopKRouter(cfg.d_model, e.num_experts, e.top_k, std=init_std(cfg),
                              norm_topk=e.norm_topk, rngs=rngs)
     self.experts = Experts(cfg, e.num_experts, e.d_expert, layer=layer, dtype=dtype, rngs=rngs)
@@ -234,6 +297,8 @@ class MoE(ffn_lib.ChannelMixer):
         ctx.add_aux_loss("moe_balance", self.aux_coef * switch_balance_loss(routing))
       if self.z_coef > 0:
         ctx.add_aux_loss("moe_z", self.z_coef * router_z_loss(routing))
+      if self.erc_coef > 0 and ctx.dropout_key is not None:  # training forwards only
+        self._add_erc_loss(ctx)
     capacity = capacity_for(self.dispatch, x.shape[1], self.num_experts, self.top_k,
                             self.capacity_factor)
     plan = plan_dispatch(routing.experts, self.num_experts, capacity)
@@ -243,7 +308,23 @@ class MoE(ffn_lib.ChannelMixer):
     out = constrain(self.experts(buffers), ("act_experts", "batch", None, "act_embed"))
     return combine(out, plan, routing.experts, routing.gates).astype(x.dtype)
 
+  def _add_erc_loss(self, ctx) -> None:
+    rows = self.router.kernel[...].T  # [E, d]: R
+    if not self.erc_router_grad:  # ERC then trains the experts' gate projections only
+      rows = jax.lax.stop_gradient(rows)
+    gate = self.experts.gate if self.experts.gated else self.experts.up  # W_g [E, d, D]
+    if self.erc_noise:
+      key = jax.random.fold_in(jax.random.fold_in(ctx.dropout_key, ERC_NOISE_STREAM), self.layer)
+      proxies, eps = erc_proxies(rows, key)
+      ctx.add_stat("erc_eps", jnp.mean(eps))
+    else:
+      proxies = rows
+    value = erc_loss(proxies, gate[...], self.erc_alpha)
+    ctx.add_aux_loss("moe_erc", self.erc_coef * value)
+    ctx.add_stat("erc", value)
+
   def flops_per_token(self, seq_len: int) -> float:
+    # ERC's 2 E^2 d D per layer and step does not grow with the tokens: not counted
     del seq_len
     matrices = 3 if self.experts.gated else 2
     router = 2 * self.d_model * self.num_experts
