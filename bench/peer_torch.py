@@ -143,8 +143,7 @@ def measure(c, batches, *, warmup: int, steps: int, repeats: int) -> list[float]
 
 def config_and_batches(spec: str, n: int):
   """The resolved config of `spec` (as a dict) and its first `n` training batches."""
-  from research import config as config_lib  # pylint: disable=import-outside-toplevel
-  from research import run_config
+  from research import run_config  # pylint: disable=import-outside-toplevel
   from research import data, experiments  # pylint: disable=import-outside-toplevel
   from research.train.trainer import make_data  # pylint: disable=import-outside-toplevel
   c = run_config.resolve(experiments.get_config(spec))

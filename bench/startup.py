@@ -19,8 +19,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research import config as config_lib
-
 from research import run_config
 from research import experiments
 from research import sharding

@@ -26,7 +26,6 @@ import sys
 from pathlib import Path
 
 from research import config as config_lib
-
 from research import run_config
 from research.errors import ResearchError
 from research.train.interrupt import STOP

@@ -115,11 +115,12 @@ def core_config() -> ml_collections.ConfigDict:
   return c
 
 
-def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+def flat_keys(config: ml_collections.ConfigDict | dict, prefix: str = "") -> list[str]:
+  """The dotted names of the leaves of a ConfigDict or of a nested dict."""
   keys = []
   for k, v in config.items():
     name = f"{prefix}{k}"
-    if isinstance(v, ml_collections.ConfigDict):
+    if isinstance(v, (ml_collections.ConfigDict, dict)):
       keys.extend(flat_keys(v, name + "."))
     else:
       keys.append(name)

@@ -427,7 +427,7 @@ def confounds(experiment: str, arg: str, arms: list, varies=()) -> list[str]:
   """The WATCHED settings in which the resolved configs of a group's arms (`experiments.Arm`)
   differ, other than those in `varies`: "key (value: arm, arm; value: arm)"."""
   from research import config as config_lib  # pylint: disable=import-outside-toplevel
-  from research import run_config
+  from research import run_config  # pylint: disable=import-outside-toplevel
   from research import experiments  # pylint: disable=import-outside-toplevel
   configs = {}
   for arm in arms:

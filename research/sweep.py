@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from research import config as config_lib
-
 from research import run_config
 from research import experiments
 from research import report as report_lib

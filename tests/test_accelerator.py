@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 import research
-from research import config as config_lib
 from research import run_config
 from research import experiments
 from research.eval import lm_eval

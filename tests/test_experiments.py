@@ -8,7 +8,6 @@ import json
 import pytest
 
 from research import config as config_lib
-
 from research import run_config
 from research import data
 from research import experiments

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research import config as config_lib
-
 from research import run_config
 from research.model import attention as attention_lib
 from research.model import ffn as ffn_lib

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from research import config as config_lib
-
 from research import run_config
 from research import sharding
 from research.infer import Engine, KVCache, Sampling, pad_prompts, top_p_mask, with_overrides

@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
-
 from research import run_config
 from research import sharding
 from research.config import ConfigError

@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
-
 from research import run_config
 from research.model import ForwardContext, attention, create_model, model_summary
 from research.model.norms import RMSNorm

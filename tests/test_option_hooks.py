@@ -3,7 +3,7 @@ that is not a hook of the point or in its own API (research/model/option.py)."""
 
 import pytest
 
-from research.model import attention, ffn, head, linear, option, options, residual
+from research.model import attention, ffn, head, linear, option, residual
 from research.model.options import POINTS
 from research.model.registry import Registry
 

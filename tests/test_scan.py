@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
-
 from research import run_config
 from research import experiments
 from research.eval import lm_eval

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from research import config as config_lib
-
 from research import run_config
 from research.config import ConfigError
 from research.data import load_tokenized, make_train_iterator, make_valid_batches

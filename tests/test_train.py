@@ -17,8 +17,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research import config as config_lib
-
 from research import run_config
 from research.model import create_model, ffn
 from research.train import optim

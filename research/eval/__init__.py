@@ -40,13 +40,13 @@ def _modules() -> list[str]:
 def load(spec: str) -> list[tuple[str, ModuleType]]:
   """[(name, module)] of the evaluators named in `spec` ("exact_match,layer_cosine"); an unknown
   name, or a module that is not an evaluator, is a ConfigError."""
-  out = []
+  out, available = [], _modules()
   for name in (n.strip() for n in spec.split(",")):
     if not name:
       continue
-    if name not in _modules():
+    if name not in available:
       raise ConfigError(f"eval.evaluators: no evaluator '{name}' (research/eval/ has "
-                        f"{', '.join(_modules())})")
+                        f"{', '.join(available)})")
     module = importlib.import_module(f"{__name__}.{name}")
     if getattr(module, "WHEN", None) not in WHENS:
       raise ConfigError(f"eval.evaluators: research/eval/{name}.py is not an evaluator (it "

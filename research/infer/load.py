@@ -22,7 +22,6 @@ import ml_collections
 from flax import nnx
 
 from research import config as config_lib
-
 from research import run_config
 from research.model import abstract_model, compute_dtype
 from research.model import options as model_options

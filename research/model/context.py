@@ -36,6 +36,13 @@ class Slot:
 STATS = Slot("stat")  # add_stat's [sum, count] per statistic name
 
 
+def _name(slot: Slot) -> str:
+  if not isinstance(slot, Slot):
+    raise TypeError(f"cross-layer state is written and read through a declared Slot, not "
+                    f"{slot!r}")
+  return slot.name
+
+
 @dataclasses.dataclass
 class ForwardContext:
   positions: jax.Array  # [batch, seq] int32, absolute position of each token
@@ -54,21 +61,15 @@ class ForwardContext:
     self.aux_losses[name] = self.aux_losses.get(name, 0.0) + value
 
   def write(self, slot: Slot, value: Any) -> None:
-    if not isinstance(slot, Slot):
-      raise TypeError(f"cross-layer state is written through a declared Slot, not {slot!r}")
-    self.slots[slot.name] = value
+    self.slots[_name(slot)] = value
 
   def read(self, slot: Slot, default: Any = None) -> Any:
-    if not isinstance(slot, Slot):
-      raise TypeError(f"cross-layer state is read through a declared Slot, not {slot!r}")
-    return self.slots.get(slot.name, default)
+    return self.slots.get(_name(slot), default)
 
   def take(self, slot: Slot) -> Any:
     """Reads and removes `slot` (a value consumed once, such as a skip unit's output); a slot
     never written is a KeyError naming it."""
-    if not isinstance(slot, Slot):
-      raise TypeError(f"cross-layer state is read through a declared Slot, not {slot!r}")
-    if slot.name not in self.slots:
+    if _name(slot) not in self.slots:
       raise KeyError(f"cross-layer slot {slot.name} was read before it was written")
     return self.slots.pop(slot.name)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 
+from research import config as config_lib
 from research.errors import ConfigError
 from research.model import attention, embedding, ffn, head, linear, norms, prefill, residual
 from research.model import memory, moda, moe  # noqa: F401  (register channel and sequence mixers)
@@ -60,13 +61,6 @@ def model_defaults() -> dict:
   return out
 
 
-def _flat(d: dict, prefix: str = "") -> set[str]:
-  out = set()
-  for k, v in d.items():
-    out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-  return out
-
-
 def _drop(d: dict, dotted: str) -> None:
   """Removes key `dotted` from nested dict `d`, and the groups it leaves empty."""
   head_, _, rest = dotted.partition(".")
@@ -86,15 +80,12 @@ def select(config: dict) -> dict:
   select read. Settings outside every option (the core sizes, data, train) stay."""
   owned, kept = set(), set()
   for s in switches():
-    path, leaf = _split(s.config_key)
-    section = config.get("model", {})
-    for p in path:
-      section = section.get(p, {})
-    prefix = "model." + "".join(f"{p}." for p in path)
+    selected = config_lib.get_dotted(config, s.config_key, s.default)
+    prefix = s.config_key.rsplit(".", 1)[0] + "."
     for kind, settings in s.settings.items():
-      keys = {prefix + k for k in _flat(settings)}
+      keys = set(config_lib.flat_keys(settings, prefix))
       owned |= keys
-      if section.get(leaf, s.default) == kind:
+      if selected == kind:
         kept |= keys
   out = copy.deepcopy(config)
   for key in sorted(owned - kept):

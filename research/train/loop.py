@@ -150,22 +150,22 @@ class _Program:
       self.state = seats[0].state
       self.step_fn = r.step_fn
       self.eval_step = r.eval_step
-      self.every_eval = {name: step for name, (step, _) in r.every_eval.items()}
+      self.every_eval = dict(r.every_eval)  # name -> (step, score)
       return
     self.state = jax.tree.map(lambda *xs: jnp.stack(xs), *[s.state for s in seats])
     self.keys = jnp.stack([jax.random.key(s.run.config.seed) for s in seats])
     self.step_fn = jax.jit(jax.vmap(r.step_with_key), donate_argnums=0)
     self.eval_step = jax.jit(jax.vmap(r.eval_step, in_axes=(0, 0, None)))
-    self.every_eval = {name: jax.jit(jax.vmap(step, in_axes=(0, 0, None)))
-                       for name, (step, _) in r.every_eval.items()}
+    self.every_eval = {name: (jax.jit(jax.vmap(step, in_axes=(0, 0, None))), score)
+                       for name, (step, score) in r.every_eval.items()}
 
   def compile_eval(self, state, valid_batches) -> None:
     """Compiles the evaluation steps for the shapes of `valid_batches` now, at start-up: a
     first evaluation that compiles pauses training for the compile, and the steps right after
     a compile ran ~30% slower (tiny baseline on 2 CPU cores)."""
     self.eval_step = _Precompiled(self.eval_step, state, valid_batches)
-    self.every_eval = {name: _Precompiled(step, state, valid_batches)
-                       for name, step in self.every_eval.items()}
+    self.every_eval = {name: (_Precompiled(step, state, valid_batches), score)
+                       for name, (step, score) in self.every_eval.items()}
 
   def batch(self, host_batches: list[dict]) -> dict:
     """The device batch of this step from each seat's host batch."""
@@ -199,8 +199,7 @@ class _Program:
   def scores(self, state, valid_batches) -> dict[str, list[float]]:
     """Every every_eval evaluator's value per seat."""
     out = {}
-    for name, step in self.every_eval.items():
-      score = self.seats[0].run.every_eval[name][1]
+    for name, (step, score) in self.every_eval.items():
       value = score(step, state["params"], state["other"], valid_batches)
       out[name] = [value] if not self.stacked else value
     return out

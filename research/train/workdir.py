@@ -33,7 +33,6 @@ from pathlib import Path
 import ml_collections
 
 from research import config as config_lib
-
 from research import run_config
 from research.errors import RunError, WorkdirBusy
 
