@@ -115,6 +115,19 @@ class Run:
   def finished(self) -> bool:
     return self.summary is not None and not self.diverged
 
+  def stats(self, last: int = 5, until_step: int | None = None) -> dict[str, float]:
+    """{name: value} of the statistics the forward recorded (`stat/<name>` of the training
+    log): the mean of the last `last` logged values, or of those logged up to `until_step`."""
+    series = self.metrics.get("train", {})
+    out = {}
+    for key in sorted(k for k in series if k.startswith("stat/")):
+      steps, values = series["step"], series[key]
+      keep = np.isfinite(values) & ((steps <= until_step) if until_step is not None else True)
+      picked = values[keep] if until_step is not None else values[keep][-last:]
+      if len(picked):
+        out[key[len("stat/"):]] = float(np.mean(picked))
+    return out
+
 
 SPIKE_NATS = 1.0
 GRAD_PROFILE_STEPS = (1, 100, 1000)
@@ -279,6 +292,10 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
       "exact_match": _stats([r.summary["valid_exact_match"] for r in done
                              if "valid_exact_match" in r.summary]),
       "step_time_s": _mean_finite([r.summary.get("step_time_s") for r in done]),
+      # the forward's statistics (stat/*: MoE drops, router diagnostics), mean over the seeds:
+      # at the end of training, and over the first EARLY_STEPS
+      "stats": _mean_stats([r.stats() for r in done]),
+      "stats_early": _mean_stats([r.stats(until_step=EARLY_STEPS) for r in done]),
       **{k: _mean_finite([r.summary.get(k) for r in done])
          for k in ("params", "params_activated", "flops_per_token_fwd", "param_bytes_per_token")},
       "overrides": arm.entries[0].get("overrides", {}),
@@ -288,6 +305,14 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
   seeds = sorted({row["seeds_total"] for row in rows})
   return {"group": manifest.get("group"), "arg": manifest.get("arg", ""), "seeds_per_arm": seeds,
       "arms": rows}
+
+
+EARLY_STEPS = 500
+
+
+def _mean_stats(per_run: list[dict[str, float]]) -> dict[str, float]:
+  names = sorted({k for d in per_run for k in d})
+  return {k: float(np.mean([d[k] for d in per_run if k in d])) for k in names}
 
 
 def _row_curves(runs: list[Run]) -> dict | None:

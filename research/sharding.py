@@ -5,13 +5,16 @@ Model code names the axes of every parameter and main activation with logical na
 axes through `LOGICAL_RULES`, the single table that every preset uses; presets differ only in
 the sizes of the mesh axes:
 
-  preset    data  fsdp        tensor  expert
-  dp        N     1           1       1
-  fsdp      1     N           1       1
-  fsdp_tp   1     N / tensor  tensor  1
+  preset    data        fsdp        tensor  expert
+  dp        N / expert  1           1       expert (1)
+  fsdp      1           N / expert  1       expert (1)
+  fsdp_tp   1           N / tensor  tensor  1
+  ep        N / expert  1           1       expert (N when mesh.expert is 1)
+  fsdp_ep   1           N / expert  1       expert (> 1)
 
-(`expert` is reserved for expert parallelism: its size comes from `mesh.expert`, dividing the
-data-parallel part.) A logical dimension whose size does not divide by its mesh axes is
+(`expert` is expert parallelism: MoE experts are sharded on it and tokens move to their
+experts' devices by an all-to-all inside shard_map (research/model/moe.py); tokens are batch-
+sharded over it as well, so it is data parallelism for everything but the experts.) A logical dimension whose size does not divide by its mesh axes is
 replicated instead of raising deep inside XLA; this keeps e.g. 2 KV heads on a 4-way tensor
 axis legal.
 
@@ -33,7 +36,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from research.errors import ResearchError
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
-PRESETS = ("dp", "fsdp", "fsdp_tp")
+PRESETS = ("dp", "fsdp", "fsdp_tp", "ep", "fsdp_ep")
 
 # logical name -> mesh axes (None: replicated). Parameters and activations use distinct names
 # for the model width so that FSDP can shard weights on `embed` while activations keep it whole.
@@ -73,6 +76,13 @@ class MeshError(ResearchError, ValueError):
 def mesh_shape(preset: str, num_devices: int, tensor: int = 1, expert: int = 1) -> dict[str, int]:
   if preset not in PRESETS:
     raise MeshError(f"unknown mesh preset '{preset}' (choose one of {', '.join(PRESETS)})")
+  if preset in ("ep", "fsdp_ep") and tensor != 1:
+    raise MeshError(f"mesh preset '{preset}' has no tensor axis (mesh.tensor={tensor})")
+  if preset == "ep" and expert == 1:
+    expert = num_devices
+  if preset == "fsdp_ep" and expert == 1:
+    raise MeshError("mesh preset 'fsdp_ep' needs mesh.expert > 1 (the expert-parallel size; "
+                    "the rest of the devices is the fsdp axis)")
   if num_devices % (tensor * expert):
     raise MeshError(
         f"mesh preset '{preset}' with tensor={tensor} and expert={expert} needs a device count "
@@ -82,6 +92,10 @@ def mesh_shape(preset: str, num_devices: int, tensor: int = 1, expert: int = 1) 
     if tensor != 1:
       raise MeshError("mesh preset 'dp' has no tensor axis: use fsdp_tp for mesh.tensor > 1")
     return dict(data=rest, fsdp=1, expert=expert, tensor=1)
+  if preset == "ep":
+    return dict(data=rest, fsdp=1, expert=expert, tensor=1)
+  if preset == "fsdp_ep":
+    return dict(data=1, fsdp=rest, expert=expert, tensor=1)
   if preset == "fsdp":
     if tensor != 1:
       raise MeshError("mesh preset 'fsdp' has no tensor axis: use fsdp_tp for mesh.tensor > 1")

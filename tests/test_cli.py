@@ -186,7 +186,7 @@ def test_list_shows_experiments(capsys):
 def test_unknown_experiment(capsys):
   code, _, err = run(capsys, "run", "baselin:scale=smoke")
   assert code == 2
-  assert "unknown experiment 'baselin'; did you mean baseline?" in one_line_error(err)
+  assert "unknown experiment 'baselin'; did you mean baseline" in one_line_error(err)
 
 
 def test_unknown_config_key(capsys):

@@ -46,7 +46,7 @@ def ctx_for(x):
 # ------------------------------------------------------------------------------ router
 
 def test_router_probs_topk_and_switch_loss_by_hand():
-  router = moe.TopKRouter(2, 3, 2, std=1.0, norm_topk=False, rngs=nnx.Rngs(0))
+  router = moe.Router(2, 3, 2, std=1.0, norm_topk=False, rngs=nnx.Rngs(0))
   router.kernel[...] = jnp.array([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
   x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
   r = router(x)
@@ -66,7 +66,7 @@ def test_router_probs_topk_and_switch_loss_by_hand():
 
 
 def test_balanced_switch_loss_is_one_and_norm_topk_sums_to_one():
-  router = moe.TopKRouter(4, 4, 2, std=0.5, norm_topk=True, rngs=nnx.Rngs(1))
+  router = moe.Router(4, 4, 2, std=0.5, norm_topk=True, rngs=nnx.Rngs(1))
   r = router(jax.random.normal(jax.random.key(0), (64, 4)))
   np.testing.assert_allclose(np.asarray(r.gates.sum(-1)), 1.0, rtol=1e-6)
   uniform = moe.Routing(logits=jnp.zeros((8, 4)), probs=jnp.full((8, 4), 0.25),
@@ -181,13 +181,24 @@ def _one_step(c, mesh):
   return np.asarray(logits), jax.tree.map(np.asarray, state["params"]), metrics, spec
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
-def test_expert_sharded_equals_unsharded(dispatch):
-  assert jax.device_count() == 8
-  c = moe_config(num_layers=1, dispatch=dispatch, capacity_factor=0.5)
+@pytest.mark.parametrize("dispatch,router,preset,expert", [
+    ("dropless", "topk", "dp", 8), ("capacity", "topk", "dp", 8),
+    ("capacity", "topk", "ep", 1), ("capacity", "gatepro", "ep", 4),
+    ("capacity", "maxscore", "fsdp_ep", 4), ("dropless", "topk", "fsdp_ep", 2)])
+def test_expert_sharded_equals_unsharded(dispatch, router, preset, expert):
+  """Expert parallelism (experts on the `expert` axis, tokens moved by all-to-all in
+  shard_map) gives the unsharded forward, loss, statistics and one training step, for every
+  router; the capacity semantics (dropped fraction) are those of the one-device run."""
+  if jax.device_count() < 8:
+    pytest.skip(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), "
+                f"has {jax.device_count()}")
+  c = moe_config(num_layers=1, dispatch=dispatch, capacity_factor=0.5 if router != "maxscore"
+                 else 1.0, router=router)
   ref = _one_step(c, sharding.make_mesh("dp", devices=jax.devices()[:1]))
-  got = _one_step(c, sharding.make_mesh("dp", expert=8))
-  assert got[3] == jax.sharding.PartitionSpec("expert", None, None)
+  mesh = sharding.make_mesh(preset, expert=expert)
+  got = _one_step(c, mesh)
+  assert mesh.shape["expert"] == (8 if preset == "ep" and expert == 1 else expert)
+  assert got[3][0] == "expert"
   np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
   assert float(got[2]["loss"]) == pytest.approx(float(ref[2]["loss"]), rel=1e-5)
   assert float(got[2]["aux/moe_balance"]) == pytest.approx(float(ref[2]["aux/moe_balance"]),

@@ -98,9 +98,12 @@ def test_default_model_config_is_assembled_from_the_options():
   """Every option's `defaults` appears under its point with its value; two options sharing a
   setting with different defaults is an error naming it."""
   from research import run_config  # pylint: disable=import-outside-toplevel
-  from research.model import moe  # pylint: disable=import-outside-toplevel
+  from research.model import moe, routers  # pylint: disable=import-outside-toplevel
   c = run_config.default_config()
-  assert c.model.channel.moe.to_dict() == moe.MoE.defaults["moe"]
+  # the moe option's settings, and those of every router (a switch nested in the moe section)
+  assert c.model.channel.moe.to_dict() == {**moe.MoE.defaults["moe"],
+                                           "gatepro": routers.GATEPRO_DEFAULTS,
+                                           "maxscore": routers.MAXSCORE_DEFAULTS}
   assert c.model.head.mtp_weight == head.MultiTokenHead.defaults["mtp_weight"]
   assert [c.model[p].kind for p in ("embed", "residual", "norm", "attention", "channel",
                                     "linear", "head")] == [r.default for r in POINTS]

@@ -1,7 +1,8 @@
 """`research report erc_loss` calls analyze(): for every arm of the swept groups, the ERC loss
 of its trained experts and routers measured after training with the clean router rows (the
 paper's Appendix A: L_ERC at alpha = 1, layer by layer, and the smallest alpha at which it is
-zero), from each finished seed's last checkpoint, as a mean over the seeds.
+zero), from each finished seed's last checkpoint, as a mean over the seeds; then the table of
+every router arm of the MoE experiments sharing the tiny setting (research/router_table.py).
 
 The smallest alpha that zeros L_ERC is max over i != j of max(M[i, j], M[j, i]) / M[i, i]:
 every constraint of the loss holds once alpha M[i, i] reaches both off-diagonal entries.
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from research import report as report_lib
+from research import router_table
 from research.infer import load_run
 from research.model import moe
 
@@ -53,7 +55,11 @@ def _fmt(values) -> str:
 
 
 def analyze(experiment, runs_root, groups, out_dir) -> str:
-  del experiment, out_dir
+  del out_dir
+  return _coupling_table(runs_root, groups) + "\n" + router_table.markdown(experiment, groups)
+
+
+def _coupling_table(runs_root, groups) -> str:
   lines = ["## Coupling after training (Appendix A)", "",
            "L_ERC at alpha = 1 with the clean router rows, per layer, and the smallest alpha "
            "that zeros it (mean over finished seeds, from their last checkpoints); the mean "

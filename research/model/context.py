@@ -48,6 +48,9 @@ class ForwardContext:
   positions: jax.Array  # [batch, seq] int32, absolute position of each token
   deterministic: bool = True  # False enables dropout
   dropout_key: jax.Array | None = None
+  # Training only: the fraction of the run's steps done (a scalar; schedules inside the model,
+  # e.g. GatePro's hot-swap); None reads as the trained model (evaluation, inference)
+  progress: jax.Array | None = None
   aux_losses: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
   slots: dict[str, Any] = dataclasses.field(default_factory=dict)  # Slot name -> value
   # Inference only: the KV cache (research/infer/cache.py KVCache) this forward reads and

@@ -1,7 +1,8 @@
 """Mixture-of-experts channel mixer (`model.channel.kind = "moe"`), in three separable pieces.
 
-  router    TopKRouter: logits = x W_r (fp32), p = softmax(logits), the top-k experts of each
-            token and their gates (the top-k probabilities, renormalized if `norm_topk`)
+  router    Router: logits = x W_r (fp32), p = softmax(logits), each token's k experts and
+            their gates (renormalized if `norm_topk`) by the router of `router`: topk (the
+            top-k probabilities), gatepro or maxscore (research/model/routers.py)
   dispatch  plan_dispatch / dispatch_tokens / combine: every (token, choice) assignment gets a
             slot in its expert's buffer of `capacity` slots per group (a group = one sequence);
             first choices of a group are placed before second choices (GShard), assignments
@@ -50,9 +51,12 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from research import sharding as sharding_lib
 from research.errors import ConfigError
 from research.model import ffn as ffn_lib
+from research.model import routers
 from research.model.linear import init_std, out_depth_factor
 from research.sharding import constrain
 
@@ -69,22 +73,47 @@ class Routing:
   gates: jax.Array    # [..., k] fp32, their weights
 
 
-class TopKRouter(nnx.Module):
-  """Softmax router with top-k selection; logits and probabilities in fp32."""
+class Router(nnx.Module):
+  """The router of one MoE layer: logits = x W_r and p = softmax(logits) in fp32, and the
+  experts and gates of `kind` (research/model/routers.py: topk, gatepro, maxscore)."""
 
   def __init__(self, d_model: int, num_experts: int, top_k: int, *, std: float,
-               norm_topk: bool, rngs: nnx.Rngs):
+               norm_topk: bool, rngs: nnx.Rngs, kind: str = "topk", gatepro=None,
+               maxscore=None):
     init = jax.nn.initializers.normal(std)
     self.kernel = nnx.Param(init(rngs.params(), (d_model, num_experts), jnp.float32),
                             out_sharding=("embed", None))
-    self.top_k, self.norm_topk = top_k, norm_topk
+    self.top_k, self.norm_topk, self.kind = top_k, norm_topk, kind
+    self.gatepro = dict(gatepro or routers.GATEPRO_DEFAULTS)
+    self.maxscore = dict(maxscore or routers.MAXSCORE_DEFAULTS)
 
-  def __call__(self, x: jax.Array) -> Routing:
+  def __call__(self, x: jax.Array, *, progress=None, capacity: int | None = None) -> Routing:
+    """x [G, S, d]; progress: the fraction of training done (None: the trained model);
+    capacity: assignments per expert and group (maxscore's constraint)."""
     logits = jnp.dot(x.astype(jnp.float32), self.kernel[...])
     probs = jax.nn.softmax(logits, axis=-1)
-    gates, experts = jax.lax.top_k(probs, self.top_k)
+    if self.kind == "maxscore":
+      if capacity is None:
+        raise ValueError("the maxscore router needs the dispatch capacity")
+      m = self.maxscore
+      experts = routers.maxscore_assign(probs, self.top_k, capacity, m["sinkhorn_iters"],
+                                        m["sinkhorn_eps"])
+      gates = jnp.where(experts >= 0,
+                        jnp.take_along_axis(probs, jnp.maximum(experts, 0), axis=-1), 0.0)
+      tau = routers.maxscore_boost(m["boost"], m["boost_until"], progress)
+      gates = gates * jnp.concatenate([jnp.ones_like(gates[..., :1]),
+                                       jnp.broadcast_to(tau, gates[..., 1:].shape)], axis=-1)
+    else:
+      scored = probs
+      if self.kind == "gatepro":
+        g = self.gatepro
+        nearest = routers.nearest_competitor(routers.row_cosines(self.kernel[...]))
+        penalised = routers.gatepro_logits(logits, nearest, g["lam"], g["competition"])
+        on = routers.gatepro_on(g["until"], progress)
+        scored = jax.nn.softmax(jnp.where(on, penalised, logits), axis=-1)
+      gates, experts = jax.lax.top_k(scored, self.top_k)
     if self.norm_topk:
-      gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+      gates = gates / jnp.maximum(jnp.sum(gates, axis=-1, keepdims=True), 1e-30)
     return Routing(logits, probs, experts.astype(jnp.int32), gates)
 
 
@@ -166,13 +195,15 @@ def capacity_for(dispatch: str, group_size: int, num_experts: int, top_k: int,
 
 def plan_dispatch(experts: jax.Array, num_experts: int, capacity: int) -> DispatchPlan:
   """Slots for the assignments experts [G, S, k]: choice 0 of every token of a group is placed
-  before choice 1 (GShard's priority), tokens in sequence order; overflow is dropped."""
+  before choice 1 (GShard's priority), tokens in sequence order; overflow is dropped, and so
+  is an expert of -1 (a router that found no room)."""
   g, s, k = experts.shape
   onehot = jax.nn.one_hot(experts, num_experts, dtype=jnp.int32)            # [G, S, k, E]
   ordered = onehot.transpose(0, 2, 1, 3).reshape(g, k * s, num_experts)       # choice-major
   taken = jnp.cumsum(ordered, axis=1) - 1                                     # slot if chosen
   position = jnp.sum(taken * ordered, axis=-1).reshape(g, k, s).transpose(0, 2, 1)
-  kept = position < capacity
+  kept = (position < capacity) & (experts >= 0)  # -1: the router found no expert
+  experts = jnp.maximum(experts, 0)
   groups = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))
   tokens = jnp.broadcast_to(jnp.arange(s)[None, :, None], (g, s, k))
   slot = jnp.where(kept, position, capacity)                                  # overflow column
@@ -195,7 +226,7 @@ def combine(expert_out: jax.Array, plan: DispatchPlan, experts: jax.Array,
   g, s, k = experts.shape
   out = expert_out.transpose(1, 0, 2, 3)                                      # [G, E, C, d]
   slot = jnp.minimum(plan.position, plan.capacity - 1)
-  picked = out[jnp.arange(g)[:, None, None], experts, slot]                  # [G, S, k, d]
+  picked = out[jnp.arange(g)[:, None, None], jnp.maximum(experts, 0), slot]  # [G, S, k, d]
   weight = jnp.where(plan.kept, gates, 0.0).astype(picked.dtype)
   return jnp.einsum("gsk,gskd->gsd", weight, picked)
 
@@ -224,18 +255,56 @@ class Experts(nnx.Module):
                           out_sharding=("experts", "mlp", "embed"))
     self.dtype = dtype
 
+  def weights(self) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+    return (self.up[...], None if self.gate is None else self.gate[...], self.down[...])
+
   def __call__(self, xe: jax.Array) -> jax.Array:
-    cast = lambda w: w[...].astype(self.dtype)  # noqa: E731
-    xe = xe.astype(self.dtype)
-    up = jnp.einsum("egcd,edf->egcf", xe, cast(self.up))
-    if self.gated:
-      h = self.act(jnp.einsum("egcd,edf->egcf", xe, cast(self.gate)), up)
-    else:
-      h = self.act(up)
-    return jnp.einsum("egcf,efd->egcd", h, cast(self.down))
+    mesh = sharding_lib.current_mesh()
+    if mesh is not None and mesh.shape.get("expert", 1) > 1:
+      return expert_parallel(self, xe, mesh)
+    return expert_ffn(xe, *self.weights(), act=self.act, dtype=self.dtype)
 
   def params_per_expert(self) -> int:
     return sum(math.prod(p.shape[1:]) for p in (self.up, self.gate, self.down) if p is not None)
+
+
+def expert_ffn(xe: jax.Array, up: jax.Array, gate: jax.Array | None, down: jax.Array, *, act,
+               dtype) -> jax.Array:
+  """The experts [E, d, f] / [E, f, d] applied to their buffers xe [E, G, C, d]."""
+  xe = xe.astype(dtype)
+  h = jnp.einsum("egcd,edf->egcf", xe, up.astype(dtype))
+  if gate is not None:
+    h = act(jnp.einsum("egcd,edf->egcf", xe, gate.astype(dtype)), h)
+  else:
+    h = act(h)
+  return jnp.einsum("egcf,efd->egcd", h, down.astype(dtype))
+
+
+def expert_parallel(experts: "Experts", xe: jax.Array, mesh) -> jax.Array:
+  """Expert parallelism: the buffers xe [E, G, C, d] of each device's own groups go to the
+  devices that hold their experts by an all-to-all over the `expert` mesh axis, the local
+  experts [E / n, ...] run on [E / n, n G_local, C, d], and a second all-to-all brings the
+  outputs back. Inside shard_map: the experts' weights are never gathered over `expert` (an
+  fsdp-sharded weight is gathered over fsdp, as FSDP does for every weight)."""
+  n = mesh.shape["expert"]
+  num_experts = xe.shape[0]
+  if num_experts % n:
+    raise ConfigError(f"expert parallelism over {n} devices needs model.channel.moe.num_experts "
+                      f"divisible by {n} (it is {num_experts})")
+  groups = sharding_lib.logical_to_spec(("batch",), (xe.shape[1],), mesh)[0]
+  buffers = P(None, groups, None, None)
+  weight = P("expert", None, None)
+  up, gate, down = experts.weights()
+
+  def local(xe, up, down, *gate):
+    xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)      # [E/n, n G_l, C, d]
+    y = expert_ffn(xe, up, gate[0] if gate else None, down, act=experts.act,
+                   dtype=experts.dtype)
+    return jax.lax.all_to_all(y, "expert", 1, 0, tiled=True)     # [E, G_l, C, d]
+
+  args = (xe, up, down) + ((gate,) if gate is not None else ())
+  return jax.shard_map(local, mesh=mesh, in_specs=(buffers,) + (weight,) * (len(args) - 1),
+                       out_specs=buffers, check_vma=False)(*args)
 
 
 # ------------------------------------------------------------------------------ the mixer
@@ -250,6 +319,10 @@ def resolve(m) -> None:
   if e.dispatch not in DISPATCHES:
     raise ConfigError(f"model.channel.moe.dispatch='{e.dispatch}' is not one of "
                       f"{', '.join(DISPATCHES)}")
+  routers.check(e)
+  if e.router == "maxscore" and e.dispatch == "capacity" and e.capacity_factor < 1:
+    raise ConfigError(f"model.channel.moe.router=maxscore assigns every token k experts within "
+                      f"capacity: capacity_factor={e.capacity_factor} must be >= 1")
   if e.d_expert == 0:
     e.d_expert = max(1, m.channel.d_ff // e.top_k)
 
@@ -266,6 +339,8 @@ class MoE(ffn_lib.ChannelMixer):
       capacity_factor=1.25,  # capacity: ceil(factor * seq * top_k / num_experts) slots
       aux_coef=0.01, z_coef=0.0,  # Switch load-balancing loss; router z-loss (ST-MoE)
       norm_topk=False,  # renormalize the top-k gates to sum 1
+      router="topk",  # topk | gatepro | maxscore (research/model/routers.py; their settings
+                      # moe.gatepro.*, moe.maxscore.* come with routers.SWITCH)
       # ERC (expert-router coupling) loss: weight (0 = off; the paper's 1), margin alpha, the
       # proxies' bounded noise (False: the clean router rows, the paper's ablation), and
       # whether its gradient reaches the router rows (the paper's pseudocode is ambiguous)
@@ -284,14 +359,20 @@ class MoE(ffn_lib.ChannelMixer):
       raise ConfigError(f"model.channel.moe.erc_coef={self.erc_coef} and erc_alpha="
                         f"{self.erc_alpha} must be >= 0")
     self.layer = layer
-    self.router = TopKRouter(cfg.d_model, e.num_experts, e.top_k, std=init_std(cfg),
-                             norm_topk=e.norm_topk, rngs=rngs)
+    routers.check(e)
+    kind = e.get("router", "topk")
+    self.router = Router(cfg.d_model, e.num_experts, e.top_k, std=init_std(cfg),
+                         norm_topk=e.norm_topk, rngs=rngs, kind=kind,
+                         gatepro=e.gatepro.to_dict() if kind == "gatepro" else None,
+                         maxscore=e.maxscore.to_dict() if kind == "maxscore" else None)
     self.experts = Experts(cfg, e.num_experts, e.d_expert, layer=layer, dtype=dtype, rngs=rngs)
     self.d_model, self.d_expert = cfg.d_model, e.d_expert
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
     # x: [batch, seq, embed]; groups are sequences.
-    routing = self.router(x)
+    capacity = capacity_for(self.dispatch, x.shape[1], self.num_experts, self.top_k,
+                            self.capacity_factor)
+    routing = self.router(x, progress=None if ctx is None else ctx.progress, capacity=capacity)
     if ctx is not None:
       if self.aux_coef > 0:
         ctx.add_aux_loss("moe_balance", self.aux_coef * switch_balance_loss(routing))
@@ -299,13 +380,20 @@ class MoE(ffn_lib.ChannelMixer):
         ctx.add_aux_loss("moe_z", self.z_coef * router_z_loss(routing))
       if self.erc_coef > 0 and ctx.dropout_key is not None:  # training forwards only
         self._add_erc_loss(ctx)
-    capacity = capacity_for(self.dispatch, x.shape[1], self.num_experts, self.top_k,
-                            self.capacity_factor)
     plan = plan_dispatch(routing.experts, self.num_experts, capacity)
     if ctx is not None:
       ctx.add_stat("moe_dropped", plan.dropped / plan.kept.size)
-    buffers = constrain(dispatch_tokens(x, plan), ("act_experts", "batch", None, "act_embed"))
-    out = constrain(self.experts(buffers), ("act_experts", "batch", None, "act_embed"))
+      cos = routers.row_cosines(self.router.kernel[...])
+      for name, value in routers.diagnostics(routing.probs, routing.experts, plan.kept,
+                                             cos).items():
+        ctx.add_stat(name, jax.lax.stop_gradient(value))
+    buffers = dispatch_tokens(x, plan)
+    mesh = sharding_lib.current_mesh()
+    if mesh is not None and mesh.shape.get("expert", 1) > 1:
+      out = self.experts(buffers)  # expert parallel: placed by its shard_map (expert_parallel)
+    else:
+      buffers = constrain(buffers, ("act_experts", "batch", None, "act_embed"))
+      out = constrain(self.experts(buffers), ("act_experts", "batch", None, "act_embed"))
     return combine(out, plan, routing.experts, routing.gates).astype(x.dtype)
 
   def _add_erc_loss(self, ctx) -> None:

@@ -22,7 +22,7 @@ import copy
 from research import config as config_lib
 from research.errors import ConfigError
 from research.model import attention, embedding, ffn, head, linear, norms, prefill, residual
-from research.model import memory, moda, moe  # noqa: F401  (register channel and sequence mixers)
+from research.model import memory, moda, moe, routers  # noqa: F401  (register channel and sequence mixers)
 from research.model.lm import scan_unsupported
 from research.model.option import merge_settings
 
@@ -31,8 +31,9 @@ POINTS = (embedding.EMBEDDINGS, residual.RESIDUALS, norms.NORM_PLACEMENTS,
 
 
 def switches():
-  """Every switch of the model config: the points' registries, and the prefill kind."""
-  return [registry.switch() for registry in POINTS] + [prefill.SWITCH]
+  """Every switch of the model config: the points' registries, the prefill kind and the MoE
+  router (after the channel point, whose moe section it extends)."""
+  return [registry.switch() for registry in POINTS] + [prefill.SWITCH, routers.SWITCH]
 
 
 def _split(config_key: str) -> tuple[list[str], str]:

@@ -92,10 +92,10 @@ def make_train_step(graphdef, tx, schedule, cfg):
   deterministic = cfg.model.dropout == 0.0
   base_key = jax.random.key(cfg.seed)
 
-  def loss_fn(params, other, inputs, targets, key):
+  def loss_fn(params, other, inputs, targets, key, progress=None):
     model = nnx.merge(graphdef, params, other)
     ctx = ForwardContext(positions=lm_eval.positions_for(inputs), deterministic=deterministic,
-                         dropout_key=key)
+                         dropout_key=key, progress=progress)
     logits = model(inputs, ctx)
     loss = lm_eval.cross_entropy(logits, targets).mean()
     aux = dict(ctx.aux_losses)
@@ -109,22 +109,25 @@ def make_train_step(graphdef, tx, schedule, cfg):
   def step_with_key(state, batch, seed_key):
     params, other = state["params"], state["other"]
     key = jax.random.fold_in(seed_key, state["step"])
+    progress = state["step"].astype(jnp.float32) / max(cfg.train.steps, 1)
     if accum == 1:
-      (_, (loss, aux)), grads = grad_fn(params, other, batch["inputs"], batch["targets"], key)
+      (_, (loss, aux)), grads = grad_fn(params, other, batch["inputs"], batch["targets"], key,
+                                        progress)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
       def body(carry, xs):
         i, mb = xs
         (_, (loss, aux)), grads = grad_fn(params, other, mb["inputs"], mb["targets"],
-                                          jax.random.fold_in(key, i))
+                                          jax.random.fold_in(key, i), progress)
         acc_g, acc_l, acc_a = carry
         return (jax.tree.map(jnp.add, acc_g, grads), acc_l + loss,
                 jax.tree.map(jnp.add, acc_a, aux)), None
 
       zeros = jax.tree.map(jnp.zeros_like, params)
       _, (_, (_, aux0)) = jax.eval_shape(
-          lambda: (0, loss_fn(params, other, micro["inputs"][0], micro["targets"][0], key)))
+          lambda: (0, loss_fn(params, other, micro["inputs"][0], micro["targets"][0], key,
+                              progress)))
       aux_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
       (grads, loss, aux), _ = jax.lax.scan(
           body, (zeros, jnp.zeros((), jnp.float32), aux_zero), (jnp.arange(accum), micro))
