@@ -122,8 +122,10 @@ class Run:
     out = {}
     for key in sorted(k for k in series if k.startswith("stat/")):
       steps, values = series["step"], series[key]
-      keep = np.isfinite(values) & ((steps <= until_step) if until_step is not None else True)
-      picked = values[keep] if until_step is not None else values[keep][-last:]
+      if until_step is None:
+        picked = values[np.isfinite(values)][-last:]
+      else:
+        picked = values[np.isfinite(values) & (steps <= until_step)]
       if len(picked):
         out[key[len("stat/"):]] = float(np.mean(picked))
     return out
@@ -696,6 +698,20 @@ def _plot_diagnostics(experiment: str, group: dict, arms: list[_Arm], out_png: P
   fig.tight_layout()
   fig.savefig(out_png, dpi=110)
   return True
+
+
+def checkpointed_arms(runs_root: str | Path, groups: list[dict]):
+  """Yields (group name, arm, workdirs) for each swept arm of `groups` (what an analysis hook
+  receives) whose finished seeds kept checkpoints: the runs an analysis can load."""
+  for group in groups:
+    manifest = Path(runs_root) / group["group"] / "manifest.json"
+    if not manifest.is_file():
+      continue
+    _, arms = _load_sweep(manifest)
+    for arm in arms:
+      done = [r.workdir for r in arm.finished if (r.workdir / "checkpoints").is_dir()]
+      if done:
+        yield group["group"], arm, done
 
 
 def _analysis_hook(experiment: str):

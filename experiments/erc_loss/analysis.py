@@ -67,23 +67,15 @@ def _coupling_table(runs_root, groups) -> str:
            "| group | arm | L_ERC (alpha 1) per layer | zeroing alpha per layer | eps | dropped |",
            "|---|---|---|---|---|---|"]
   rows = 0
-  for group in groups:
-    manifest = Path(runs_root) / group["group"] / "manifest.json"
-    if not manifest.is_file():
-      continue
-    _, arms = report_lib._load_sweep(manifest)  # pylint: disable=protected-access
-    for arm in arms:
-      found = [(r.workdir, _coupling(r.workdir)) for r in arm.finished
-               if (r.workdir / "checkpoints").is_dir()]
-      if not found:
-        continue
-      loss = np.mean([c[0] for _, c in found], axis=0)
-      alpha = np.mean([c[1] for _, c in found], axis=0)
-      eps = [v for w, _ in found if (v := _last_stat(w, "stat/erc_eps")) is not None]
-      dropped = [v for w, _ in found if (v := _last_stat(w, "stat/moe_dropped")) is not None]
-      eps_text = f"{np.mean(eps):.3f}" if eps else "-"  # arms without noise log none
-      dropped_text = f"{np.mean(dropped):.3f}" if dropped else "-"
-      lines.append(f"| {group['group']} | {arm.name} | {_fmt(loss)} | {_fmt(alpha)} | "
-                   f"{eps_text} | {dropped_text} |")
-      rows += 1
+  for group, arm, workdirs in report_lib.checkpointed_arms(runs_root, groups):
+    found = [(w, _coupling(w)) for w in workdirs]
+    loss = np.mean([c[0] for _, c in found], axis=0)
+    alpha = np.mean([c[1] for _, c in found], axis=0)
+    eps = [v for w, _ in found if (v := _last_stat(w, "stat/erc_eps")) is not None]
+    dropped = [v for w, _ in found if (v := _last_stat(w, "stat/moe_dropped")) is not None]
+    eps_text = f"{np.mean(eps):.3f}" if eps else "-"  # arms without noise log none
+    dropped_text = f"{np.mean(dropped):.3f}" if dropped else "-"
+    lines.append(f"| {group} | {arm.name} | {_fmt(loss)} | {_fmt(alpha)} | "
+                 f"{eps_text} | {dropped_text} |")
+    rows += 1
   return "\n".join(lines) + "\n" if rows else ""

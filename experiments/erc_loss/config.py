@@ -18,7 +18,7 @@ alpha 1 (the paper's defaults), AdamW (0.9, 0.95), weight decay 0.1, cosine to 0
 of width 768, top-8), at capacity 1.25 too.
 """
 
-from research.scales import SCALES, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
+from research.scales import SCALES, apply_moe_setting, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
 
 CLAIM = ("the ERC auxiliary loss (expert-router coupling through noisy router-row proxies) "
          "lowers LM loss vs the same MoE with the load-balancing loss alone, at ~no extra cost")
@@ -26,23 +26,14 @@ CLAIM = ("the ERC auxiliary loss (expert-router coupling through noisy router-ro
 
 def get_config(arg: str = ""):
   c, scale = scaled_config(arg, "erc_loss")
-  m, t = c.model, c.train
-  m.channel.kind = "moe"
-  e = m.channel.moe
-  e.num_experts, e.top_k, e.d_expert = 16, 2, 128
-  # capacity dispatch, 1.25 x the balanced load per expert and sequence (GShard / Switch): the
-  # paper's OLMoE runs dropless, which this static-shape path executes at E/k = 8x the expert
-  # FLOPs (431 ms per tiny step against 107 ms on one CPU core); every arm drops alike, and
-  # the dropped fraction is logged (stat/moe_dropped)
-  e.dispatch, e.capacity_factor = "capacity", 1.25
-  e.aux_coef = 0.01  # the Switch balance loss of the paper's baseline
+  # the shared MoE setting (research/scales.py): capacity 1.25 where the paper's OLMoE runs
+  # dropless; every arm drops alike, and the dropped fraction is logged (stat/moe_dropped).
+  # The balance loss at 0.01 is the paper's baseline; small's expert width d / 2 is the
+  # paper's 3B ratio (1536 -> 768)
+  apply_moe_setting(c, scale)
+  m, t, e = c.model, c.train, c.model.channel.moe
   e.erc_coef, e.erc_alpha, e.erc_noise = 1.0, 1.0, True
-  t.b2 = 0.95
-  if scale == "smoke":
-    e.num_experts, e.d_expert = 4, 32
-  elif scale == "small":
-    e.d_expert = 384  # D = d / 2, as the paper's 3B (1536 -> 768)
-  elif scale == "paper":
+  if scale == "paper":
     m.num_layers, m.d_model, m.num_heads = 12, 1536, 16
     e.num_experts, e.top_k, e.d_expert = 64, 8, 768
     c.data.seq_len = 4096

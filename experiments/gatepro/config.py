@@ -18,7 +18,7 @@ so lambda 0 is exactly the baseline). lambda is ambiguous in the paper ("typical
 experts; the width, depth and training recipe are not stated: OLMoE-like values, see README).
 """
 
-from research.scales import SCALES, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
+from research.scales import SCALES, apply_moe_setting, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
 
 CLAIM = ("penalising the weaker of each nearest pair of router rows lowers LM loss vs the same "
          "MoE with top-k routing and the balance loss, at no parameter and ~no compute")
@@ -26,21 +26,12 @@ CLAIM = ("penalising the weaker of each nearest pair of router rows lowers LM lo
 
 def get_config(arg: str = ""):
   c, scale = scaled_config(arg, "gatepro")
-  m, t = c.model, c.train
-  m.channel.kind = "moe"
-  e = m.channel.moe
-  e.num_experts, e.top_k, e.d_expert = 16, 2, 128
-  e.dispatch, e.capacity_factor = "capacity", 1.25  # as erc_loss (dropless is 4x the step)
-  e.aux_coef = 0.01
+  apply_moe_setting(c, scale)  # the MoE setting shared with erc_loss and max_score_routing
+  m, t, e = c.model, c.train, c.model.channel.moe
   e.norm_topk = True  # GatePro's gates: softmax over the penalised logits within the top-k
   e.router = "gatepro"
   e.gatepro.lam, e.gatepro.until, e.gatepro.competition = 0.5, 1.0, "one_way"
-  t.b2 = 0.95
-  if scale == "smoke":
-    e.num_experts, e.d_expert = 4, 32
-  elif scale == "small":
-    e.d_expert = 384
-  elif scale == "paper":
+  if scale == "paper":
     m.num_layers, m.d_model, m.num_heads = 16, 1024, 16
     e.num_experts, e.top_k, e.d_expert = 128, 6, 512
     c.data.seq_len = 4096

@@ -42,21 +42,14 @@ def _inference_table(runs_root, groups) -> str:
            "(last checkpoints).", "",
            "| group | arm | own routing | top-k, no capacity | difference |", "|---|---|---|---|---|"]
   rows, seen = 0, set()
-  for group in groups:
-    manifest = Path(runs_root) / group["group"] / "manifest.json"
-    if not manifest.is_file():
+  for group, arm, workdirs in report_lib.checkpointed_arms(runs_root, groups):
+    if arm.name in seen:  # an arm shown in several groups is evaluated once
       continue
-    _, arms = report_lib._load_sweep(manifest)  # pylint: disable=protected-access
-    for arm in arms:
-      done = [r.workdir for r in arm.finished if (r.workdir / "checkpoints").is_dir()]
-      if not done or arm.name in seen:
-        continue
-      seen.add(arm.name)
-      own = np.mean([_valid_loss(w, None) for w in done])
-      topk = np.mean([_valid_loss(w, TOPK_DROPLESS) for w in done])
-      lines.append(f"| {group['group']} | {arm.name} | {own:.4f} | {topk:.4f} | "
-                   f"{topk - own:+.4f} |")
-      rows += 1
+    seen.add(arm.name)
+    own = np.mean([_valid_loss(w, None) for w in workdirs])
+    topk = np.mean([_valid_loss(w, TOPK_DROPLESS) for w in workdirs])
+    lines.append(f"| {group} | {arm.name} | {own:.4f} | {topk:.4f} | {topk - own:+.4f} |")
+    rows += 1
   return "\n".join(lines) + "\n" if rows else ""
 
 

@@ -18,7 +18,7 @@ the paper's), gates not renormalised (the released code). The `paper` scale is t
 code's LLaMA-MoE-162M (12 layers, width 768, 16 experts of width 1536, top-2, context 512).
 """
 
-from research.scales import SCALES, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
+from research.scales import SCALES, apply_moe_setting, scaled_config  # noqa: F401  (SCALES: listed by `research list`)
 
 CLAIM = ("routing by a capacity-respecting maximum-score assignment (nothing dropped) lowers LM "
          "loss vs top-k routing that drops tokens past the same capacity")
@@ -26,20 +26,12 @@ CLAIM = ("routing by a capacity-respecting maximum-score assignment (nothing dro
 
 def get_config(arg: str = ""):
   c, scale = scaled_config(arg, "max_score_routing")
-  m, t = c.model, c.train
-  m.channel.kind = "moe"
-  e = m.channel.moe
-  e.num_experts, e.top_k, e.d_expert = 16, 2, 128
-  e.dispatch, e.capacity_factor = "capacity", 1.0
-  e.aux_coef = 0.01
+  apply_moe_setting(c, scale)  # the MoE setting shared with erc_loss and gatepro
+  m, t, e = c.model, c.train, c.model.channel.moe
+  e.capacity_factor = 1.0  # C = k S / E, the paper's
   e.router = "maxscore"
   e.maxscore.boost, e.maxscore.boost_until = 4.0, 0.3
-  t.b2 = 0.95
-  if scale == "smoke":
-    e.num_experts, e.d_expert = 4, 32
-  elif scale == "small":
-    e.d_expert = 384
-  elif scale == "paper":
+  if scale == "paper":
     m.num_layers, m.d_model, m.num_heads = 12, 768, 12
     e.num_experts, e.top_k, e.d_expert = 16, 2, 1536
     c.data.seq_len = 512

@@ -71,6 +71,7 @@ class Routing:
   probs: jax.Array    # [..., E] fp32, softmax(logits)
   experts: jax.Array  # [..., k] int32, chosen experts in descending probability
   gates: jax.Array    # [..., k] fp32, their weights
+  row_cos: jax.Array | None = None  # [E, E] cosines of the router rows (routers.row_cosines)
 
 
 class Router(nnx.Module):
@@ -92,6 +93,7 @@ class Router(nnx.Module):
     capacity: assignments per expert and group (maxscore's constraint)."""
     logits = jnp.dot(x.astype(jnp.float32), self.kernel[...])
     probs = jax.nn.softmax(logits, axis=-1)
+    cos = routers.row_cosines(self.kernel[...])  # GatePro's competition; the diagnostics
     if self.kind == "maxscore":
       if capacity is None:
         raise ValueError("the maxscore router needs the dispatch capacity")
@@ -107,14 +109,14 @@ class Router(nnx.Module):
       scored = probs
       if self.kind == "gatepro":
         g = self.gatepro
-        nearest = routers.nearest_competitor(routers.row_cosines(self.kernel[...]))
+        nearest = routers.nearest_competitor(cos)
         penalised = routers.gatepro_logits(logits, nearest, g["lam"], g["competition"])
         on = routers.gatepro_on(g["until"], progress)
         scored = jax.nn.softmax(jnp.where(on, penalised, logits), axis=-1)
       gates, experts = jax.lax.top_k(scored, self.top_k)
     if self.norm_topk:
       gates = gates / jnp.maximum(jnp.sum(gates, axis=-1, keepdims=True), 1e-30)
-    return Routing(logits, probs, experts.astype(jnp.int32), gates)
+    return Routing(logits, probs, experts.astype(jnp.int32), gates, cos)
 
 
 def switch_balance_loss(routing: Routing) -> jax.Array:
@@ -259,8 +261,8 @@ class Experts(nnx.Module):
     return (self.up[...], None if self.gate is None else self.gate[...], self.down[...])
 
   def __call__(self, xe: jax.Array) -> jax.Array:
-    mesh = sharding_lib.current_mesh()
-    if mesh is not None and mesh.shape.get("expert", 1) > 1:
+    mesh = expert_parallel_mesh()
+    if mesh is not None:
       return expert_parallel(self, xe, mesh)
     return expert_ffn(xe, *self.weights(), act=self.act, dtype=self.dtype)
 
@@ -278,6 +280,13 @@ def expert_ffn(xe: jax.Array, up: jax.Array, gate: jax.Array | None, down: jax.A
   else:
     h = act(h)
   return jnp.einsum("egcf,efd->egcd", h, down.astype(dtype))
+
+
+def expert_parallel_mesh():
+  """The current mesh when its `expert` axis is > 1 (the experts run expert-parallel), else
+  None."""
+  mesh = sharding_lib.current_mesh()
+  return mesh if mesh is not None and mesh.shape.get("expert", 1) > 1 else None
 
 
 def expert_parallel(experts: "Experts", xe: jax.Array, mesh) -> jax.Array:
@@ -359,7 +368,6 @@ class MoE(ffn_lib.ChannelMixer):
       raise ConfigError(f"model.channel.moe.erc_coef={self.erc_coef} and erc_alpha="
                         f"{self.erc_alpha} must be >= 0")
     self.layer = layer
-    routers.check(e)
     kind = e.get("router", "topk")
     self.router = Router(cfg.d_model, e.num_experts, e.top_k, std=init_std(cfg),
                          norm_topk=e.norm_topk, rngs=rngs, kind=kind,
@@ -383,13 +391,11 @@ class MoE(ffn_lib.ChannelMixer):
     plan = plan_dispatch(routing.experts, self.num_experts, capacity)
     if ctx is not None:
       ctx.add_stat("moe_dropped", plan.dropped / plan.kept.size)
-      cos = routers.row_cosines(self.router.kernel[...])
       for name, value in routers.diagnostics(routing.probs, routing.experts, plan.kept,
-                                             cos).items():
+                                             routing.row_cos).items():
         ctx.add_stat(name, jax.lax.stop_gradient(value))
     buffers = dispatch_tokens(x, plan)
-    mesh = sharding_lib.current_mesh()
-    if mesh is not None and mesh.shape.get("expert", 1) > 1:
+    if expert_parallel_mesh() is not None:
       out = self.experts(buffers)  # expert parallel: placed by its shard_map (expert_parallel)
     else:
       buffers = constrain(buffers, ("act_experts", "batch", None, "act_embed"))
