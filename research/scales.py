@@ -104,3 +104,59 @@ def apply_moe_setting(c: ml_collections.ConfigDict, scale: str) -> ml_collection
   elif scale == "small":
     e.d_expert = 384
   return c
+
+
+def apply_recurrent_setting(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The setting the recurrent-mixer papers share (retnet, gla, deltaproduct, matmul_free), on a
+  scaled config `c` (in place; returned): the scale's decoder and data as they are, so their rows
+  compare with each other and with the softmax baseline of the same scale, and the
+  `extrapolation` evaluator (validation loss at 1x-8x the training context) at the end."""
+  names = [n for n in c.eval.evaluators.split(",") if n]
+  if "extrapolation" not in names:
+    c.eval.evaluators = ",".join(names + ["extrapolation"])
+  return c
+
+
+def _non_embedding_params(c: ml_collections.ConfigDict) -> int:
+  from research import run_config  # pylint: disable=import-outside-toplevel
+  from research.model.lm import abstract_model, model_summary  # pylint: disable=import-outside-toplevel
+  r = run_config.resolve(c)
+  r.model.vocab_size = 256  # the embedding does not depend on the FFN width
+  return int(model_summary(abstract_model(r.model), r.data.seq_len)["params_non_embedding"])
+
+
+def match_dense_params(c: ml_collections.ConfigDict, multiple: int = 8) -> ml_collections.ConfigDict:
+  """Sets `model.channel.d_ff` (in place; `c` returned) so that the decoder has the
+  non-embedding parameters of the same config with softmax attention (`model.attention.kind =
+  dense`) at its derived FFN width, to the nearest `multiple`: a sequence mixer with more
+  projections than attention's four (RetNet's 8 d^2, DeltaProduct's n_h-fold keys and values)
+  gives the difference back from its FFN, as the papers compare at equal size."""
+  ref = ml_collections.ConfigDict(c.to_dict())
+  ref.model.attention.kind = "dense"
+  ref.model.channel.d_ff = 0
+  from research import run_config  # pylint: disable=import-outside-toplevel
+  base_ff = run_config.resolve(ref).model.channel.d_ff
+  target = _non_embedding_params(ref)
+  trial = ml_collections.ConfigDict(c.to_dict())
+  trial.model.channel.d_ff = base_ff
+  p0 = _non_embedding_params(trial)
+  trial.model.channel.d_ff = base_ff + 64
+  slope = (_non_embedding_params(trial) - p0) / 64
+  width = base_ff + (target - p0) / slope
+  d_ff = int(max(multiple, multiple * round(width / multiple)))
+  c.model.channel.d_ff = d_ff
+  return c
+
+
+def matched_arm(experiment: str, arg: str, overrides: dict) -> dict:
+  """A sweep arm's overrides plus the `model.channel.d_ff` that matches the arm's non-embedding
+  parameters to softmax attention's at the same config (`match_dense_params`), so an arm that
+  changes the mixer's projections (a gate removed, n_h Householder keys) moves the difference
+  into its FFN, and the arm's overrides state the width it trains."""
+  from research import experiments  # pylint: disable=import-outside-toplevel
+  from research.config import apply_overrides  # pylint: disable=import-outside-toplevel
+  c = experiments.get_config(f"{experiment}:{arg}")
+  c.model.channel.d_ff = 0
+  apply_overrides(c, overrides)
+  match_dense_params(c)
+  return {**overrides, "model.channel.d_ff": int(c.model.channel.d_ff)}

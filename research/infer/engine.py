@@ -112,7 +112,7 @@ class Engine:
   # ---------------------------------------------------------------- traced functions
   def _prefill_fn(self, state, tokens, lengths, key, temperature, top_p, *, greedy):
     model = nnx.merge(self.graphdef, state)
-    cache = KVCache.empty(tokens.shape[0], self.max_len)
+    cache = KVCache.empty(tokens.shape[0], self.max_len, real=lengths)
     ctx = ForwardContext(positions=cache.query_positions(tokens.shape[1]), cache=cache)
     logits = model(tokens, ctx, logits_at=(lengths - 1)[:, None])[:, 0]
     stats = ctx.cache.stats

@@ -8,6 +8,10 @@ stored in the parameter dtype (fp32) and cast to the compute dtype at use.
   sdd    y = alpha * z / rms(z), z = x W     Scale-Distribution Decoupling (Wang et al. 2025,
                                              eq. 3): the normalization fixes the output scale,
                                              the per-channel alpha sets it
+  bitlinear  y = Q8(RMSNorm(x)) T(W)         the MatMul-free LM's BitLinear (Zhu et al. 2024,
+                                             sec. 3.1): ternary weights with one absmean scale
+                                             per tensor, 8-bit absmax activations per token,
+                                             straight-through gradients to fp32 latent weights
 
 Each projection has a role: "in" (q, k, v, FFN up and gate) or "out" (attention and FFN output
 projections, which write into the residual stream). The role selects the init: weights are
@@ -121,6 +125,63 @@ class SDDLinear(Linear):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return rms_norm(self.proj(x), self.alpha[...], self.eps).astype(self.dtype)
+
+
+def quantize_activations(x: jax.Array, bits: int) -> jax.Array:
+  """Per-token absmax quantization to `bits` (BitNet / MatMul-free LM): s = (2^(b-1) - 1) /
+  max|x| (max clamped at 1e-5), x_q = clip(round(x s), -2^(b-1), 2^(b-1) - 1) / s."""
+  top = 2.0 ** (bits - 1)
+  scale = (top - 1) / jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-5)
+  return jnp.clip(jnp.round(x * scale), -top, top - 1) / scale
+
+
+def ternarize(w: jax.Array) -> jax.Array:
+  """Per-tensor absmean ternary weights: gamma = mean|W| (clamped at 1e-5),
+  W_q = clip(round(W / gamma), -1, 1) gamma. The mean runs over the whole (sharded) tensor."""
+  gamma = jnp.maximum(jnp.mean(jnp.abs(w)), 1e-5)
+  return jnp.clip(jnp.round(w / gamma), -1.0, 1.0) * gamma
+
+
+def straight_through(x: jax.Array, quantized: jax.Array) -> jax.Array:
+  """The quantized value forward, the identity's gradient backward (x + sg(q(x) - x))."""
+  return x + jax.lax.stop_gradient(quantized - x)
+
+
+@LINEARS.register("bitlinear")
+class BitLinear(Linear):
+  """BitLinear (MatMul-free LM, sec. 3.1; the released code's `BitLinear`): its own RMSNorm of
+  the input (a gain per input feature, eps 1e-8), activations quantized per token to
+  `act_bits`, weights ternary with one absmean scale per tensor, both through straight-through
+  estimators; the optimizer keeps fp32 latent weights and evaluation uses the quantized ones
+  (the forward always quantizes). The embedding and the LM head are not linears of this
+  family, so they stay in full precision, as in the paper."""
+
+  defaults = dict(bitlinear=dict(act_bits=8, norm=True))
+
+  def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
+               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0):
+    del gain
+    b = cfg.linear.bitlinear if cfg is not None else None
+    self.act_bits = b.act_bits if b is not None else 8
+    if not 2 <= self.act_bits <= 16:
+      raise ValueError(f"model.linear.bitlinear.act_bits must be in 2..16, got {self.act_bits}")
+    self.proj = PlainLinear(in_features, out_features, axes=axes, std=std, use_bias=use_bias,
+                            dtype=dtype, rngs=rngs)
+    self.norm = (nnx.Param(jnp.ones((in_features,), jnp.float32), out_sharding=(axes[0],))
+                 if b is None or b.norm else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    if self.norm is not None:
+      x = rms_norm(x, self.norm[...], 1e-8)
+    x = straight_through(x, quantize_activations(x, self.act_bits))
+    w = self.proj.kernel[...]
+    w = straight_through(w, ternarize(w))
+    y = token_matmul(x.astype(self.dtype), w.astype(self.dtype))
+    if self.proj.bias is not None:
+      y = y + self.proj.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+    return y
 
 
 def make_linear(cfg, in_features: int, out_features: int, *, axes: Sequence[str], role: str,

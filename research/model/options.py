@@ -22,7 +22,7 @@ import copy
 from research import config as config_lib
 from research.errors import ConfigError
 from research.model import attention, embedding, ffn, head, linear, norms, prefill, residual
-from research.model import memory, moda, moe, routers  # noqa: F401  (register channel and sequence mixers)
+from research.model import memory, moda, moe, recurrent, routers  # noqa: F401  (register channel and sequence mixers)
 from research.model.lm import scan_unsupported
 from research.model.option import merge_settings
 
