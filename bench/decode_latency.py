@@ -2,6 +2,8 @@
 
   python bench/decode_latency.py                          # the tiny shape, contexts 256 .. 4096
   python bench/decode_latency.py --mixers dense,gla --contexts 256,1024 --steps 32
+  python bench/decode_latency.py --json bench/results/decode_latency.json   # also as JSON (the
+                                                    # recurrent experiments' mixer table reads it)
 
 For each mixer the decoder of the `tiny` scale (4 x 128, 4 heads; weights at init: latency does
 not depend on them) prefills a context of L tokens into a cache of L + steps slots, then runs
@@ -13,7 +15,11 @@ cache and its step grow with L); the recurrent mixers carry a fixed-size state p
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -59,6 +65,7 @@ def main() -> None:
   p.add_argument("--mixers", default=",".join(MIXERS))
   p.add_argument("--contexts", default=",".join(map(str, CONTEXTS)))
   p.add_argument("--steps", type=int, default=64)
+  p.add_argument("--json", default="", help="also write the figures to this JSON file")
   a = p.parse_args()
   mixers = [m for m in a.mixers.split(",") if m]
   contexts = [int(x) for x in a.contexts.split(",") if x]
@@ -67,13 +74,22 @@ def main() -> None:
   print("| mixer | " + " | ".join(f"{n} ms/token" for n in contexts) + " | "
         + " | ".join(f"{n} cache KB" for n in contexts) + " |")
   print("|---" * (1 + 2 * len(contexts)) + "|")
+  kinds = {}
   for kind in mixers:
     lat, size = [], []
     for n in contexts:
       t, b = measure(kind, n, a.steps)
+      kinds.setdefault(kind, {})[str(n)] = {"ms": 1e3 * t, "cache_bytes": b}
       lat.append(f"{1e3 * t:.2f}")
       size.append(f"{b / 1024:,.0f}")
     print(f"| {kind} | " + " | ".join(lat) + " | " + " | ".join(size) + " |", flush=True)
+  if a.json:
+    out = {"command": "python bench/decode_latency.py " + " ".join(sys.argv[1:]),
+           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+           "date": datetime.date.today().isoformat(), "steps": a.steps, "kinds": kinds}
+    path = pathlib.Path(a.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -63,11 +63,12 @@ def core_config() -> ml_collections.ConfigDict:
   d.passkey_mix = 0.0
   d.passkey_keys = 1
   d.passkey_key_len = 5
-  # corpus mqar | facts (research/data/synthetic.py; tokenizer "synthetic"): sizes of the tasks
+  # corpus mqar | facts | group (research/data/synthetic.py; tokenizer "synthetic"): sizes of the tasks
   d.synthetic = ml_collections.ConfigDict(dict(
       num_keys=128, num_values=128,  # MQAR key / value vocabularies (facts use the values too)
       pairs=16,  # MQAR key-value pairs per sequence
       entities=1024, attributes=4,  # facts: entities x attributes facts, each one value
+      group="S3",  # group: the word problem's group (S3, S4, S5, A4, A5)
       train_sequences=20000, valid_sequences=512,  # instances generated per split
       seed=0))  # which facts / instances (the run seed only orders them)
 

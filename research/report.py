@@ -294,6 +294,8 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
       "exact_match": _stats([r.summary["valid_exact_match"] for r in done
                              if "valid_exact_match" in r.summary]),
       "step_time_s": _mean_finite([r.summary.get("step_time_s") for r in done]),
+      # the extrapolation evaluator's losses per evaluated length, mean over the seeds
+      "extrapolation": _mean_nested([r.summary.get("extrapolation") for r in done]),
       # the forward's statistics (stat/*: MoE drops, router diagnostics), mean over the seeds:
       # at the end of training, and over the first EARLY_STEPS
       "stats": _mean_stats([r.stats() for r in done]),
@@ -433,6 +435,20 @@ def _previous_results(out_dir: Path, experiment: str) -> dict[str, dict]:
       row.setdefault("date", group["date"])
     groups[group["group"]] = group
   return groups
+
+
+def _mean_nested(entries: list) -> dict | None:
+  """{key: {metric: mean over the entries that have it}} of nested summary dicts such as the
+  extrapolation evaluator's {"128": {"loss": ..., "tail": ...}}; None when none has one."""
+  entries = [e for e in entries if e]
+  if not entries:
+    return None
+  out: dict = {}
+  for key in sorted({k for e in entries for k in e}, key=lambda k: (len(k), k)):
+    metrics = sorted({m for e in entries if key in e for m in e[key]})
+    out[key] = {m: float(np.mean([e[key][m] for e in entries if key in e and m in e[key]]))
+                for m in metrics}
+  return out
 
 
 def _mean_profile(profiles: list) -> list[float] | None:

@@ -302,3 +302,23 @@ def test_length_extrapolation_windows_and_losses():
   assert set(out) == {"16", "32"}
   assert out["16"]["loss"] == pytest.approx(out["16"]["tail"])
   assert all(np.isfinite(v["loss"]) and np.isfinite(v["tail"]) for v in out.values())
+
+
+def test_mixer_table_rows_from_results(tmp_path):
+  from research import mixer_table  # pylint: disable=import-outside-toplevel
+  decode = tmp_path / "decode.json"
+  decode.write_text('{"device": "cpu", "jax": "x", "date": "d", "kinds": {"retention": '
+                    '{"4096": {"ms": 1.5, "cache_bytes": 2048}}}}')
+  ext = {n: {"loss": 1.0, "tail": float(n) / 1000} for n in ("64", "128", "256", "512")}
+  groups = [{"group": "table6", "arg": "scale=tiny,corpus=tinyshakespeare", "arms": [
+      {"arm": "no_gate", "valid_loss": {"mean": 1.8, "std": 0.01, "values": [1.79, 1.81]},
+       "extrapolation": ext, "overrides": {"model.attention.retention.gate": False},
+       "step_time_s": 0.3},
+      {"arm": "retnet", "valid_loss": {"mean": 1.7, "std": 0.01, "values": [1.69, 1.71]},
+       "extrapolation": ext, "overrides": {}, "step_time_s": 0.3},
+      {"arm": "unfinished", "valid_loss": {}, "overrides": {}}]}]
+  md = mixer_table.markdown("retnet", groups, results_root=tmp_path, decode_json=decode)
+  lines = [x for x in md.splitlines() if x.startswith("| tinyshakespeare")]
+  assert [x.split(" | ")[2] for x in lines] == ["retnet", "no_gate"]  # sorted by loss
+  assert "retention (log_spaced, no gate)" in lines[1]
+  assert "| 0.128 | 0.256 | 0.512 |" in lines[0] and "| 1.50 | 2 |" in lines[0]

@@ -122,3 +122,31 @@ def test_trainer_scores_exact_match_on_a_task(tmp_path):
   assert [l["exact_match"] for l in lines if l["split"] == "valid"][-1] == pytest.approx(
       summary["valid_exact_match"])
   assert summary["params_activated"] == summary["params"]
+
+
+def test_group_word_problem_products_by_hand():
+  """S3's elements in lexicographic order (0 = identity); each input element is followed by the
+  running product p_i = x_i p_{i-1}, composed as functions ((a b)(j) = a[b[j]])."""
+  from research.data import synthetic  # pylint: disable=import-outside-toplevel
+  elements = synthetic.group_elements("S3")
+  assert elements.tolist()[:3] == [[0, 1, 2], [0, 2, 1], [1, 0, 2]]
+  assert [len(synthetic.group_elements(g)) for g in ("S4", "A4", "A5")] == [24, 12, 60]
+  table = synthetic.multiplication_table(elements)
+  assert table[4, 5] == 2  # (2,0,1) after (2,1,0) = (1,0,2)
+  assert (table[0] == np.arange(6)).all() and (table[:, 0] == np.arange(6)).all()
+  c = config_lib.core_config()
+  c.data.corpus, c.data.tokenizer, c.data.seq_len = "group", "synthetic", 9
+  task = synthetic.make_task(c.data)
+  x = task.generate(4, 0)
+  lo = task.layout
+  assert x.shape == (4, 10)
+  for row in x:
+    p = 0
+    for i in range(0, 10, 2):
+      p = table[row[i] - lo.key0, p]
+      assert row[i + 1] - lo.value0 == p
+  answers = np.asarray(task.answer_mask(x[:, :-1], x[:, 1:]))
+  assert answers[:, 0::2].all() and not answers[:, 1::2].any()
+  c.data.synthetic.group = "S7"
+  with pytest.raises(ConfigError, match="group='S7'"):
+    synthetic.make_task(c.data)

@@ -1,4 +1,5 @@
-"""Synthetic tasks as corpora: multi-query associative recall (`mqar`) and fact recall (`facts`).
+"""Synthetic tasks as corpora: multi-query associative recall (`mqar`), fact recall (`facts`) and
+the word problem of a permutation group (`group`, state tracking).
 
 Both are token-level, with their own vocabulary (tokenizer `synthetic`), and are generated at
 load time from `data.synthetic.seed` (nothing is stored on disk). Every instance is exactly
@@ -25,18 +26,28 @@ facts  A fixed table (from the task seed) gives every (entity, attribute) a valu
        be copied from context: the score is parametric recall. Held-out instances are new
        arrangements of the same facts (the knowledge is the training set's; the prompts are
        new), which is what "recall of seen facts from held-out prompts" measures.
+group  The word problem of `data.synthetic.group` (S3, S4, S5: all permutations of 3-5 items;
+       A4, A5: the even ones), the state-tracking task of the DeltaProduct paper: random
+       elements x_1, x_2, ... each followed by the running product p_i = x_i p_{i-1}
+       (permutations composed as functions, p_0 the identity):
+         k4 v4 k1 v3 k5 v0 ...        (k: an input element, v: a product, both indexed by
+                                       the group's elements in lexicographic order)
+       Answers: every product (predicted from the input element before it); the inputs are
+       uniform, so their loss is log |G| by construction. Held-out instances are new draws.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
 
 from research.errors import ConfigError
 
-TASKS = ("mqar", "facts")
+TASKS = ("mqar", "facts", "group")
+GROUPS = ("S3", "S4", "S5", "A4", "A5")
 PAD, SEP = 0, 1
 VALID_STREAM, TRAIN_STREAM = 1, 0
 
@@ -104,11 +115,14 @@ class Task:
   pairs: int = 0       # mqar
   entities: int = 0    # facts
   seed: int = 0
+  group: str = ""      # group
 
   def generate(self, num: int, stream: int) -> np.ndarray:
     """[num, length] int32 instances; `stream` 0 = train, 1 = valid (disjoint draws)."""
     rng = np.random.default_rng([self.seed, stream, 0x5E7])
-    return _mqar(self, num, rng) if self.name == "mqar" else _facts(self, num, rng)
+    make = {"mqar": _mqar, "facts": _facts, "group": _word_problem}[self.name]
+    return make(self, num, rng)
+
 
   def answer_mask(self, inputs, targets):
     """Where targets are answers: value tokens (after the separator, for mqar). Works on numpy
@@ -133,6 +147,14 @@ def make_task(data_cfg) -> Task:
   if data_cfg.tokenizer != "synthetic":
     raise ConfigError(f"data.corpus='{data_cfg.corpus}' is token-level: set "
                       "data.tokenizer='synthetic'")
+  if data_cfg.corpus == "group":
+    if s.group not in GROUPS:
+      raise ConfigError(f"data.synthetic.group='{s.group}' is not one of {', '.join(GROUPS)}")
+    if length < 3:
+      raise ConfigError("data.corpus='group' needs seq_len >= 2 (an element and its product)")
+    size = len(group_elements(s.group))
+    return Task("group", Layout(keys=size, values=size, digits=0, attributes=0), length,
+                seed=s.seed, group=s.group)
   digits = math.isqrt(max(s.entities - 1, 0)) + 1
   layout = Layout(keys=s.num_keys, values=s.num_values, digits=digits, attributes=s.attributes)
   task = Task(data_cfg.corpus, layout, length, pairs=s.pairs, entities=s.entities, seed=s.seed)
@@ -147,6 +169,39 @@ def make_task(data_cfg) -> Task:
       raise ConfigError(f"data.synthetic: {s.entities} entities x {s.attributes} attributes do "
                         f"not fill an instance of {length} tokens with distinct facts")
   return task
+
+
+def group_elements(name: str) -> np.ndarray:
+  """[|G|, n] the permutations of group `name` (S_n: all of n items; A_n: the even ones), in
+  lexicographic order; row 0 is the identity."""
+  kind, n = name[0], int(name[1:])
+  perms = np.array(list(itertools.permutations(range(n))), np.int64)
+  if kind == "A":
+    inversions = (perms[:, :, None] > perms[:, None, :]).astype(int)
+    parity = np.triu(inversions, 1).sum(axis=(1, 2)) % 2
+    perms = perms[parity == 0]
+  return perms
+
+
+def multiplication_table(elements: np.ndarray) -> np.ndarray:
+  """[|G|, |G|] index of a b (a after b: (a b)(j) = a[b[j]]) for the rows of `elements`."""
+  index = {tuple(p): i for i, p in enumerate(elements)}
+  return np.array([[index[tuple(a[b])] for b in elements] for a in elements], np.int64)
+
+
+def _word_problem(task: Task, num: int, rng: np.random.Generator) -> np.ndarray:
+  lo, length = task.layout, task.length
+  table = multiplication_table(group_elements(task.group))
+  steps = -(-length // 2)
+  x = rng.integers(0, len(table), (num, steps))
+  prod = np.zeros((num, steps), np.int64)
+  p = np.zeros((num,), np.int64)  # the identity
+  for i in range(steps):
+    p = table[x[:, i], p]
+    prod[:, i] = p
+  out = np.empty((num, 2 * steps), np.int32)
+  out[:, 0::2], out[:, 1::2] = x + lo.key0, prod + lo.value0
+  return out[:, :length]
 
 
 def _mqar(task: Task, num: int, rng: np.random.Generator) -> np.ndarray:

@@ -11,10 +11,16 @@ for every length where the stream allows), so lengths differ in context, not in 
 sequence mixer runs (softmax attention reads RoPE positions it never trained at; a recurrent
 mixer carries its state). `length_extrapolation` is the reusable function; as an evaluator
 (`eval.evaluators` naming `extrapolation`) it reads the run's data settings from config.json.
+
+On the `group` word problem (research/data/synthetic.py) a long window of the validation stream
+would cross instances, so the evaluator draws held-out instances of each length instead and adds
+their exact match (`exact_match`: every running product right) to each entry: the state-tracking
+test of length generalisation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -23,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from research import sharding
+from research.eval.exact_match import evaluate_task
 from research.eval.lm_eval import cross_entropy
 
 MULTIPLES = (1, 2, 4, 8)
@@ -44,9 +51,10 @@ def windows(valid: np.ndarray, length: int, count: int = WINDOWS) -> np.ndarray:
   return np.stack([valid[s:s + span] for s in starts]).astype(np.int32)
 
 
-def length_extrapolation(model, valid: np.ndarray, seq_len: int,
-                         multiples=MULTIPLES, count: int = WINDOWS) -> dict[str, dict]:
-  """{str(m * seq_len): {"loss", "tail"}} for each multiple m (see the module docstring)."""
+def length_extrapolation(model, valid: np.ndarray | None, seq_len: int,
+                         multiples=MULTIPLES, count: int = WINDOWS, task=None) -> dict[str, dict]:
+  """{str(m * seq_len): {"loss", "tail"}} for each multiple m (see the module docstring); with a
+  `group` task, over held-out instances of each length, with their `exact_match`."""
 
   @nnx.jit
   def nll(model, tokens):
@@ -56,13 +64,21 @@ def length_extrapolation(model, valid: np.ndarray, seq_len: int,
   out = {}
   for m in multiples:
     length = m * seq_len
-    data = windows(valid, length, count)
+    long_task = None
+    if task is not None:
+      long_task = dataclasses.replace(task, length=length + 1)
+      data = long_task.generate(count, 2)  # neither the train (0) nor the valid (1) stream
+    else:
+      data = windows(valid, length, count)
     losses = []
     for i in range(0, len(data), BATCH):
       losses.append(np.asarray(sharding.to_host(nll(model, jnp.asarray(data[i:i + BATCH])))))
     per_token = np.concatenate(losses)  # [n, length]
     out[str(length)] = {"loss": float(per_token.mean()),
                         "tail": float(per_token[:, -seq_len:].mean())}
+    if long_task is not None:
+      out[str(length)]["exact_match"] = evaluate_task(model, long_task, num=count,
+                                                      batch_size=BATCH, seed_offset=1)
   return out
 
 
@@ -76,5 +92,8 @@ def at_end(model, *, tokens: jax.Array, workdir, title: str, primary: bool) -> d
   saved = json.loads((workdir / "config.json").read_text())["config"]
   c = run_config.expand(saved)
   corpus = load_tokenized(c.data)
-  return {"extrapolation": length_extrapolation(model, corpus.valid, c.data.seq_len)}
+  task = corpus.task if corpus.task is not None and corpus.task.name == "group" else None
+  if corpus.task is not None and task is None:
+    return {}  # mqar / facts: instances of one length; nothing to extrapolate
+  return {"extrapolation": length_extrapolation(model, corpus.valid, c.data.seq_len, task=task)}
 
