@@ -322,3 +322,25 @@ def test_mixer_table_rows_from_results(tmp_path):
   assert [x.split(" | ")[2] for x in lines] == ["retnet", "no_gate"]  # sorted by loss
   assert "retention (log_spaced, no gate)" in lines[1]
   assert "| 0.128 | 0.256 | 0.512 |" in lines[0] and "| 1.50 | 2 |" in lines[0]
+
+
+@pytest.mark.parametrize("kind,linear_kind", [("gla", "plain"), ("deltaproduct", "plain"),
+                                              ("mlgru", "bitlinear")])
+def test_recurrent_mixers_sharded_equal_unsharded(kind, linear_kind):
+  """Forward, loss and one training step on the 8-device fsdp x tensor mesh equal one device
+  (the convolution's channels and the heads split over `tensor`; BitLinear's per-tensor scale
+  is a mean over the whole sharded kernel)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")
+  from research import sharding  # pylint: disable=import-outside-toplevel
+  from test_sharding import make_config, one_step  # pylint: disable=import-outside-toplevel
+  c = run_config.expand(make_config().to_dict())  # the sharding tests' setting, every option
+  c.model.attention.kind, c.model.linear.kind = kind, linear_kind
+  c.model.attention.chunk = 4
+  c = run_config.resolve(c)
+  ref_logits, ref_params, ref_loss, _ = one_step(c, sharding.make_mesh("dp", devices=jax.devices()[:1]))
+  logits, params, loss, _ = one_step(c, sharding.make_mesh("fsdp_tp", tensor=2))
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  assert loss == pytest.approx(ref_loss, rel=1e-5)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
