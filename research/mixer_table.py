@@ -93,7 +93,7 @@ def markdown(experiment: str, groups: list[dict], results_root: str | Path | Non
   lines = ["## Every sequence-mixer arm of the shared tiny setting\n",
            "Per corpus, sorted by valid loss (mean ± std over seeds). Extrapolation: the loss on "
            "the last 64 tokens of windows of 128 / 256 / 512 tokens (trained at 64; on the "
-           "state-tracking task, the exact match of every running product over whole "
+           "state-tracking task, the fraction of running products right on held-out "
            "instances of that length). Step: seconds per stacked 3-seed step during the sweep "
            "(another sweep on the other core)."
            + (f" Decoding (`{decode.get('command', 'bench/decode_latency.py')}`, "

@@ -343,4 +343,20 @@ def test_recurrent_mixers_sharded_equal_unsharded(kind, linear_kind):
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
   assert loss == pytest.approx(ref_loss, rel=1e-5)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Adam divides by sqrt(v): near-zero gradients turn reduction-order noise into parameter
+    # differences; 2e-5 is 2% of one update at lr 1e-3 (measured: 1.1e-5 on one of 8192)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["retention", "gla", "deltaproduct", "mlgru"])
+def test_bf16_compute_stays_near_fp32(kind):
+  """The projections run in bf16 (the accelerators' compute dtype) while the recurrence, its
+  state and the norms stay fp32: logits within bf16's rounding of the fp32 model's."""
+  cfg = _model_cfg(kind)
+  tokens = jax.random.randint(jax.random.key(7), (2, 11), 0, 50)
+  f32 = DecoderLM(cfg, rngs=nnx.Rngs(0))
+  b16 = DecoderLM(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  run = nnx.jit(lambda m: m(tokens))
+  want, got = np.asarray(run(f32)), np.asarray(run(b16), np.float32)
+  assert np.isfinite(got).all()
+  assert np.abs(got - want).max() < 0.05 * np.abs(want).max() + 0.05

@@ -4,7 +4,9 @@ with beta in (0, 2) their eigenvalues reach -1, which the paper ties to state tr
 length extrapolation.
 
   research run deltaproduct                            # DeltaProduct_2 [-1, 1] at the tiny scale
-  research run deltaproduct --config.model.attention.deltaproduct.householder=1   # DeltaNet
+  research run deltaproduct --config.model.attention.deltaproduct.householder=1   # DeltaNet at
+                                                       # n_h = 2's FFN width (the sweep's arm
+                                                       # matches its parameters: d_ff 304)
   research run deltaproduct:scale=smoke                # seconds; used by the tests
   research sweep deltaproduct && research report deltaproduct
 

@@ -3,7 +3,8 @@ data-dependent forget gate per key dimension, alpha_t = sigmoid(x W1 W2 + b)^(1/
 a chunkwise form and decoded with a constant-size state.
 
   research run gla                                     # GLA at the tiny scale
-  research run gla --config.model.attention.gla.gate=none      # linear attention
+  research run gla --config.model.attention.gla.gate=none      # linear attention (at GLA's
+                                                       # d_ff; the sweep's arm matches: 352)
   research run gla:scale=smoke                         # seconds; used by the tests
   research sweep gla && research report gla
 

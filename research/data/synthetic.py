@@ -1,7 +1,7 @@
 """Synthetic tasks as corpora: multi-query associative recall (`mqar`), fact recall (`facts`) and
 the word problem of a permutation group (`group`, state tracking).
 
-Both are token-level, with their own vocabulary (tokenizer `synthetic`), and are generated at
+All are token-level, with their own vocabulary (tokenizer `synthetic`), and are generated at
 load time from `data.synthetic.seed` (nothing is stored on disk). Every instance is exactly
 `seq_len + 1` tokens, one training window: the pipeline starts its windows on the instance grid
 (`TokenizedCorpus.task` set, so `make_train_iterator(aligned=True)`), and the fixed validation
@@ -122,7 +122,6 @@ class Task:
     rng = np.random.default_rng([self.seed, stream, 0x5E7])
     make = {"mqar": _mqar, "facts": _facts, "group": _word_problem}[self.name]
     return make(self, num, rng)
-
 
   def answer_mask(self, inputs, targets):
     """Where targets are answers: value tokens (after the separator, for mqar). Works on numpy

@@ -13,9 +13,9 @@ mixer carries its state). `length_extrapolation` is the reusable function; as an
 (`eval.evaluators` naming `extrapolation`) it reads the run's data settings from config.json.
 
 On the `group` word problem (research/data/synthetic.py) a long window of the validation stream
-would cross instances, so the evaluator draws held-out instances of each length instead and adds
-their exact match (`exact_match`: every running product right) to each entry: the state-tracking
-test of length generalisation.
+would cross instances, so the evaluator draws `TASK_INSTANCES` held-out instances of each length
+instead and adds their exact match (`exact_match`: the fraction of running products predicted
+right) to each entry: the state-tracking test of length generalisation.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from research.eval.lm_eval import cross_entropy
 
 MULTIPLES = (1, 2, 4, 8)
 WINDOWS = 16  # windows per length
+TASK_INSTANCES = 64  # held-out instances per length on the group word problem
 BATCH = 4
 
 
@@ -95,5 +96,7 @@ def at_end(model, *, tokens: jax.Array, workdir, title: str, primary: bool) -> d
   task = corpus.task if corpus.task is not None and corpus.task.name == "group" else None
   if corpus.task is not None and task is None:
     return {}  # mqar / facts: instances of one length; nothing to extrapolate
-  return {"extrapolation": length_extrapolation(model, corpus.valid, c.data.seq_len, task=task)}
+  count = TASK_INSTANCES if task is not None else WINDOWS
+  return {"extrapolation": length_extrapolation(model, corpus.valid, c.data.seq_len, count=count,
+                                                task=task)}
 

@@ -104,12 +104,31 @@ class RecurrentMixer(SequenceMixer):
     self._state_out(ctx, s)
     return out
 
-  def _core_flops(self, seq_len: int, heads: int, dk: int, dv: int) -> float:
-    """Forward FLOPs per token of the recurrence: the state read and write (2 dk dv each) and
-    the quadratic part over the causal average of the chunk (or the sequence, parallel)."""
-    span = seq_len if self.form == "parallel" else (0 if self.form == "recurrent" else
-                                                    min(self.chunk, seq_len))
-    return heads * (4 * dk * dv + 2 * (dk + dv) * (span + 1) / 2)
+  def _core_flops(self, seq_len: int, heads: int, dk: int, dv: int,
+                  vector: bool = False) -> float:
+    """Forward FLOPs per token of the diagonal recurrence. Recurrent: the state's write and
+    read (2 dk dv each). Chunkwise: the same through the chunk states, plus the masked
+    quadratic part over the causal average of the chunk (scores 2 dk per pair, 3 dk with a
+    decay per key dimension; the weighted values 2 dv). Parallel: the quadratic part over the
+    sequence and the final state's write."""
+    if self.form == "recurrent":
+      return heads * 4 * dk * dv
+    span = seq_len if self.form == "parallel" else min(self.chunk, seq_len)
+    pairs = (span + 1) / 2
+    quadratic = ((3 if vector else 2) * dk + 2 * dv) * pairs
+    state = 2 * dk * dv if self.form == "parallel" else 4 * dk * dv
+    return heads * (state + quadratic)
+
+  def _delta_flops(self, seq_len: int, heads: int, dk: int, dv: int) -> float:
+    """Forward FLOPs per (sub-)step of the delta rule. Recurrent: k S, the rank-1 write and
+    q S (2 dk dv each). Chunkwise over chunks of c: K K^T, Q K^T, P W (2 c dk each), P U
+    (2 c dv), the triangular solve (c (dk + dv)), K_hat^T W (2 dk^2), K_hat^T U and Q_hat S
+    (2 dk dv each) and the chunk transition A S (2 dk^2 dv / c)."""
+    if self.form == "recurrent":
+      return heads * 6 * dk * dv
+    c = min(self.chunk, seq_len)
+    return heads * (6 * c * dk + 2 * c * dv + c * (dk + dv) + 2 * dk * dk + 4 * dk * dv
+                    + 2 * dk * dk * dv / c)
 
 
 @SEQUENCE_MIXERS.register("retention")
@@ -150,7 +169,8 @@ class Retention(RecurrentMixer):
     q = self.q(x).reshape(b, t, h, self.dk)
     k = self.k(x).reshape(b, t, h, self.dk) / math.sqrt(self.dk)
     v = self.v(x).reshape(b, t, h, self.dv)
-    if self.rotate:  # Theta_n = e^(i n theta): q rotated by Theta, k by its conjugate (eq. 4)
+    if self.rotate:  # eq. 4's Theta_n = e^(i n theta): q and k both rotated by their position
+      # (RoPE), so q_n k_m^T depends on n - m as Q ⊙ Theta against (K ⊙ conj Theta)^T does
       q, k = rope(q, ctx.positions, self.theta), rope(k, ctx.positions, self.theta)
     log_gamma = jnp.log(jnp.asarray(self.gammas, jnp.float32))  # [h]
     log_a = jnp.broadcast_to(log_gamma, (b, t, h))
@@ -250,7 +270,8 @@ class GatedLinearAttention(RecurrentMixer):
       proj += 2 * self.rank * (d + kd)
     elif self.gate_kind == "scalar":
       proj += 2 * d * h
-    return proj + self._core_flops(seq_len, h, self.dk, self.dv)
+    return proj + self._core_flops(seq_len, h, self.dk, self.dv,
+                                   vector=self.gate_kind == "vector")
 
 
 def _causal_conv(x, w, history):
@@ -336,10 +357,13 @@ class DeltaProduct(RecurrentMixer):
     qkv = self._short_conv(qkv, ctx).astype(jnp.float32)
     q, k, v = jnp.split(qkv, [h * dk, h * dk + nh * h * dk], axis=-1)
     l2 = lambda z: z * jax.lax.rsqrt(jnp.sum(z * z, axis=-1, keepdims=True) + 1e-6)
+    # the projections' columns are (head, sub-step, dim): a head's n_h keys and values stay
+    # on one shard when `tensor` splits the heads
     q = l2(q.reshape(b, t, h, dk)) / math.sqrt(dk)
-    k = l2(k.reshape(b, t, nh, h, dk))
-    v = v.reshape(b, t, nh, h, dv)
-    beta = jax.nn.sigmoid(self.beta(x).astype(jnp.float32)).reshape(b, t, nh, h)
+    k = l2(jnp.swapaxes(k.reshape(b, t, h, nh, dk), 2, 3))
+    v = jnp.swapaxes(v.reshape(b, t, h, nh, dv), 2, 3)
+    beta = jnp.swapaxes(jax.nn.sigmoid(self.beta(x).astype(jnp.float32)).reshape(b, t, h, nh),
+                        2, 3)
     if self.neg_eigval:  # eigenvalue 1 - beta along k in (-1, 1)
       beta = 2.0 * beta
     log_g = None
@@ -365,11 +389,10 @@ class DeltaProduct(RecurrentMixer):
   def flops_per_token(self, seq_len: int) -> float:
     d, h = self.d_model, self.num_heads
     proj = 2 * d * h * (self.dk + self.nh * (self.dk + self.dv + 1) + self.dv) + 2 * h * self.dv * d
+    if self.gate is not None:
+      proj += 2 * d * h
     conv = 2 * self.conv_size * self.channels
-    # n_h delta sub-steps per token: each a read k S, a rank-1 write and (chunkwise) the
-    # quadratic parts over its chunk of interleaved steps
-    core_ = self.nh * self._core_flops(seq_len * self.nh, h, self.dk, self.dv)
-    return proj + conv + core_
+    return proj + conv + self.nh * self._delta_flops(seq_len * self.nh, h, self.dk, self.dv)
 
 
 LOWER_BOUNDS = Slot("mlgru_lower_bounds")  # [num_layers, d]: block 0 writes, every block reads
@@ -416,7 +439,8 @@ class MLGRU(RecurrentMixer):
       if lb is None:
         raise ValueError("mlgru: the lower bounds are written by block 0, which did not run")
       if self.layer > 0:
-        row = lb[self.layer].reshape(1, 1, -1)
+        # an extra block past the decoder's (MTP's, layer L + 1) takes the last block's bound
+        row = lb[min(self.layer, lb.shape[0] - 1)].reshape(1, 1, -1)
         f = row + (1.0 - row) * f
     log_f = jnp.log(jnp.maximum(f, 1e-30))
     c = jax.nn.silu(self.c(x).astype(jnp.float32))
