@@ -161,6 +161,8 @@ class Plan:
   # parameters of at least UNSHARDED_FRACTION of the model that the mesh was meant to split but
   # cannot (a dim that does not divide its mesh axes is replicated): "path shape (axes)"
   unsharded: tuple[str, ...] = ()
+  # bytes each device sends per step in the expert axis's all-to-alls (MoE expert parallelism)
+  bytes_all_to_all: float = 0.0
 
   @property
   def bytes_total(self) -> float:
@@ -217,12 +219,31 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
   else:
     activations = layers * per_layer
   activations += 2 * tokens * m.vocab_size / tp * 4  # logits and their gradient, fp32
+  a2a = all_to_all_bytes(m, shape, micro // data_parallel, c.data.seq_len, dtype_bytes) * accum
   return Plan(cluster=cl, mesh=shape, params=summary["params"], bytes_params=bytes_params,
               bytes_optimizer=2 * bytes_params, bytes_gradients=bytes_params,
               bytes_gathered=bytes_gathered, bytes_activations=activations,
               flops_per_step=summary["flops_per_token_train"] * t.batch_size * c.data.seq_len,
               unsharded=tuple(unsharded),
-              tokens_per_step=t.batch_size * c.data.seq_len, mfu=mfu, grad_accum=accum)
+              tokens_per_step=t.batch_size * c.data.seq_len, mfu=mfu, grad_accum=accum,
+              bytes_all_to_all=a2a)
+
+
+def all_to_all_bytes(m, shape: dict[str, int], sequences: int, seq_len: int,
+                     dtype_bytes: int) -> float:
+  """Bytes one device sends per micro-batch in the all-to-alls of expert parallelism
+  (research/model/moe.py `expert_parallel`): each MoE layer moves its dispatch buffers
+  [E, sequences, C, d] to the experts' devices and the outputs back, forward and backward
+  (4 all-to-alls), of which (n - 1) / n leaves the device on an n-way `expert` axis. Zero
+  without MoE or without an expert axis."""
+  from research.model import moe  # pylint: disable=import-outside-toplevel
+  n = shape.get("expert", 1)
+  if m.channel.kind != "moe" or n <= 1:
+    return 0.0
+  e = m.channel.moe
+  capacity = moe.capacity_for(e.dispatch, seq_len, e.num_experts, e.top_k, e.capacity_factor)
+  buffer = e.num_experts * sequences * capacity * m.d_model * dtype_bytes
+  return m.num_layers * 4 * buffer * (n - 1) / n
 
 
 def lower_step(c, cl: Cluster) -> float:
@@ -301,6 +322,12 @@ def table(plans: list[Plan]) -> str:
         f"{'yes' if p.fits else 'NO'} | {p.flops_per_step / 1e12:,.0f} | "
         f"{p.step_time_s:.2f} @{p.mfu:.0%} | {p.tokens_per_step / p.step_time_s:,.0f} | "
         f"{p.lowered} |")
+  for p in plans:
+    if p.bytes_all_to_all:
+      lines.append(f"- {p.cluster.name}: the expert axis's all-to-alls send "
+                   f"{_gib(p.bytes_all_to_all)} GiB per device per step "
+                   f"({p.bytes_all_to_all / p.tokens_per_step * p.cluster.devices / 1e3:,.1f} "
+                   f"KB per token per device)")
   for p in plans:
     for item in p.unsharded:
       lines.append(f"- {p.cluster.name}: replicated, its dim does not divide the mesh: {item}")

@@ -129,3 +129,15 @@ def test_grad_accum_0_takes_the_fewest_micro_batches_that_fit():
   assert accum in (2, 4, 8) and p.fits
   c.train.grad_accum = accum // 2
   assert not plan.estimate(c, tight, dtype_bytes=4).fits  # one fewer would not fit
+
+
+def test_expert_parallel_all_to_all_bytes_by_hand():
+  """gatepro tiny (4 MoE layers, 16 experts, top-2, capacity 1.25, width 128, context 64) on
+  8 devices with the `ep` preset: a batch of 16 is 2 sequences per device;
+  capacity ceil(1.25 x 64 x 2 / 16) = 10 slots; 4 all-to-alls of [16, 2, 10, 128] bf16 per
+  layer, 7/8 of each leaving the device."""
+  c = _config("gatepro:scale=tiny", **{"mesh.preset": "ep", "train.batch_size": 16})
+  p = plan.estimate(c, CPU8)
+  assert p.bytes_all_to_all == pytest.approx(4 * 4 * (16 * 2 * 10 * 128 * 2) * 7 / 8)
+  assert "all-to-alls send" in plan.table([p])
+  assert plan.estimate(_config(**{"train.batch_size": 16}), CPU8).bytes_all_to_all == 0.0
