@@ -43,7 +43,7 @@ def test_diagonal_forms_agree_values_and_gradients(vector, t, chunk):
   log_a = 0.5 * jax.nn.log_sigmoid(jax.random.normal(jax.random.key(9), shape))
   ref_o, ref_s = jax.jit(core.diagonal_recurrent)(q, k, v, log_a, s0)
   for fn in (lambda *a: core.diagonal_chunkwise(*a[:4], chunk=chunk, initial_state=a[4]),
-             core.diagonal_parallel):
+             core.diagonal_parallel, core.diagonal_scan):
     o, s = jax.jit(fn)(q, k, v, log_a, s0)
     np.testing.assert_allclose(o, ref_o, atol=ATOL)
     np.testing.assert_allclose(s, ref_s, atol=ATOL)
@@ -112,7 +112,7 @@ def test_retention_decay_by_hand():
   gamma, t = 0.9, 6
   ones = jnp.ones((1, t, 1, 1))
   log_a = jnp.full((1, t, 1), math.log(gamma))
-  for fn in (core.diagonal_recurrent, core.diagonal_parallel,
+  for fn in (core.diagonal_recurrent, core.diagonal_parallel, core.diagonal_scan,
              lambda *a: core.diagonal_chunkwise(*a[:4], chunk=4)):
     o, s = fn(ones, ones, ones, log_a, None)
     expected = [(1 - gamma ** (n + 1)) / (1 - gamma) for n in range(t)]
@@ -151,11 +151,11 @@ def _model_cfg(kind, form="chunkwise", **settings):
 MIXERS = [("retention", ("recurrent", "chunkwise", "parallel"), {}),
           ("retention", ("recurrent", "chunkwise", "parallel"),
            {"model.attention.retention.head_norm": False}),
-          ("gla", ("recurrent", "chunkwise", "parallel"), {}),
+          ("gla", ("recurrent", "chunkwise", "parallel", "scan"), {}),
           ("gla", ("recurrent", "chunkwise"), {"model.attention.gla.gate": "scalar"}),
           ("deltaproduct", ("recurrent", "chunkwise"), {}),
           ("deltaproduct", ("recurrent", "chunkwise"), {"model.attention.deltaproduct.gate": True}),
-          ("mlgru", ("recurrent", "chunkwise", "parallel"), {})]
+          ("mlgru", ("recurrent", "chunkwise", "parallel", "scan"), {})]
 IDS = ["retention", "retention-nonorm", "gla", "gla-scalar", "deltaproduct", "gated-dp", "mlgru"]
 
 

@@ -17,7 +17,8 @@ bound cumsum(softmax(P)) - softmax(P)[0] over layers (P zero at init), the outpu
 RMSNorm(x W_g) x silu(h) (`mlgru.output = paper`: sigmoid(x W_g) x h); BitLinear with its own
 RMSNorm (eps 1e-8, gain), per-token absmax 8-bit activations, per-tensor absmean ternary
 weights, straight-through estimators, fp32 latent weights; the embedding and the (tied) head in
-full precision. The learning rate is the shared setting's 1e-3 for every arm (the paper's
+full precision. The recurrence runs as an associative scan (`model.attention.form = scan`,
+the same function as the chunkwise form, measured 1.7x faster per tiny step). The learning rate is the shared setting's 1e-3 for every arm (the paper's
 "ternary wants larger rates" is the lr group).
 """
 
@@ -32,6 +33,7 @@ def get_config(arg: str = ""):
   apply_recurrent_setting(c)
   m = c.model
   m.attention.kind = "mlgru"
+  m.attention.form = "scan"  # the associative scan: 1.7x faster than chunkwise for d_k = d_v = 1
   m.linear.kind = "bitlinear"
   if scale == "paper":  # MMfreeLM-1.3B: 24 x 2048
     m.num_layers, m.d_model, m.num_heads = 24, 2048, 16

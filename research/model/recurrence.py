@@ -18,6 +18,8 @@ and each has these forms, which compute the same function (tests/test_recurrence
   chunkwise   the training path: chunks of `chunk` tokens; within a chunk a masked quadratic
               form, across chunks the state (a scan over chunks; every exponent <= 0)
   parallel    diagonal only: the T x T masked form (RetNet's parallel retention)
+  scan        diagonal only: an associative scan over tokens that materialises every state
+              (the fast form for MLGRU's per-channel scalars)
 
 All take an optional initial state [b, h, d_k, d_v] and return (outputs [b, t, h, d_v], the
 final state). Decays are accumulated in log space in fp32. A sequence whose length is not a
@@ -164,6 +166,27 @@ def diagonal_chunkwise(q, k, v, log_a, *, chunk: int, initial_state=None):
   return _unchunked(out)[:, :t], s
 
 
+def diagonal_scan(q, k, v, log_a, initial_state=None):
+  """The diagonal recurrence as an associative scan over tokens (Blelloch): the pairs
+  (a_t, k_t^T v_t) compose as (a, B) then (a', B') = (a a', a' B + B'), so every S_t comes out in
+  log T parallel steps. It materialises every state, [b, t, h, d_k, d_v]: the fast form for
+  small states (MLGRU's d_k = d_v = 1 per channel), a memory-hungry one for large."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  a = jnp.exp(log_a.astype(jnp.float32))
+  a = a[..., None, None] if a.ndim == 3 else a[..., None]  # [b, t, h, dk or 1, 1]
+  writes = k[..., :, None] * v[..., None, :]  # [b, t, h, dk, dv]
+  if initial_state is not None:  # S_0 enters as the first token's write, decayed by a_1
+    writes = writes.at[:, 0].add(a[:, 0] * initial_state.astype(jnp.float32))
+
+  def combine(left, right):
+    (a1, b1), (a2, b2) = left, right
+    return a1 * a2, a2 * b1 + b2
+
+  _, states = jax.lax.associative_scan(combine, (a, writes), axis=1)
+  out = _einsum("bthd,bthde->bthe", q, states)
+  return out, states[:, -1]
+
+
 # ------------------------------------------------------------------------------ delta
 
 
@@ -277,4 +300,4 @@ def householder_recurrent(q, k, v, beta, log_g=None, initial_state=None):
   return jnp.moveaxis(out, 0, 1), s
 
 
-FORMS = ("recurrent", "chunkwise", "parallel")
+FORMS = ("recurrent", "chunkwise", "parallel", "scan")

@@ -40,7 +40,8 @@ from research.model.linear import make_linear
 from research.model.norms import RMSNorm, rms_norm
 from research.sharding import constrain
 
-_DIAGONAL = {"recurrent": core.diagonal_recurrent, "parallel": core.diagonal_parallel}
+_DIAGONAL = {"recurrent": core.diagonal_recurrent, "parallel": core.diagonal_parallel,
+             "scan": core.diagonal_scan}
 
 
 def log_spaced_gammas(heads: int) -> np.ndarray:
@@ -110,9 +111,12 @@ class RecurrentMixer(SequenceMixer):
     read (2 dk dv each). Chunkwise: the same through the chunk states, plus the masked
     quadratic part over the causal average of the chunk (scores 2 dk per pair, 3 dk with a
     decay per key dimension; the weighted values 2 dv). Parallel: the quadratic part over the
-    sequence and the final state's write."""
+    sequence and the final state's write. Scan: the writes and reads plus the associative
+    scan's combines."""
     if self.form == "recurrent":
       return heads * 4 * dk * dv
+    if self.form == "scan":  # the writes, the read, and the scan's combines (~2 per element)
+      return heads * 8 * dk * dv
     span = seq_len if self.form == "parallel" else min(self.chunk, seq_len)
     pairs = (span + 1) / 2
     quadratic = ((3 if vector else 2) * dk + 2 * dv) * pairs
@@ -294,7 +298,7 @@ class DeltaProduct(RecurrentMixer):
 
   defaults = dict(deltaproduct=dict(householder=2, neg_eigval=True, gate=False, conv_size=4,
                                     value_ratio=1.0))
-  _forms = ("recurrent", "chunkwise")
+  _forms = ("recurrent", "chunkwise")  # the delta rule has no parallel or scan form here
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     self._setup(cfg, layer)
