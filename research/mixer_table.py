@@ -38,14 +38,16 @@ def _setting(experiment: str, arg: str, overrides: dict) -> dict:
     detail = f"gate {g.gate}, τ={g.tau:g}" + ("" if g.output_gate else ", no output gate")
   elif kind == "deltaproduct":
     p = m.attention.deltaproduct
-    detail = f"n_h={p.householder}, β∈(0,{2 if p.neg_eigval else 1})" + (", gated" if p.gate else "")
+    detail = (f"n_h={p.householder}, β∈(0,{2 if p.neg_eigval else 1})"
+              + (", gated" if p.gate else ""))
   elif kind == "mlgru":
     g = m.attention.mlgru
     detail = ("lower bound" if g.lower_bound else "no lower bound") + f", {g.output} gate"
   if m.linear.kind != "plain":
     detail += (", " if detail else "") + m.linear.kind
   return {"kind": kind, "detail": detail, "heads": m.num_heads, "d_ff": m.channel.d_ff,
-          "corpus": c.data.corpus + (f" {c.data.synthetic.group}" if c.data.corpus == "group" else ""),
+          "corpus": c.data.corpus + (f" {c.data.synthetic.group}"
+                                     if c.data.corpus == "group" else ""),
           "lr": c.train.lr}
 
 

@@ -65,7 +65,8 @@ def test_delta_chunkwise_equals_recurrent_values_and_gradients(gated):
   q, k, v, s0 = _inputs(29)
   k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
   beta = 2 * jax.nn.sigmoid(jax.random.normal(jax.random.key(3), q.shape[:3]))
-  log_g = jax.nn.log_sigmoid(jax.random.normal(jax.random.key(4), q.shape[:3]) + 2) if gated else None
+  log_g = (jax.nn.log_sigmoid(jax.random.normal(jax.random.key(4), q.shape[:3]) + 2)
+           if gated else None)
   o1, s1 = jax.jit(core.delta_recurrent)(q, k, v, beta, log_g, s0)
   o2, s2 = jax.jit(lambda *a: core.delta_chunkwise(*a, chunk=8, initial_state=s0))(
       q, k, v, beta, log_g)
@@ -338,7 +339,8 @@ def test_recurrent_mixers_sharded_equal_unsharded(kind, linear_kind):
   c.model.attention.kind, c.model.linear.kind = kind, linear_kind
   c.model.attention.chunk = 4
   c = run_config.resolve(c)
-  ref_logits, ref_params, ref_loss, _ = one_step(c, sharding.make_mesh("dp", devices=jax.devices()[:1]))
+  one = sharding.make_mesh("dp", devices=jax.devices()[:1])
+  ref_logits, ref_params, ref_loss, _ = one_step(c, one)
   logits, params, loss, _ = one_step(c, sharding.make_mesh("fsdp_tp", tensor=2))
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
   assert loss == pytest.approx(ref_loss, rel=1e-5)

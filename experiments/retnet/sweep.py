@@ -33,4 +33,5 @@ def get_sweep() -> Sweep:
             arm("heads_8", {"model.num_heads": 8}, "higher"),
             Arm("transformer", {"model.attention.kind": "dense", "model.channel.d_ff": 0})]
   return Sweep(groups={"table6": table6}, arg=ARG, seeds=3, default_group="table6",
-               varies={"table6": ("model.channel.d_ff",)})
+               varies={"table6": ("model.channel.d_ff", "model.num_heads",
+                                  "model.num_kv_heads")})

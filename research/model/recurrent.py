@@ -157,7 +157,8 @@ class Retention(RecurrentMixer):
     gammas = {"log_spaced": log_spaced_gammas, "eq8": eq8_gammas,
               "fixed": lambda n: np.full((n,), r.gamma)}[r.decay](h)
     self.gammas = tuple(float(g) for g in gammas)
-    self.head_norm, self.gated, self.rotate, self.theta = r.head_norm, r.gate, r.rotate, r.rope_theta
+    self.head_norm, self.gated = r.head_norm, r.gate
+    self.rotate, self.theta = r.rotate, r.rope_theta
     self.eps, self.dtype = cfg.norm_eps, dtype
     d, lin = cfg.d_model, dict(layer=layer, dtype=dtype, rngs=rngs)
     self.q = make_linear(cfg, d, h * dk, axes=("embed", "heads"), role="in", **lin)
@@ -212,7 +213,8 @@ class GatedLinearAttention(RecurrentMixer):
     self._setup(cfg, layer)
     g = cfg.attention.gla
     if g.gate not in self._gates:
-      raise ConfigError(f"model.attention.gla.gate='{g.gate}' is not one of {', '.join(self._gates)}")
+      raise ConfigError(f"model.attention.gla.gate='{g.gate}' is not one of "
+                        f"{', '.join(self._gates)}")
     if g.tau <= 0:
       raise ConfigError(f"model.attention.gla.tau must be > 0, got {g.tau}")
     h, d = cfg.num_heads, cfg.d_model
@@ -244,7 +246,8 @@ class GatedLinearAttention(RecurrentMixer):
   def _log_alpha(self, x, b, t):
     h = self.num_heads
     if self.gate_kind == "vector":
-      z = self.gate_up(self.gate_down(x)).astype(jnp.float32) + self.gate_bias[...].reshape(1, 1, -1)
+      z = self.gate_up(self.gate_down(x)).astype(jnp.float32)
+      z = z + self.gate_bias[...].reshape(1, 1, -1)
       return jax.nn.log_sigmoid(z).reshape(b, t, h, self.dk) / self.tau
     if self.gate_kind == "scalar":
       z = self.gate_up(x).astype(jnp.float32) + self.gate_bias[...].reshape(1, 1, -1)
@@ -304,7 +307,8 @@ class DeltaProduct(RecurrentMixer):
     self._setup(cfg, layer)
     p = cfg.attention.deltaproduct
     if p.householder < 1:
-      raise ConfigError(f"model.attention.deltaproduct.householder must be >= 1, got {p.householder}")
+      raise ConfigError(f"model.attention.deltaproduct.householder must be >= 1, "
+                        f"got {p.householder}")
     if p.conv_size < 0:
       raise ConfigError(f"model.attention.deltaproduct.conv_size must be >= 0, got {p.conv_size}")
     h, d = cfg.num_heads, cfg.d_model
@@ -317,7 +321,8 @@ class DeltaProduct(RecurrentMixer):
     self.v = make_linear(cfg, d, self.nh * h * self.dv, axes=("embed", "heads"), role="in", **lin)
     self.beta = make_linear(cfg, d, self.nh * h, axes=("embed", None), role="in", **lin)
     gate = a_log = dt_bias = None
-    if p.gate:  # g_t = exp(-exp(A_log) softplus(x w_a + dt_bias)); A ~ U(0, 16), dt ~ logU(1e-3, 0.1)
+    if p.gate:  # g_t = exp(-exp(A_log) softplus(x w_a + dt_bias)); A ~ U(0, 16),
+      # dt ~ logU(1e-3, 0.1)
       gate = make_linear(cfg, d, h, axes=("embed", None), role="in", **lin)
       a = jax.random.uniform(rngs.params(), (h,), jnp.float32, 1e-4, 16.0)
       dt = jnp.exp(jax.random.uniform(rngs.params(), (h,), jnp.float32,
