@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from research import experiments, run_config
+from research import experiments, report, run_config
 
 EXPERIMENTS = ("retnet", "gla", "deltaproduct", "matmul_free")
 DECODE_JSON = Path(__file__).resolve().parents[1] / "bench" / "results" / "decode_latency.json"
@@ -51,23 +51,10 @@ def _setting(experiment: str, arg: str, overrides: dict) -> dict:
           "lr": c.train.lr}
 
 
-def _groups_of(experiment: str, results_root: Path, current: dict[str, list]) -> list[dict]:
-  if experiment in current:
-    return current[experiment]
-  path = results_root / experiment / "results" / "results.json"
-  if not path.is_file():
-    return []
-  return json.loads(path.read_text()).get("groups", [])
-
-
 def _decode(path: Path) -> dict:
   if not path.is_file():
     return {}
   return json.loads(path.read_text())
-
-
-def _fmt(value, digits: int = 3) -> str:
-  return "—" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(experiment: str, groups: list[dict], results_root: str | Path | None = None,
@@ -77,7 +64,7 @@ def markdown(experiment: str, groups: list[dict], results_root: str | Path | Non
   decode = _decode(Path(decode_json) if decode_json else DECODE_JSON)
   rows, seen = [], set()
   for name in EXPERIMENTS:
-    for group in _groups_of(name, root, {experiment: groups}):
+    for group in report.experiment_groups(name, root, {experiment: groups}):
       for row in group.get("arms", []):
         loss = row.get("valid_loss") or {}
         if loss.get("mean") is None or (name, row["arm"]) in seen:
@@ -110,13 +97,13 @@ def markdown(experiment: str, groups: list[dict], results_root: str | Path | Non
     spread = f" ± {loss['std']:.4f}" if loss.get("std") is not None else ""
     ext = row.get("extrapolation") or {}
     metric = "exact_match" if corpus.startswith("group") else "tail"
-    cells = [_fmt((ext.get(n) or {}).get(metric)) for n in LENGTHS]
+    cells = [report.number_or_dash((ext.get(n) or {}).get(metric)) for n in LENGTHS]
     dec = (kinds.get(st["kind"]) or {}).get(DECODE_CONTEXT) or {}
     mixer = st["kind"] + (f" ({st['detail']})" if st["detail"] else "")
     kb = dec.get("cache_bytes")
     lines.append(
         f"| {corpus} | {name} | {row['arm']} | {mixer} | {st['heads']} | {st['d_ff']} | "
         f"{loss['mean']:.4f}{spread} (n={len(loss['values'])}) | " + " | ".join(cells)
-        + f" | {_fmt(row.get('step_time_s'))} | {_fmt(dec.get('ms'), 2)} | "
+        + f" | {report.number_or_dash(row.get('step_time_s'))} | {report.number_or_dash(dec.get('ms'), 2)} | "
         + (f"{kb / 1024:,.0f}" if kb is not None else "—") + " |")
   return "\n".join(lines) + "\n"

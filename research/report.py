@@ -420,6 +420,24 @@ class _ReportedSources:
     return row, row.get("date") or group.get("date")
 
 
+def experiment_groups(experiment: str, results_root: Path,
+                      current: dict[str, list]) -> list[dict]:
+  """The result groups of `experiment` for a cross-experiment table: `current[experiment]` (the
+  experiment being reported, fresh) when given, else its committed results.json's (none when
+  it has no results yet)."""
+  if experiment in current:
+    return current[experiment]
+  path = results_root / experiment / "results" / "results.json"
+  if not path.is_file():
+    return []
+  return _read_json(path).get("groups", [])
+
+
+def number_or_dash(value, digits: int = 3) -> str:
+  """A table cell: the value to `digits` decimals, or a dash where there is none."""
+  return "—" if value is None else f"{value:.{digits}f}"
+
+
 def _previous_results(out_dir: Path, experiment: str) -> dict[str, dict]:
   """Group name -> group of the results.json already in `out_dir` (empty when there is none)."""
   path = out_dir / "results.json"

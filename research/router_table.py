@@ -12,10 +12,9 @@ last 5 logs, mean over seeds).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from research import experiments, run_config
+from research import experiments, report, run_config
 
 EXPERIMENTS = ("erc_loss", "gatepro", "max_score_routing")
 
@@ -35,25 +34,12 @@ def _setting(experiment: str, arg: str, overrides: dict) -> dict:
           "lbl": f"{e.aux_coef:g}", "erc": f"{e.erc_coef:g}"}
 
 
-def _groups_of(experiment: str, results_root: Path, current: dict[str, list]) -> list[dict]:
-  if experiment in current:
-    return current[experiment]
-  path = results_root / experiment / "results" / "results.json"
-  if not path.is_file():
-    return []
-  return json.loads(path.read_text()).get("groups", [])
-
-
-def _fmt(value, digits: int = 3) -> str:
-  return "—" if value is None else f"{value:.{digits}f}"
-
-
 def markdown(experiment: str, groups: list[dict], results_root: str | Path | None = None) -> str:
   """The cross-experiment router table (Markdown), with `groups` the reported experiment's."""
   root = Path(results_root) if results_root else experiments.experiments_dir()
   rows, seen = [], set()
   for name in EXPERIMENTS:
-    for group in _groups_of(name, root, {experiment: groups}):
+    for group in report.experiment_groups(name, root, {experiment: groups}):
       for row in group.get("arms", []):
         loss = row.get("valid_loss") or {}
         key = (name, row["arm"])
@@ -85,7 +71,7 @@ def markdown(experiment: str, groups: list[dict], results_root: str | Path | Non
     lines.append(
         f"| {name} | {arm} | {st['router']} | {st['cf']} | {st['norm']} | {st['lbl']} | "
         f"{st['erc']} | {loss['mean']:.4f}{spread} (n={len(loss['values'])}) | "
-        f"{_fmt(stats.get('moe_dropped'), 4)} | {_fmt(stats.get('moe_load_entropy'))} | "
-        f"{_fmt(stats.get('moe_pair_coactive'))} | {_fmt(stats.get('moe_router_cos'))} | "
-        f"{_fmt(stats.get('moe_routed_score'))} | {_fmt(step)} |")
+        f"{report.number_or_dash(stats.get('moe_dropped'), 4)} | {report.number_or_dash(stats.get('moe_load_entropy'))} | "
+        f"{report.number_or_dash(stats.get('moe_pair_coactive'))} | {report.number_or_dash(stats.get('moe_router_cos'))} | "
+        f"{report.number_or_dash(stats.get('moe_routed_score'))} | {report.number_or_dash(step)} |")
   return "\n".join(lines) + "\n"

@@ -13,6 +13,9 @@ its own) and then changes what its paper needs.
 
 from __future__ import annotations
 
+import functools
+import json
+
 import ml_collections
 
 from research.config import parse_arg
@@ -119,10 +122,19 @@ def apply_recurrent_setting(c: ml_collections.ConfigDict) -> ml_collections.Conf
 
 def _non_embedding_params(c: ml_collections.ConfigDict) -> int:
   from research import run_config  # pylint: disable=import-outside-toplevel
-  from research.model.lm import abstract_model, model_summary  # pylint: disable=import-outside-toplevel
   r = run_config.resolve(c)
   r.model.vocab_size = 256  # the embedding does not depend on the FFN width
-  return int(model_summary(abstract_model(r.model), r.data.seq_len)["params_non_embedding"])
+  return _model_params(json.dumps(r.model.to_dict(), sort_keys=True), r.data.seq_len)
+
+
+@functools.lru_cache(maxsize=None)
+def _model_params(model_json: str, seq_len: int) -> int:
+  """Non-embedding parameters of a resolved model section (as sorted JSON), built abstractly;
+  memoised: a sweep's arms share their dense reference, and `matched_arm` re-matches a config
+  whose experiment default was matched already."""
+  from research.model.lm import abstract_model, model_summary  # pylint: disable=import-outside-toplevel
+  model = ml_collections.ConfigDict(json.loads(model_json))
+  return int(model_summary(abstract_model(model), seq_len)["params_non_embedding"])
 
 
 def match_dense_params(c: ml_collections.ConfigDict, multiple: int = 8) -> ml_collections.ConfigDict:
@@ -156,7 +168,6 @@ def matched_arm(experiment: str, arg: str, overrides: dict) -> dict:
   from research import experiments  # pylint: disable=import-outside-toplevel
   from research.config import apply_overrides  # pylint: disable=import-outside-toplevel
   c = experiments.get_config(f"{experiment}:{arg}")
-  c.model.channel.d_ff = 0
   apply_overrides(c, overrides)
   match_dense_params(c)
   return {**overrides, "model.channel.d_ff": int(c.model.channel.d_ff)}

@@ -35,5 +35,4 @@ def get_config(arg: str = ""):
     m.num_layers, m.d_model, m.num_heads = 24, 2048, 4
     c.train.lr, c.train.weight_decay = 3e-4, 0.01
   m.attention.chunk = 64 if scale in ("small", "paper") else 16
-  m.channel.d_ff = 0
   return match_dense_params(c)

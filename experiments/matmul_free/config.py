@@ -38,5 +38,4 @@ def get_config(arg: str = ""):
   if scale == "paper":  # MMfreeLM-1.3B: 24 x 2048
     m.num_layers, m.d_model, m.num_heads = 24, 2048, 16
     c.train.lr = 1.5e-3
-  m.channel.d_ff = 0
   return match_dense_params(c)

@@ -38,5 +38,4 @@ def get_config(arg: str = ""):
     c.train.lr, c.train.b2, c.train.weight_decay = 6e-4, 0.98, 0.05
     c.train.warmup_steps = 375
   m.attention.chunk = 64 if scale in ("small", "paper") else 16
-  m.channel.d_ff = 0
   return match_dense_params(c)

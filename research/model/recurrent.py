@@ -73,6 +73,12 @@ class RecurrentMixer(SequenceMixer):
     self.form, self.chunk, self.layer = a.form, a.chunk, layer
     self.d_model, self.num_heads = cfg.d_model, cfg.num_heads
 
+  @staticmethod
+  def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """A ConfigError naming `model.attention.<key>` when `value` is not one of `choices`."""
+    if value not in choices:
+      raise ConfigError(f"model.attention.{key}='{value}' is not one of {', '.join(choices)}")
+
   def _form(self, ctx, t: int) -> str:
     return "recurrent" if ctx.cache is not None and t == 1 else self.form
 
@@ -147,9 +153,7 @@ class Retention(RecurrentMixer):
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     self._setup(cfg, layer)
     r = cfg.attention.retention
-    if r.decay not in self._decays:
-      raise ConfigError(f"model.attention.retention.decay='{r.decay}' is not one of "
-                        f"{', '.join(self._decays)}")
+    self._one_of("retention.decay", r.decay, self._decays)
     if not 0.0 < r.gamma <= 1.0:
       raise ConfigError(f"model.attention.retention.gamma must be in (0, 1], got {r.gamma}")
     h, dk = cfg.num_heads, cfg.head_dim
@@ -212,9 +216,7 @@ class GatedLinearAttention(RecurrentMixer):
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     self._setup(cfg, layer)
     g = cfg.attention.gla
-    if g.gate not in self._gates:
-      raise ConfigError(f"model.attention.gla.gate='{g.gate}' is not one of "
-                        f"{', '.join(self._gates)}")
+    self._one_of("gla.gate", g.gate, self._gates)
     if g.tau <= 0:
       raise ConfigError(f"model.attention.gla.tau must be > 0, got {g.tau}")
     h, d = cfg.num_heads, cfg.d_model
@@ -423,9 +425,7 @@ class MLGRU(RecurrentMixer):
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     self._setup(cfg, layer)
     m = cfg.attention.mlgru
-    if m.output not in self._outputs:
-      raise ConfigError(f"model.attention.mlgru.output='{m.output}' is not one of "
-                        f"{', '.join(self._outputs)}")
+    self._one_of("mlgru.output", m.output, self._outputs)
     d = cfg.d_model
     self.lower_bound, self.output, self.dtype = m.lower_bound, m.output, dtype
     lin = dict(layer=layer, dtype=dtype, rngs=rngs)
