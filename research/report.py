@@ -115,6 +115,15 @@ class Run:
   def finished(self) -> bool:
     return self.summary is not None and not self.diverged
 
+  def final_train_loss(self, fraction: float = 0.1) -> float | None:
+    """The mean training loss logged over the last `fraction` of the run's steps (the logged
+    values are means over their logging interval), or None without a training log."""
+    steps, losses = self.curve("train")
+    if not len(steps):
+      return None
+    tail = steps > steps[-1] * (1.0 - fraction)
+    return float(np.mean(losses[tail]))
+
   def stats(self, last: int = 5, until_step: int | None = None) -> dict[str, float]:
     """{name: value} of the statistics the forward recorded (`stat/<name>` of the training
     log): the mean of the last `last` logged values, or of those logged up to `until_step`."""
@@ -288,6 +297,8 @@ def _group_results(manifest: dict, arms: list[_Arm]) -> dict:
       "status": "done" if done else arm.status,
       "valid_loss": _stats([r.summary["valid_loss"] for r in done]),
       "valid_bpb": _stats([r.summary["valid_bpb"] for r in done]),
+      # the training loss (next-token cross-entropy) over the last tenth of training
+      "train_loss": _stats([v for v in (r.final_train_loss() for r in done) if v is not None]),
       "tokens_per_s": _mean_finite([r.summary.get("tokens_per_s") for r in done]),
       "layer_cosine": _mean_profile([r.summary.get("layer_cosine") for r in done]),
       # synthetic tasks (MQAR accuracy, fact recall) and the per-token costs of the arm

@@ -59,6 +59,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("experts", "expert"),
     ("memory_slots", ("fsdp", "tensor")),
+    ("ngram_rows", ("fsdp", "tensor")),  # hashed n-gram embedding tables (over-encoding)
     ("norm", None),
     ("stream", None),  # residual connection weights (hyper, frac, vwn): small, replicated
     ("layers", None),

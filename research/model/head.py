@@ -7,6 +7,9 @@ embedding (`tie_embeddings=True`) or owns a separate [embed, vocab] matrix.
   mtp    plain, plus one sequential multi-token-prediction module (DeepSeek-V3's sequential
          MTP, as Virtual Width Networks' Fig. 3c uses it) that predicts token t+2 and adds
          `head.mtp_weight` x its cross-entropy to the objective as the auxiliary loss `mtp`
+  over_decoding  plain, plus the Over-Tokenized Transformer's over-decoding (arXiv:2501.16975
+         App. C): one linear vocabulary per further offset j = 2..n on the last hidden state,
+         adding sum_j lambda_j x CE(token t+j) as the auxiliary loss `od`
 
 On training forwards the decoder calls the head's loss hook `add_loss(stream, tokens, ctx,
 shared)` with the last block's stream (uncollapsed) and the decoder's modules a loss may reuse
@@ -126,7 +129,8 @@ class MultiTokenHead(PlainHead):
     the last block's output (uncollapsed), `tokens` the inputs."""
     stream = stream[:, :-1]  # [b, T-1, ...]: the last block's output at t
     b, t = stream.shape[:2]
-    nxt = shared.stream.expand(shared.embed(tokens[:, 1:]))  # token t+1, in stream space
+    # token t+1 in stream space, embedded in its window (an n-gram embedding reads t, t-1, ...)
+    nxt = shared.stream.expand(shared.embed(tokens)[:, 1:])
     w = self.segment
     hs = self.h_norm(stream.reshape(b, t, -1, w))
     es = self.e_norm(nxt.reshape(b, t, -1, w))
@@ -146,3 +150,70 @@ class MultiTokenHead(PlainHead):
     extra = (fuse + self.block.flops_per_token(seq_len) + self._stream_flops
              + 2.0 * self.d_model * self.vocab)
     return super().flops_per_token(seq_len) + extra
+
+
+@HEADS.register("over_decoding")
+class OverDecodingHead(PlainHead):
+  """Over-Decoding (arXiv:2501.16975 App. C, Alg. 2): an n-gram output vocabulary decomposed
+  into per-offset vocabularies, so its cross-entropy is a sum over offsets (App. C, eq. 9):
+
+    L = CE(h_t E^T, x_(t+1)) + sum_{j=2..n} lambda_j CE(h_t W_j U_j, x_(t+j))
+
+  h_t is the decoder's final hidden state (after the final norm); W_j [d_model, rank] is the
+  optional low-rank projection (`od_rank` 0: none) and U_j [., vocab] offset j's own
+  vocabulary. Unlike `mtp` there is no extra block. The first term is the trainer's loss; the
+  rest goes to the objective as the auxiliary loss `od` (training forwards only).
+  """
+
+  defaults = dict(od_weights="0.1",  # lambda_2, ..., lambda_n (comma-separated): n - 1 heads
+                  od_rank=0)          # W_j's width (0: no projection, U_j reads h directly)
+
+  def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
+    super().__init__(cfg, dtype=dtype, rngs=rngs)
+    self.weights = _parse_weights(cfg.head.od_weights)
+    rank = cfg.head.od_rank
+    if rank < 0:
+      raise ConfigError(f"model.head.od_rank={rank} must be >= 0 (0: no projection)")
+    std = init_std(cfg)
+    width = rank or cfg.d_model
+    self.rank = rank
+    self.project = nnx.List([
+        PlainLinear(cfg.d_model, rank, axes=("embed", None), std=std, use_bias=False,
+                    dtype=dtype, rngs=rngs) for _ in self.weights] if rank else [])
+    self.vocabularies = nnx.List([
+        PlainLinear(width, cfg.vocab_size, axes=("embed", "vocab"), std=std, use_bias=False,
+                    dtype=dtype, rngs=rngs) for _ in self.weights])
+
+  def add_loss(self, stream: jax.Array, tokens: jax.Array, ctx, shared: "SharedParts") -> None:
+    h = shared.stream.collapse(stream)
+    if shared.final_norm is not None:
+      h = shared.final_norm(h)
+    t = tokens.shape[1]
+    total = jnp.zeros((), jnp.float32)
+    for i, weight in enumerate(self.weights):
+      offset = i + 2  # position p predicts token p + offset
+      if offset >= t:
+        break
+      z = h[:, :t - offset]
+      if self.rank:
+        z = self.project[i](z)
+      logits = self.vocabularies[i](z).astype(jnp.float32)
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, offset:])
+      total = total + weight * jnp.mean(nll)
+    ctx.add_aux_loss("od", total)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    width = self.rank or self.d_model
+    per_head = 2.0 * width * self.vocab + (2.0 * self.d_model * self.rank if self.rank else 0.0)
+    return super().flops_per_token(seq_len) + len(self.weights) * per_head
+
+
+def _parse_weights(text: str) -> list[float]:
+  try:
+    weights = [float(w) for w in str(text).split(",") if w.strip()]
+  except ValueError:
+    weights = []
+  if not weights or any(w < 0 for w in weights):
+    raise ConfigError(f"model.head.od_weights='{text}' must list the weights lambda_2, ..., "
+                      "lambda_n (>= 0), comma-separated (e.g. '0.1' or '0.5,0.25')")
+  return weights

@@ -96,7 +96,7 @@ class PlainLinear(Linear):
   def __call__(self, x: jax.Array) -> jax.Array:
     y = token_matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
     return y
 
 

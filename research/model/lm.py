@@ -88,7 +88,7 @@ class DecoderLM(nnx.Module):
     block's stream uncollapsed). With `hidden` a list, appends the collapsed stream entering
     each block and the last block's output."""
     tokens = constrain(tokens, ("batch", "seq"))
-    h = self.embed(tokens)
+    h = self.embed(tokens, ctx)
     h = ctx.dropout(h, self.cfg.dropout, site=2 * self.cfg.num_layers)
     stream = self.stream.expand(h)
     if self.scanned:

@@ -57,15 +57,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from kernels_pallas.memory_lookup import memory_lookup, sharded_memory_lookup
-from research import sharding
 from research.errors import ConfigError
 from research.model import ffn as ffn_lib
 from research.model.context import Slot
+from research.model.lookup import table_lookup
 
 RETRIEVALS = ("tucker", "product")
 INITS = ("code", "paper")
-SLOT_AXES = ("fsdp", "tensor")
 
 
 class MemoryIndex(nnx.Variable):
@@ -430,13 +428,7 @@ class MemoryLayer(nnx.Module):
     return virtual, jnp.zeros_like(virtual), w
 
   def _lookup(self, table: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
-    mesh = sharding.current_mesh()
-    if mesh is not None:
-      shards = math.prod(mesh.shape[a] for a in SLOT_AXES)
-      if shards > 1 and table.shape[0] % shards == 0:
-        return sharded_memory_lookup(table, idx, w, mesh=mesh, slot_axes=SLOT_AXES,
-                                     token_axes=("data",), impl=self.spec.impl)
-    return memory_lookup(table, idx, w, impl=self.spec.impl)
+    return table_lookup(table, idx, w, impl=self.spec.impl)
 
   def __call__(self, x: jax.Array, ctx=None) -> jax.Array:
     s = self.spec
