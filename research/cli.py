@@ -2,10 +2,13 @@
 
   research list
   research run NAME[:ARG] [--config.key=value ...] [--workdir DIR] [--data_dir DIR] [--restart]
+                          [--fork_from DIR --fork_step S]
   research sweep NAME [--group G] [--seeds N] [--arg ARG] [--arms A,B] [--runs_dir DIR]
                       [--skip_reported] [--no_stack_seeds] [--config.key=value ...]
   research report NAME [--group G] [--runs_dir DIR] [--out DIR]
   research plan NAME[:ARG] [--cluster C ...] [--mfu F] [--no_lower] [--config.key=value ...]
+  research merge WORKDIR --every V [--last N] [--method sma|ema|wma] [--alpha A] [--step S]
+                         [--out DIR] [--eval] [--data_dir DIR]
   research data list | fetch CORPUS
 
 Exit status:
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -64,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
   r.add_argument("--data_dir", help="directory holding the corpora (or $RESEARCH_DATA_DIR)")
   r.add_argument("--restart", action="store_true",
                  help="discard the run already in the work directory and start over")
+  r.add_argument("--fork_from", help="a new run starts from this run directory's checkpoint "
+                 "--fork_step (weights, optimizer state, data position) under its own config, "
+                 "e.g. --config.train.schedule=wsd to anneal a branch")
+  r.add_argument("--fork_step", type=int, help="the checkpoint step --fork_from starts from")
   s = sub.add_parser("sweep", help="run an experiment's ablation group, resumably")
   s.add_argument("name")
   s.add_argument("--group")
@@ -92,6 +100,17 @@ def _parser() -> argparse.ArgumentParser:
                   help="vocabulary size when the config leaves it to the tokenizer")
   pl.add_argument("--no_lower", action="store_true",
                   help="skip lowering the train step on the abstract mesh")
+  mg = sub.add_parser("merge", help="average a run's last checkpoints (SMA / EMA / WMA)")
+  mg.add_argument("workdir", help="the run directory whose checkpoints are merged")
+  mg.add_argument("--method", default="sma", help="sma | ema | wma")
+  mg.add_argument("--last", type=int, default=10, help="N: how many checkpoints")
+  mg.add_argument("--every", type=int, required=True, help="V: steps between them")
+  mg.add_argument("--step", type=int, help="the newest checkpoint merged (default: the latest)")
+  mg.add_argument("--alpha", type=float, default=0.2, help="ema's weight of the newer model")
+  mg.add_argument("--out", help="output run directory (default WORKDIR/merged/<tag>)")
+  mg.add_argument("--eval", action="store_true",
+                  help="print the validation loss of the merge and of checkpoint S alone")
+  mg.add_argument("--data_dir", help="directory holding the corpora (for --eval)")
   d = sub.add_parser("data", help="list or fetch corpora")
   d.add_argument("action", choices=("list", "fetch"))
   d.add_argument("corpus", nargs="?")
@@ -129,8 +148,11 @@ def cmd_run(args, overrides) -> int:
   config = experiments.get_config(args.spec, overrides)
   name, arg = experiments.split_name(args.spec)
   workdir = Path(args.workdir) if args.workdir else _default_workdir(args.spec, overrides)
+  if (args.fork_from is None) != (args.fork_step is None):
+    raise config_lib.ConfigError("--fork_from and --fork_step go together")
+  fork = (args.fork_from, args.fork_step) if args.fork_from else None
   summary = Trainer(config, workdir, experiment=name, arg=arg, overrides=overrides,
-                    restart=args.restart).run()
+                    restart=args.restart, fork=fork).run()
   if summary.get("diverged"):
     print(f"research: the run diverged at step {summary['step']} (train loss "
           f"{summary.get('train_loss')}, valid loss {summary.get('valid_loss')}); "
@@ -172,6 +194,20 @@ def cmd_plan(args, overrides) -> None:
     plans.append(plan.plan(config, cl, mfu=args.mfu, lower=not args.no_lower))
   print(f"{plans[0].params / 1e9:.2f}B parameters")
   print(plan.table(plans))
+
+
+def cmd_merge(args) -> None:
+  from research.train import merge
+  out = merge.merge_run(args.workdir, method=args.method, last=args.last, every=args.every,
+                        step=args.step, alpha=args.alpha, out=args.out)
+  steps = json.loads((out / "merge.json").read_text())["steps"]
+  print(f"merged {args.method} of steps {steps} into {out}")
+  if args.eval:
+    overrides = {"data.data_dir": args.data_dir} if args.data_dir else None
+    merged = merge.validation_loss(out, overrides=overrides)
+    latest = merge.validation_loss(args.workdir, step=steps[-1], overrides=overrides)
+    print(f"valid loss: merged {merged:.4f}, step {steps[-1]} alone {latest:.4f} "
+          f"({merged - latest:+.4f})")
 
 
 def cmd_data(args) -> None:
@@ -217,6 +253,8 @@ def _dispatch(args, extra) -> int:
       cmd_report(args)
     elif args.command == "plan":
       cmd_plan(args, overrides)
+    elif args.command == "merge":
+      cmd_merge(args)
     elif args.command == "data":
       cmd_data(args)
   except CheckpointError as e:

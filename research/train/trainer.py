@@ -217,12 +217,16 @@ class Trainer:
   """
 
   def __init__(self, config, workdir: str | Path, *, experiment: str = "", arg: str = "",
-               overrides: dict | None = None, log=print, restart: bool = False):
+               overrides: dict | None = None, log=print, restart: bool = False,
+               fork: tuple[str | Path, int] | None = None):
     self.raw_config = config
     self.workdir = Path(workdir)
     self.experiment, self.arg, self.overrides = experiment, arg, dict(overrides or {})
     self.log = log
     self.restart = restart
+    # (work directory, step): a new run starts from that run's checkpoint (its parameters,
+    # optimizer state and data position) under this config, e.g. an annealed branch
+    self.fork = fork
     self.primary = True  # process 0 of a multi-process run (set in run())
 
   # ---------------------------------------------------------------- set-up
@@ -267,11 +271,14 @@ class Trainer:
       self.log(f"note: no memory estimate ({type(e).__name__}: {e}); train.grad_accum="
                f"{c.train.grad_accum}")
 
-  def _write_config(self, c, note: str = "") -> None:
+  def _write_config(self, c, note: str = "", *, forked: bool = False) -> None:
     record = {"experiment": self.experiment, "arg": self.arg, "overrides": self.overrides,
               "config": c.to_dict(), "git_revision": git_revision(),
               "packages": package_versions()}
-    workdir_lib.write_record(self.workdir, record, workdir_lib.read_record(self.workdir), note)
+    previous = workdir_lib.read_record(self.workdir)
+    if forked:  # a new run's history starts with where it was forked from
+      previous = {}
+    workdir_lib.write_record(self.workdir, record, previous, note)
 
   def build(self, c=None, corpus=None) -> BuiltRun:
     if c is None:
@@ -386,8 +393,12 @@ class Trainer:
       return done
     if action == "extend" and self.primary:
       (self.workdir / "summary.json").unlink(missing_ok=True)
+    forked = action == "new" and self.fork is not None
+    if forked and self.primary:
+      note = workdir_lib.copy_fork(self.fork[0], int(self.fork[1]), self.workdir)
+      self.log(note)
     if self.primary:
-      self._write_config(c, note)
+      self._write_config(c, note, forked=forked)
     r = self.build(c, corpus)
     self._describe(r)
     stop.check("stopped before training: nothing was trained or saved")

@@ -280,6 +280,23 @@ def plan(workdir: Path, config: dict) -> tuple[str, str]:
   return "resume", "; ".join(notes)
 
 
+def copy_fork(source: str | Path, step: int, workdir: Path) -> str:
+  """Seeds the new run directory `workdir` with checkpoint `step` of the run in `source` (the
+  whole train state, the data iterator's position and unlogged metrics) and its metrics up to
+  that step, so the run resumes there under its own config (a fork: e.g. the same weights
+  annealed over a span). Returns the note config.json's history records."""
+  source = Path(source)
+  ckpt = source / "checkpoints" / str(step)
+  if not ckpt.is_dir():
+    have = sorted(int(p.name) for p in (source / "checkpoints").glob("*") if p.name.isdigit())
+    raise RunError(f"cannot fork {source} at step {step}: it has no checkpoint there "
+                   f"(checkpoints: {have or 'none'})")
+  shutil.copytree(ckpt, Path(workdir) / "checkpoints" / str(step))
+  rows = [row for row in read_metrics(source / "metrics.jsonl") if row["step"] <= step]
+  (Path(workdir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return f"forked from {source.absolute()} at step {step}"
+
+
 def clear_run(workdir: Path, log=print) -> None:
   """Removes the run files of `workdir` (for --restart); the lock and anything else stay."""
   removed = []
