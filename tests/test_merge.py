@@ -128,3 +128,25 @@ def test_forking_at_a_missing_checkpoint_is_an_error(tmp_path):
   (tmp_path / "src" / "checkpoints" / "2").mkdir(parents=True)
   with pytest.raises(RunError, match=r"no checkpoint there \(checkpoints: \[2\]\)"):
     workdir.copy_fork(tmp_path / "src", 3, tmp_path / "dst")
+
+
+@pytest.mark.needs_data
+def test_model_merging_evaluates_merges_and_tabulates_them(tmp_path):
+  """experiments/model_merging: merges.py's evaluation of a smoke trunk, and analysis.py's
+  table with its verdict column."""
+  config = experiments.get_config("model_merging:scale=smoke,corpus=tinyshakespeare", {
+      "train.progress": False, "mesh.num_devices": 1})
+  run = tmp_path / "seed0"
+  Trainer(config, run, log=lambda *_: None).run()
+  assert merge.available_steps(run) == [2, 4, 6, 8, 10, 12]
+  merges = experiments._load_module("model_merging", "merges.py")  # pylint: disable=protected-access
+  grid = [("sma", None, 3, 2), ("ema", 0.2, 3, 4), ("wma", None, 7, 2)]  # the last does not fit
+  rows = merges.evaluate_seed(run, points=(12,), grid=grid)
+  assert [r["merge"] for r in rows] == ["sma_n3_v2", "ema0.2_n3_v4"]
+  assert rows[0]["latest"] == pytest.approx(merge.validation_loss(run, step=12), abs=1e-6)
+  out = merge.merge_run(run, method="sma", last=3, every=2, out=tmp_path / "m")
+  assert rows[0]["loss"] == pytest.approx(merge.validation_loss(out), abs=1e-6)
+  analysis = experiments._load_module("model_merging", "analysis.py")  # pylint: disable=protected-access
+  table = analysis.merge_tables([{"trunk": "constant_3e-3", "seed": f"seed{k}", **r}
+                                 for k in range(2) for r in rows], {12: [3.0, 3.1]})
+  assert "| sma_n3_v2 |" in table and "annealed control" in table

@@ -93,28 +93,50 @@ def available_steps(workdir: str | Path) -> list[int]:
       if root.is_dir() else []
 
 
+class RunCheckpoints:
+  """A run's checkpoints, read one at a time (read-only, model variables only) against one
+  abstract model built from its config.json."""
+
+  def __init__(self, workdir: str | Path):
+    # pylint: disable=import-outside-toplevel
+    from research.checkpoint import restore_model_state
+    from research.infer.load import saved_config
+    from research.model import abstract_model, compute_dtype
+    self.workdir = Path(workdir)
+    self.config = saved_config(self.workdir)
+    model = abstract_model(self.config.model, compute_dtype(self.config.train.precision))
+    self.graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "other": other}
+    self._abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    self._restore = restore_model_state
+
+  def steps(self) -> list[int]:
+    return available_steps(self.workdir)
+
+  def variables(self, step: int) -> tuple:
+    """(params, other) of checkpoint `step`."""
+    _, state = self._restore(self.workdir / "checkpoints", self._abstract, step)
+    return state["params"], state["other"]
+
+
 def merge_run(workdir: str | Path, *, method: str, last: int, every: int,
               step: int | None = None, alpha: float = 0.2,
               out: str | Path | None = None) -> Path:
   """Merges the run in `workdir` (module docstring) into the run directory `out` (default
   W/merged/<method>_n<N>_v<V>_s<S>) and returns it."""
-  from research.infer.load import load_run  # pylint: disable=import-outside-toplevel
   workdir = Path(workdir)
   weights = merge_weights(method, last, alpha)
   steps = checkpoint_steps(available_steps(workdir), last, every, step)
-  trees, graphdef = [], None
-  for s in steps:
-    run = load_run(workdir, step=s)
-    graphdef, state = nnx.split(run.model)
-    trees.append(state)
-  merged = merge_trees(trees, weights)
+  run = RunCheckpoints(workdir)
+  params, other = merge_trees([run.variables(s) for s in steps], weights)
   tag = f"{method}{'' if method != 'ema' else f'{alpha:g}'}_n{last}_v{every}_s{steps[-1]}"
   out = Path(out) if out is not None else workdir / "merged" / tag
   if out.exists():
     shutil.rmtree(out)
   out.mkdir(parents=True)
   shutil.copy(workdir / "config.json", out / "config.json")
-  params, other = nnx.split(nnx.merge(graphdef, merged), nnx.Param, ...)[1:]
   state = {"step": jnp.asarray(steps[-1], jnp.int32), "params": params, "other": other}
   manager = ocp.CheckpointManager((out / "checkpoints").absolute(), item_names=("state",))
   manager.save(steps[-1], args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
@@ -127,18 +149,23 @@ def merge_run(workdir: str | Path, *, method: str, last: int, every: int,
   return out
 
 
+def validation_batches(config) -> list:
+  """The fixed validation batches a run's config defines (what its training log evaluates)."""
+  from research import data as data_lib  # pylint: disable=import-outside-toplevel
+  corpus = data_lib.load_tokenized(config.data)
+  return data_lib.make_valid_batches(corpus.valid, seq_len=config.data.seq_len,
+                                     batch_size=config.eval.batch_size,
+                                     num_batches=config.eval.batches)
+
+
 def validation_loss(run_dir: str | Path, step: int | None = None,
                     overrides: dict | None = None) -> float:
   """The run's validation loss (nats/token) at checkpoint `step` on the fixed validation
   batches its config defines: the number its training log reports at an evaluation."""
   # pylint: disable=import-outside-toplevel
-  from research import data as data_lib
   from research.eval import lm_eval
   from research.infer.load import load_run
   run = load_run(run_dir, step=step, overrides=overrides)
-  c = run.config
-  corpus = data_lib.load_tokenized(c.data)
-  batches = data_lib.make_valid_batches(corpus.valid, seq_len=c.data.seq_len,
-                                        batch_size=c.eval.batch_size, num_batches=c.eval.batches)
   graphdef, params, other = nnx.split(run.model, nnx.Param, ...)
-  return lm_eval.evaluate(lm_eval.make_eval_step(graphdef), params, other, batches)
+  return lm_eval.evaluate(lm_eval.make_eval_step(graphdef), params, other,
+                          validation_batches(run.config))
