@@ -88,6 +88,13 @@ def core_config() -> ml_collections.ConfigDict:
   t.eps = 1e-8
   t.weight_decay = 0.1
   t.clip_norm = 1.0  # 0 disables clipping
+  t.optimizer = "adamw"  # adamw | lowbit_adamw (Adam's moments as block-wise low-bit codes)
+  # lowbit_adamw (research/train/lowbit.py, SOLO): each moment's bits, level grid (linear | de |
+  # qema, the log grid for v) and rounding (nearest | stochastic); blocks of `block` values;
+  # qema's quantile; tensors with fewer than min_size values keep fp32 moments
+  t.lowbit = ml_collections.ConfigDict(dict(
+      m_bits=4, m_grid="de", m_rounding="nearest", v_bits=2, v_grid="qema",
+      v_rounding="stochastic", block=128, quantile=0.1, min_size=128))
   t.precision = "auto"  # auto (fp32 on CPU, bf16 compute on GPU/TPU) | fp32 | bf16
   t.log_every = 50
   t.checkpoint_every = 500
@@ -261,6 +268,7 @@ RANGES = {
 }
 CHOICES = {
     "train.schedule": ("constant", "cosine", "wsd"),  # research/train/optim.py
+    "train.optimizer": ("adamw", "lowbit_adamw"),
     "train.precision": ("auto", "fp32", "bf16"),
     "model.init_out_scaling": ("none", "total_depth", "layer_depth"),
     "model.remat": ("none", "block"),

@@ -34,7 +34,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config_lib.resolve_core(c)
   eval_lib.load(c.eval.evaluators)  # an unknown evaluator fails here, before anything trains
   options.resolve_model(c.model)
-  return ml_collections.ConfigDict(options.select(c.to_dict()))
+  d = options.select(c.to_dict())
+  if d["train"].get("optimizer") != "lowbit_adamw":  # the low-bit states' settings only when used
+    d["train"].pop("lowbit", None)
+  return ml_collections.ConfigDict(d)
 
 
 def expand(saved: dict) -> ml_collections.ConfigDict:

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from research.train import lowbit
+
 SCHEDULES = ("constant", "cosine", "wsd")  # research.config.CHOICES["train.schedule"]
 
 
@@ -86,15 +88,29 @@ def scale_by_path(rules) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(t, lr_multipliers=()) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (+ clipping); `lr_multipliers` as for `scale_by_path` (e.g. the memory layers' value
-  tables, research.model.lr_multipliers)."""
+def make_optimizer(t, lr_multipliers=(), seed: int = 0
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (+ clipping), or with `train.optimizer = lowbit_adamw` AdamW whose moments are stored
+  as low-bit codes (research/train/lowbit.py; `seed` draws its stochastic rounding);
+  `lr_multipliers` as for `scale_by_path` (e.g. the memory layers' value tables,
+  research.model.lr_multipliers)."""
   schedule = make_schedule(t)
   parts = []
   if t.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(t.clip_norm))
-  parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps,
-                           weight_decay=t.weight_decay, mask=decay_mask))
+  if t.get("optimizer", "adamw") == "lowbit_adamw":
+    q = t.lowbit
+    m = lowbit.Codec(q.m_bits, q.m_grid, q.m_rounding, signed=True, block=q.block,
+                     quantile=q.quantile)
+    v = lowbit.Codec(q.v_bits, q.v_grid, q.v_rounding, signed=False, block=q.block,
+                     quantile=q.quantile)
+    parts += [lowbit.scale_by_lowbit_adam(t.b1, t.b2, t.eps, m, v, min_size=q.min_size,
+                                          seed=seed),
+              optax.add_decayed_weights(t.weight_decay, mask=decay_mask),
+              optax.scale_by_learning_rate(schedule)]
+  else:
+    parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps,
+                             weight_decay=t.weight_decay, mask=decay_mask))
   if lr_multipliers:
     parts.append(scale_by_path(list(lr_multipliers)))
   return optax.chain(*parts), schedule
@@ -107,6 +123,10 @@ def state_shardings(tx: optax.GradientTransformation, params, replicated):
   copy of twice the model on every device. `params` may be abstract (ShapeDtypeStructs with
   shardings)."""
   abstract = jax.eval_shape(tx.init, params)
+  is_lowbit = lambda x: isinstance(x, lowbit.LowBitAdamState)  # noqa: E731
+  if any(is_lowbit(x) for x in jax.tree.leaves(abstract, is_leaf=is_lowbit)):
+    # low-bit moments are flat per-tensor code buffers, not parameter-shaped: replicated
+    return jax.tree.map(lambda _: replicated, abstract)
   return optax.tree_map_params(tx, lambda _, s: s, abstract,
                                jax.tree.map(lambda p: p.sharding, params),
                                transform_non_params=lambda _: replicated)

@@ -51,6 +51,7 @@ from research.train import loop as loop_lib
 from research.train import workdir as workdir_lib
 from research.checkpoint import CheckpointError, Checkpointer
 from research.train import optim
+from research.train import lowbit
 from research.train.optim import make_optimizer
 from research.train.workdir import config_differences  # noqa: F401  (re-exported)
 
@@ -141,6 +142,8 @@ def make_train_step(graphdef, tx, schedule, cfg):
     if cfg.train.log_layer_grad_norms:
       metrics.update(block_grad_norms(grads))
     metrics.update({k if k.startswith("stat/") else f"aux/{k}": v for k, v in aux.items()})
+    # the optimizer's own diagnostics (low-bit states: swamping), beside the forward's statistics
+    metrics.update({f"stat/opt_{k}": v for k, v in lowbit.state_stats(opt_state).items()})
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -300,10 +303,13 @@ class Trainer:
     model = create_model(c.model, mesh=mesh, seed=c.seed, dtype=dtype)
     summary = model_summary(model, c.data.seq_len)
     graphdef, params, other = nnx.split(model, nnx.Param, ...)
-    tx, schedule = make_optimizer(t, lr_multipliers(c.model, t.steps))
+    tx, schedule = make_optimizer(t, lr_multipliers(c.model, t.steps), seed=c.seed)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with sharding.use_mesh(mesh):
       opt_state = optim.init_state(tx, params, replicated)  # moments sharded like parameters
+    # optimizer-state bytes, and what fp32 AdamW's two moments would hold (low-bit states)
+    summary["opt_state_bytes"] = lowbit.state_bytes(opt_state)
+    summary["opt_state_bytes_fp32_adam"] = 8 * summary["params"]
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
              "other": other, "opt_state": opt_state}
     batch_sharding = sharding.named_sharding(("batch", "seq"), (t.batch_size, c.data.seq_len), mesh)
@@ -336,6 +342,9 @@ class Trainer:
                f"{s['param_bytes_per_token'] / 1e6:.3f} MB of parameters read")
     for o in overhead_lib.overheads(c.model, c.data.seq_len):
       self.log(f"  overhead: {overhead_lib.describe(o)}")
+    self.log(f"optimizer: {c.train.get('optimizer', 'adamw')}, state "
+             f"{s['opt_state_bytes'] / 1e6:.2f} MB (fp32 AdamW's moments: "
+             f"{s['opt_state_bytes_fp32_adam'] / 1e6:.2f} MB)")
     self.log(f"data: {c.data.corpus}/{c.data.tokenizer} vocab {c.model.vocab_size}, "
              f"{len(r.corpus.train):,} train tokens; global batch {c.train.batch_size} x "
              f"{c.data.seq_len} = {tokens_per_step:,} tokens/step, {c.train.steps} steps")
@@ -441,7 +450,8 @@ class Trainer:
                "tokens_per_s": trained_steps * tokens_per_step / max(train_time, 1e-9),
                "params": r.summary["params"], "diverged": diverged}
     summary["step_time_s"] = train_time / max(trained_steps, 1)
-    for k in ("params_activated", "flops_per_token_fwd", "param_bytes_per_token"):
+    for k in ("params_activated", "flops_per_token_fwd", "param_bytes_per_token", "opt_state_bytes",
+              "opt_state_bytes_fp32_adam"):
       if k in r.summary:
         summary[k] = r.summary[k]
     summary.update(extra or {})
