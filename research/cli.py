@@ -9,6 +9,7 @@
   research plan NAME[:ARG] [--cluster C ...] [--mfu F] [--no_lower] [--config.key=value ...]
   research merge WORKDIR --every V [--last N] [--method sma|ema|wma] [--alpha A] [--step S]
                          [--out DIR] [--eval] [--data_dir DIR]
+  research fit TABLE --target Y --terms N,D,log2:G [--holdout N=max,D=max] [--bootstrap B]
   research data list | fetch CORPUS
 
 Exit status:
@@ -111,6 +112,17 @@ def _parser() -> argparse.ArgumentParser:
   mg.add_argument("--eval", action="store_true",
                   help="print the validation loss of the merge and of checkpoint S alone")
   mg.add_argument("--data_dir", help="directory holding the corpora (for --eval)")
+  ft = sub.add_parser("fit", help="fit a power law to a table of runs (log-space least "
+                      "squares, bootstrap intervals, a held-out corner)")
+  ft.add_argument("table", help="CSV with a header, or a JSON list of objects")
+  ft.add_argument("--target", required=True, help="the column the law predicts")
+  ft.add_argument("--terms", required=True,
+                  help="comma-separated factors: a column or log2:COLUMN (e.g. N,D,log2:G)")
+  ft.add_argument("--holdout", default="",
+                  help="rows to predict from a fit without them, e.g. N=max,D=max")
+  ft.add_argument("--bootstrap", type=int, default=2000)
+  ft.add_argument("--seed", type=int, default=0)
+  ft.add_argument("--out", help="also write the fit as JSON here")
   d = sub.add_parser("data", help="list or fetch corpora")
   d.add_argument("action", choices=("list", "fetch"))
   d.add_argument("corpus", nargs="?")
@@ -210,6 +222,16 @@ def cmd_merge(args) -> None:
           f"({merged - latest:+.4f})")
 
 
+def cmd_fit(args) -> None:
+  import dataclasses
+  from research import fit
+  result = fit.fit(fit.load_table(args.table), args.target, args.terms.split(","),
+                   holdout=args.holdout, bootstrap=args.bootstrap, seed=args.seed)
+  print(result.describe())
+  if args.out:
+    Path(args.out).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n")
+
+
 def cmd_data(args) -> None:
   from research import data
   if args.action == "list":
@@ -255,6 +277,8 @@ def _dispatch(args, extra) -> int:
       cmd_plan(args, overrides)
     elif args.command == "merge":
       cmd_merge(args)
+    elif args.command == "fit":
+      cmd_fit(args)
     elif args.command == "data":
       cmd_data(args)
   except CheckpointError as e:

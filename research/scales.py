@@ -120,6 +120,11 @@ def apply_recurrent_setting(c: ml_collections.ConfigDict) -> ml_collections.Conf
   return c
 
 
+def non_embedding_params(c: ml_collections.ConfigDict) -> int:
+  """Non-embedding parameters of the (unresolved) config `c`, built abstractly (memoised)."""
+  return _non_embedding_params(c)
+
+
 def _non_embedding_params(c: ml_collections.ConfigDict) -> int:
   from research import run_config  # pylint: disable=import-outside-toplevel
   r = run_config.resolve(c)

@@ -18,7 +18,6 @@ beside `ffn`.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +160,7 @@ class FeedForward(ChannelMixer):
     self.up = make_linear(cfg, d, f, axes=("embed", "mlp"), role="in", **lin)
     self.gate = (make_linear(cfg, d, f, axes=("embed", "mlp"), role="in", **lin)
                  if self.gated else None)
-    self.down = make_linear(cfg, f, d, axes=("mlp", "embed"), role="out", **lin)
+    self.down = make_linear(cfg, f, d, axes=("mlp", "embed"), role="out", site="fc2", **lin)
     self.d_model, self.d_ff = d, f
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:

@@ -12,6 +12,9 @@ stored in the parameter dtype (fp32) and cast to the compute dtype at use.
                                              sec. 3.1): ternary weights with one absmean scale
                                              per tensor, 8-bit absmax activations per token,
                                              straight-through gradients to fp32 latent weights
+  qat    y = Qa(x) Qw(W)                     QAT (Chen et al. 2025): AbsMax fake quantization of
+                                             weights and inputs in groups of G along the input
+                                             dimension (W4A4, W4A16, W16A4; FC2's input at 8 bits)
 
 Each projection has a role: "in" (q, k, v, FFN up and gate) or "out" (attention and FFN output
 projections, which write into the residual stream). The role selects the init: weights are
@@ -29,13 +32,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.model.norms import rms_norm
+from research.errors import ConfigError
 from research.model.option import Option
 from research.model.registry import Registry
 
 
 class Linear(Option):
   """Base of `model.linear.kind` options: (in_features, out_features, *, axes, std, use_bias,
-  dtype, rngs, cfg, gain) -> a module x [..., in] -> [..., out]. Hook: `depth_scaling_in_gain`,
+  dtype, rngs, cfg, gain, site) -> a module x [..., in] -> [..., out]; `site` names a projection
+  an option may treat apart ("fc2": the FFN's down projection). Hook: `depth_scaling_in_gain`,
   whether make_linear hands an output projection's depth factor to the option as `gain` (its
   kernel then keeps the plain init_std) instead of folding it into the kernel's std."""
 
@@ -84,7 +89,8 @@ class PlainLinear(Linear):
   """y = x W (+ b), W: [in, out] with logical axes `axes`."""
 
   def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
-               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0):
+               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0,
+               site: str = ""):
     del cfg, gain
     init = jax.nn.initializers.normal(std)
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32),
@@ -113,7 +119,8 @@ class SDDLinear(Linear):
   depth_scaling_in_gain = True  # make_linear passes the output-projection factor as `gain`
 
   def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
-               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0):
+               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0,
+               site: str = ""):
     if use_bias:
       raise ValueError("model.linear.kind='sdd' has no bias (its normalization removes it); "
                        "set model.linear.use_bias=False")
@@ -159,7 +166,8 @@ class BitLinear(Linear):
   defaults = dict(bitlinear=dict(act_bits=8, norm=True))
 
   def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
-               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0):
+               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0,
+               site: str = ""):
     del gain
     b = cfg.linear.bitlinear if cfg is not None else None
     self.act_bits = b.act_bits if b is not None else 8
@@ -184,8 +192,64 @@ class BitLinear(Linear):
     return y
 
 
+def group_absmax_quantize(x: jax.Array, bits: int, group: int) -> jax.Array:
+  """Symmetric AbsMax fake quantization along the last axis in contiguous groups of `group`
+  values (0: the whole axis, per token / per output channel): s = max|x| / (2^(b-1) - 1) per
+  group, x_q = clip(round(x / s), -2^(b-1), 2^(b-1) - 1) s (the codes of |x| <= max use
+  2^b - 1 levels). Bits >= 16: x unchanged (that side is not quantized)."""
+  if bits >= 16:
+    return x
+  n = x.shape[-1]
+  g = n if group == 0 else group
+  xg = x.reshape(*x.shape[:-1], n // g, g)
+  top = 2.0 ** (bits - 1)
+  scale = jnp.maximum(jnp.max(jnp.abs(xg), axis=-1, keepdims=True), 1e-8) / (top - 1)
+  return (jnp.clip(jnp.round(xg / scale), -top, top - 1) * scale).reshape(x.shape)
+
+
+@LINEARS.register("qat")
+class QATLinear(Linear):
+  """Quantization-aware training (Scaling Law for QAT, arXiv:2505.14302 §3.3): the kernel
+  [in, out] fake-quantized to `w_bits` in groups of `group` along its input dimension, the
+  input to `a_bits` in groups of `group` along its features, both by AbsMax through straight-
+  through estimators; the FFN's down projection (FC2, `site="fc2"`) reads its input at
+  `fc2_a_bits` when that is not 0 (the paper's fix: FC2's input at 8 bits). 16 bits: that side
+  in full precision (W4A16, W16A4). The embedding and the head are not linears of this family.
+  """
+
+  defaults = dict(qat=dict(w_bits=4, a_bits=4, group=32, fc2_a_bits=0))  # group 0: per channel
+
+  def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], std: float,
+               use_bias: bool, dtype, rngs: nnx.Rngs, cfg=None, gain: float = 1.0,
+               site: str = ""):
+    del gain
+    q = cfg.linear.qat
+    a_bits = q.fc2_a_bits if site == "fc2" and q.fc2_a_bits else q.a_bits
+    for name, bits in (("w_bits", q.w_bits), ("a_bits", a_bits)):
+      if not 2 <= bits <= 16:
+        raise ConfigError(f"model.linear.qat.{name}={bits} must be in 2..16 (16: not quantized)")
+    if q.group < 0 or (q.group and in_features % q.group):
+      raise ConfigError(f"model.linear.qat.group={q.group} must divide every linear's input "
+                        f"width ({in_features} here; 0 = per channel / per token)")
+    self.w_bits, self.a_bits, self.group = q.w_bits, a_bits, q.group
+    self.proj = PlainLinear(in_features, out_features, axes=axes, std=std, use_bias=use_bias,
+                            dtype=dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    x = straight_through(x, group_absmax_quantize(x, self.a_bits, self.group))
+    w = self.proj.kernel[...]  # [in, out]: groups along the input dimension
+    wq = group_absmax_quantize(w.T, self.w_bits, self.group).T
+    w = straight_through(w, wq)
+    y = token_matmul(x.astype(self.dtype), w.astype(self.dtype))
+    if self.proj.bias is not None:
+      y = y + self.proj.bias[...].astype(self.dtype).reshape((1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
 def make_linear(cfg, in_features: int, out_features: int, *, axes: Sequence[str], role: str,
-                layer: int, dtype, rngs: nnx.Rngs) -> nnx.Module:
+                layer: int, dtype, rngs: nnx.Rngs, site: str = "") -> nnx.Module:
   """Builds the configured linear layer of `role` ("in" or "out") in block `layer`; `cfg` is
   `config.model`."""
   if role not in ROLES:
@@ -197,4 +261,4 @@ def make_linear(cfg, in_features: int, out_features: int, *, axes: Sequence[str]
   else:
     std, gain = init_std(cfg) * depth, 1.0
   return cls(in_features, out_features, axes=axes, std=std, use_bias=cfg.linear.use_bias,
-             dtype=dtype, rngs=rngs, cfg=cfg, gain=gain)
+             dtype=dtype, rngs=rngs, cfg=cfg, gain=gain, site=site)

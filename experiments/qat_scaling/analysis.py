@@ -1,0 +1,137 @@
+"""`research report qat_scaling` calls analyze(): delta = valid loss(QAT) - valid loss(fp32) of
+every cell (N non-embedding parameters, D tokens, G group size), the fit of
+delta = k D^g_D (log2 G)^g_G / N^g_N (research/fit.py: log-space least squares, bootstrap 95%
+intervals over cells, the corner N = max, D = max predicted by a fit without it), the error
+decomposition at G = 32 (W4A4 against W4A16 + W16A4; R = W16A4 / W4A16), the FC2-input fix,
+and the seed noise of delta at one cell. It writes the table as results/qat_deltas.csv, which
+`research fit` reads:
+
+  research fit experiments/qat_scaling/results/qat_deltas.csv --target delta \\
+      --terms N,D,log2:G --holdout N=max,D=max
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+from research import experiments, fit as fit_lib, scales
+
+PAPER = {"W4A4": (0.2186, 0.0745, 0.7779), "W4A16": (0.3589, 0.1610, 0.3533),
+         "W16A4": (0.1816, 0.0331, 0.9812)}  # (g_N, g_D, g_G), Table 1
+NAME = re.compile(r"^(?P<prec>[a-z0-9]+?)(_g(?P<g>\d+))?_d(?P<d>\d+)_D(?P<D>[\d.]+)M(_s(?P<s>\d))?$")
+PREC = {"w4a4": "W4A4", "w4a16": "W4A16", "w16a4": "W16A4", "w4a4fc2a8": "W4A4 FC2 8-bit"}
+
+
+def _loss(row) -> float | None:
+  values = (row.get("valid_loss") or {}).get("values") or []
+  return values[0] if values else None
+
+
+def _non_embedding(arg: str, overrides: dict) -> int:
+  c = experiments.get_config(f"qat_scaling:{arg}", {k: v for k, v in overrides.items()
+                                                     if k != "seed"})
+  return scales.non_embedding_params(c)
+
+
+def delta_rows(groups: list[dict]) -> list[dict]:
+  runs = {}
+  for group in groups:
+    for row in group["arms"]:
+      m = NAME.match(row["arm"])
+      loss = _loss(row)
+      if m is None or loss is None:
+        continue
+      key = (m["prec"], int(m["g"] or 0), int(m["d"]), float(m["D"]), int(m["s"] or 0))
+      runs[key] = (loss, group.get("arg", "scale=tiny"), row.get("overrides") or {})
+  out, sizes = [], {}
+  for (prec, g, d, tokens, seed), (loss, arg, overrides) in sorted(runs.items()):
+    base = runs.get(("fp32", 0, d, tokens, seed))
+    if prec == "fp32" or base is None:
+      continue
+    if d not in sizes:
+      sizes[d] = _non_embedding(arg, overrides)
+    out.append({"precision": PREC.get(prec, prec), "G": g, "d": d, "N": sizes[d],
+                "D": tokens * 1e6, "seed": seed, "loss": loss, "fp32_loss": base[0],
+                "delta": loss - base[0]})
+  return out
+
+
+def _write_csv(rows: list[dict], path: Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+
+
+def _fit_line(name, rows, terms, holdout="N=max,D=max") -> str:
+  try:
+    f = fit_lib.fit(rows, "delta", terms, holdout=holdout, bootstrap=2000)
+  except fit_lib.FitError as e:
+    return f"| {name} | not fitted: {e} | | | | | |"
+  cells = []
+  for term, sign in (("N", -1), ("D", 1), ("log2(G)", 1)):
+    if term not in f.coef:
+      cells.append("–")
+      continue
+    lo, hi = sorted((sign * f.interval[term][0], sign * f.interval[term][1]))
+    cells.append(f"{sign * f.coef[term]:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+  paper = PAPER.get(name.split(" ")[0])
+  held = f.holdout["mean_abs_rel_error"] if f.holdout else math.nan
+  return (f"| {name} | {' | '.join(cells)} | {f.r2:.2f} | {f.rows} ({f.dropped} ≤ 0 dropped) "
+          f"| {held:.0%} | {paper or '–'} |")
+
+
+def analyze(experiment, runs_root, groups, out_dir) -> str:
+  del experiment, runs_root
+  rows = delta_rows(groups)
+  if not rows:
+    return "## QAT scaling\n\nNo QAT and fp32 pair has finished yet.\n"
+  _write_csv(rows, Path(out_dir) / "qat_deltas.csv")
+  main = [r for r in rows if r["seed"] == 0]
+  lines = ["## QAT scaling: delta = valid loss(QAT) - valid loss(fp32)\n",
+           "| precision | G | d | N | D | delta |", "|---|---|---|---|---|---|"]
+  lines += [f"| {r['precision']} | {r['G']} | {r['d']} | {r['N'] / 1e6:.2f}M | "
+            f"{r['D'] / 1e6:g}M | {r['delta']:+.4f} |" for r in main]
+  lines += ["", "### Fits: delta = k D^g_D (log2 G)^g_G / N^g_N (95% bootstrap intervals; "
+            "held out: the N = max, D = max corner)\n",
+            "| rows | g_N | g_D | g_G | R² | cells | held-out error | paper (g_N, g_D, g_G) |",
+            "|---|---|---|---|---|---|---|---|"]
+  w4a4 = [r for r in main if r["precision"] == "W4A4"]
+  lines.append(_fit_line("W4A4", w4a4, ["N", "D", "log2:G"]))
+  for prec in ("W4A16", "W16A4", "W4A4 FC2 8-bit"):
+    lines.append(_fit_line(f"{prec} (G = 32)", [r for r in main if r["precision"] == prec],
+                           ["N", "D"]))
+  lines.append(_decomposition(main))
+  seeds = [r for r in rows if r["d"] == 128 and r["D"] == 4e6 and r["G"] == 32
+           and r["precision"] == "W4A4"]
+  if len(seeds) > 1:
+    values = [r["delta"] for r in seeds]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    lines.append(f"\nSeed noise of delta (W4A4, G = 32, d = 128, D = 4M; {len(values)} seeds): "
+                 f"{mean:+.4f} ± {std:.4f}.\n")
+  return "\n".join(lines) + "\n"
+
+
+def _decomposition(rows: list[dict]) -> str:
+  by = {(r["precision"], r["d"], r["D"]): r["delta"] for r in rows if r["G"] == 32}
+  lines = ["\n### Decomposition at G = 32\n",
+           "| d | D | D/N | W4A4 | W4A16 + W16A4 | ratio | R = W16A4 / W4A16 | FC2 8-bit / W4A4 |",
+           "|---|---|---|---|---|---|---|---|"]
+  sizes = {r["d"]: r["N"] for r in rows}
+  for (prec, d, tokens), w4a4 in sorted(by.items()):
+    if prec != "W4A4":
+      continue
+    w, a, fc2 = (by.get((p, d, tokens)) for p in ("W4A16", "W16A4", "W4A4 FC2 8-bit"))
+    if w is None or a is None:
+      continue
+    ratio = w4a4 / (w + a) if w + a else math.nan
+    r = a / w if w else math.nan
+    fix = fc2 / w4a4 if fc2 is not None and w4a4 else math.nan
+    lines.append(f"| {d} | {tokens / 1e6:g}M | {tokens / sizes[d]:.1f} | {w4a4:+.4f} | "
+                 f"{w + a:+.4f} | {ratio:.2f} | {r:.2f} | {fix:.2f} |")
+  return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Quantization-aware training (arXiv:2505.14302): group-wise AbsMax fake quantization by hand,
+straight-through gradients, the FC2 site, W4A16 / W16A4, and the scaling-law fit tool."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from research import config as config_lib
+from research import run_config
+from research.errors import ConfigError
+from research.model.lm import DecoderLM
+from research.model.linear import group_absmax_quantize
+
+
+def model_config(**qat):
+  c = run_config.default_config()
+  c.model.vocab_size = 61
+  c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 64, 4
+  overrides = {"model.linear.kind": "qat", **{f"model.linear.qat.{k}": v for k, v in qat.items()}}
+  config_lib.apply_overrides(c, overrides)
+  return run_config.resolve(c).model
+
+
+def test_group_absmax_by_hand():
+  """4 bits, groups of 4: s = max|x| / 7 per group, codes round(x / s) clipped to [-8, 7]."""
+  x = jnp.asarray([[0.7, -0.35, 0.1, 0.0, 7.0, 1.4, -2.0, 3.6]])
+  got = np.asarray(group_absmax_quantize(x, 4, 4))
+  s1, s2 = 0.7 / 7, 7.0 / 7
+  want = [[7 * s1, round(-3.5) * s1, 1 * s1, 0.0, 7 * s2, 1 * s2, -2 * s2, 4 * s2]]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # per token (group 0): one scale for the row; 16 bits: unchanged
+  np.testing.assert_allclose(group_absmax_quantize(x, 4, 0), np.round(x / 1.0) * 1.0, atol=1e-6)
+  np.testing.assert_array_equal(group_absmax_quantize(x, 16, 4), x)
+
+
+def test_qat_linear_forward_and_straight_through_gradient():
+  m = DecoderLM(model_config(w_bits=4, a_bits=4, group=16), rngs=nnx.Rngs(0))
+  lin = m.blocks[0].attn.q
+  x = jax.random.normal(jax.random.key(1), (2, 5, 64))
+  w = lin.proj.kernel[...]
+  want = group_absmax_quantize(x, 4, 16) @ group_absmax_quantize(w.T, 4, 16).T
+  np.testing.assert_allclose(lin(x), want, rtol=1e-5, atol=1e-5)
+  # backward: the identity's gradient through both quantizers (straight-through)
+  g = jax.grad(lambda x: jnp.sum(lin(x) * 1.0))(x)
+  np.testing.assert_allclose(g, jnp.broadcast_to(group_absmax_quantize(w.T, 4, 16).T.sum(1),
+                                                 x.shape), rtol=1e-5, atol=1e-5)
+
+
+def test_fc2_reads_its_input_at_its_own_bits():
+  m = DecoderLM(model_config(w_bits=4, a_bits=4, group=16, fc2_a_bits=8), rngs=nnx.Rngs(0))
+  blk = m.blocks[0]
+  assert blk.channel.down.a_bits == 8 and blk.channel.up.a_bits == 4
+  assert blk.attn.o.a_bits == 4  # the attention output projection is not FC2
+  w16a4 = DecoderLM(model_config(w_bits=16, a_bits=4), rngs=nnx.Rngs(0))
+  lin = w16a4.blocks[0].attn.q
+  x = jax.random.normal(jax.random.key(2), (3, 64))
+  np.testing.assert_allclose(lin(x), group_absmax_quantize(x, 4, 32) @ lin.proj.kernel[...],
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qat, match", [
+    (dict(w_bits=1), "w_bits=1"), (dict(a_bits=17), "a_bits=17"), (dict(group=24), "divide"),
+])
+def test_qat_config_errors(qat, match):
+  with pytest.raises(ConfigError, match=match):
+    DecoderLM(model_config(**qat), rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------------------ research fit
+
+def _law_rows(noise=0.0, seed=0):
+  """delta = 0.16 D^0.07 (log2 G)^0.78 / N^0.22 on a 4 x 4 x 3 grid (Table 1's W4A4 law)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for n in (0.4e6, 0.8e6, 1.6e6, 3.2e6):
+    for d in (1.25e6, 2.5e6, 5e6, 10e6):
+      for g in (16, 32, 64):
+        delta = 0.16 * d ** 0.07 * np.log2(g) ** 0.78 / n ** 0.22
+        rows.append({"N": n, "D": d, "G": g, "delta": delta * np.exp(rng.normal(0, noise))})
+  return rows
+
+
+def test_fit_recovers_the_law_and_predicts_the_held_out_corner():
+  from research import fit
+  exact = fit.fit(_law_rows(), "delta", ["N", "D", "log2:G"], holdout="N=max,D=max",
+                  bootstrap=200)
+  assert exact.coef["N"] == pytest.approx(-0.22) and exact.coef["D"] == pytest.approx(0.07)
+  assert exact.coef["log2(G)"] == pytest.approx(0.78)
+  assert exact.coef["log_k"] == pytest.approx(np.log(0.16))
+  assert exact.holdout["rows"] == 3 and exact.holdout["mean_abs_rel_error"] < 1e-9
+  noisy = fit.fit(_law_rows(noise=0.05), "delta", ["N", "D", "log2:G"], bootstrap=500)
+  lo, hi = noisy.interval["N"]
+  assert lo < -0.22 < hi and hi - lo < 0.2
+  rows = _law_rows()
+  rows[0]["delta"] = -0.01  # a seed-noise negative delta cannot enter the log fit
+  assert fit.fit(rows, "delta", ["N", "D", "log2:G"], bootstrap=10).dropped == 1
+
+
+def test_research_fit_command(tmp_path, capsys):
+  import csv
+  from research import cli
+  path = tmp_path / "grid.csv"
+  with path.open("w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["N", "D", "G", "delta"])
+    w.writeheader()
+    w.writerows(_law_rows())
+  assert cli.main(["fit", str(path), "--target", "delta", "--terms", "N,D,log2:G",
+                   "--holdout", "N=max,D=max", "--bootstrap", "50",
+                   "--out", str(tmp_path / "fit.json")]) == 0
+  out = capsys.readouterr().out
+  assert "N^-0.2200" in out and "held out N=max,D=max: 3 rows" in out
+  assert (tmp_path / "fit.json").is_file()
+  assert cli.main(["fit", str(path), "--target", "delta", "--terms", "P"]) == 2
+  assert "no column 'P'" in capsys.readouterr().err
+
+
+def test_qat_scaling_analysis_pairs_runs_and_fits(tmp_path):
+  """analysis.py on a report's groups: delta = QAT loss - fp32 loss per cell, the law's fit,
+  the decomposition table and the CSV that `research fit` reads."""
+  from research import experiments, fit
+  analysis = experiments._load_module("qat_scaling", "analysis.py")  # pylint: disable=protected-access
+  sweep = experiments.get_sweep("qat_scaling")
+  groups = []
+  for name, arms in sweep.groups.items():
+    rows = []
+    for arm in arms:
+      m = analysis.NAME.match(arm.name)
+      d, tokens, g = int(m["d"]), float(m["D"]) * 1e6, int(m["g"] or 32)
+      loss = 2.0 - 0.1 * np.log(d) - 0.02 * np.log(tokens)
+      if m["prec"] != "fp32":
+        loss += 0.16 * tokens ** 0.07 * np.log2(g) ** 0.78 / (d * d * 4 * 12) ** 0.22
+      rows.append({"arm": arm.name, "valid_loss": {"values": [float(loss)]},
+                   "overrides": arm.overrides})
+    groups.append({"group": name, "arg": sweep.arg, "arms": rows})
+  md = analysis.analyze("qat_scaling", None, groups, tmp_path)
+  assert "| W4A4 | -" not in md and "### Decomposition at G = 32" in md
+  table = fit.load_table(tmp_path / "qat_deltas.csv")
+  assert len([r for r in table if r["precision"] == "W4A4"]) == 36 + 2  # + the seeds cells
+  w4a4 = [r for r in table if r["precision"] == "W4A4" and r["seed"] == "0"]
+  f = fit.fit(w4a4, "delta", ["N", "D", "log2:G"], bootstrap=100)
+  assert f.coef["D"] == pytest.approx(0.07, abs=0.01) and f.coef["log2(G)"] == pytest.approx(0.78, abs=0.01)
+  assert f.coef["N"] < 0  # delta falls with size
