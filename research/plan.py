@@ -19,7 +19,8 @@ Memory, per device (bytes):
                probabilities (fp32, heads x seq per token: the jnp attention materializes them),
                with one layer's full set live during the backward under remat; plus the logits and
                their gradient (fp32) over the vocabulary; divided over the data-parallel axes
-               (batch) and the tensor axis (heads, FFN width, vocabulary)
+               (batch) and the tensor axis (heads, FFN width, vocabulary); under token
+               repetition (model.phd) the blocks hold K copies of each token
 It is an estimate: a compiler may keep more (fusion buffers, collectives' staging) or less
 (buffers reused). tests/test_plan.py checks it against XLA's own accounting of the compiled step
 (`memory_analysis()`) on 8 CPU devices: the parameters and optimizer state exactly, the whole
@@ -183,7 +184,7 @@ UNSHARDED_FRACTION = 0.01
 
 def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
   """The memory and time of `c` (a resolved config with model.vocab_size set) on `cl`."""
-  from research.model import abstract_model, model_summary  # pylint: disable=import-outside-toplevel
+  from research.model import abstract_model, model_summary, phd  # pylint: disable=import-outside-toplevel
   m, t = c.model, c.train
   shape = sharding.mesh_shape(c.mesh.preset, cl.devices, c.mesh.tensor, c.mesh.expert)
   data_parallel = shape["data"] * shape["fsdp"] * shape["expert"]
@@ -209,16 +210,17 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
                    shape)
     if fsdp > 1:
       bytes_gathered += value.size * dtype_bytes / (shards // fsdp)
-  tokens = micro // data_parallel * c.data.seq_len  # per device per micro-batch
+  copies = phd.settings(m).copies  # token repetition: K copies of each token run the blocks
+  tokens = micro // data_parallel * c.data.seq_len * copies  # per device per micro-batch
   tp = shape["tensor"]
   d, f, heads, layers = m.d_model, m.channel.d_ff, m.num_heads, m.num_layers
   per_layer = tokens * (ACT_PER_TOKEN_LAYER * d + ACT_FFN_PER_TOKEN_LAYER * f / tp) * dtype_bytes
-  per_layer += tokens * heads / tp * c.data.seq_len * 4 * 2  # scores and probabilities, fp32
+  per_layer += tokens * heads / tp * c.data.seq_len * copies * 4 * 2  # scores, probs, fp32
   if m.remat == "block":
     activations = layers * tokens * d * dtype_bytes + per_layer
   else:
     activations = layers * per_layer
-  activations += 2 * tokens * m.vocab_size / tp * 4  # logits and their gradient, fp32
+  activations += 2 * tokens // copies * m.vocab_size / tp * 4  # logits and gradient, fp32
   a2a = all_to_all_bytes(m, shape, micro // data_parallel, c.data.seq_len, dtype_bytes) * accum
   return Plan(cluster=cl, mesh=shape, params=summary["params"], bytes_params=bytes_params,
               bytes_optimizer=2 * bytes_params, bytes_gradients=bytes_params,

@@ -17,6 +17,12 @@ for the step (each once for greedy and once for sampling at any temperature and 
 The prompt's attention follows `model.attention.prefill` (dense or FlexPrefill); decode steps
 and continuations (`extend`) are dense over the cache. FlexPrefill takes each row's pattern
 from its last block of queries, so it needs rows without padding (equal lengths).
+
+Token repetition (model.phd, research/model/phd.py) runs inside the model: the cache keeps the
+plain model's entries (originals only) plus, for swa / cswa, each layer's last B hidden tokens;
+a prefill computes the originals and the hidden copies of the last prompt token (phd; about a
+plain prefill), of every prompt token (swa; K x) or of the last token's chunk (cswa); a step
+runs the new token's K copies. naive repetition has no cached path (refused here).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from research import sharding
 from research.errors import InputError
 from research.infer.cache import KVCache
 from research.infer.sampling import GREEDY, Sampling, draw
+from research.model import phd
 from research.model.context import ForwardContext
 from research.model.prefill import prefill_settings
 
@@ -103,6 +110,7 @@ class Engine:
     self.max_len = max_len
     self.mesh = mesh
     self.prefill_kind = prefill_settings(model.cfg.attention).kind
+    phd.check_inference(model.cfg)  # token repetition: phd, swa, cswa keep a vanilla cache
     self.vocab_size = model.cfg.vocab_size
     self.graphdef, self.state = nnx.split(model)
     self._prefill = jax.jit(self._prefill_fn, static_argnames=("greedy",))

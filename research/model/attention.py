@@ -62,13 +62,16 @@ ATTENTION_IMPLS = ("xla", "auto", "pallas", "pallas_gpu", "pallas_tpu")
 
 class SequenceKeys(NamedTuple):
   """What a forward's queries attend over: k, v [b, s, kv_heads, d], their positions [b, s],
-  an optional validity mask [b, s] (cache slots not yet written, padding), and whether they
-  come from a KV cache (then s may differ from the query length)."""
+  an optional validity mask [b, s] (cache slots not yet written, padding), whether they
+  come from a KV cache (then s may differ from the query length), and an optional explicit
+  mask [b or 1, t, s] that replaces the causal mask from positions (token repetition,
+  model.phd; positions are then unused)."""
   k: jax.Array
   v: jax.Array
-  positions: jax.Array
+  positions: jax.Array | None
   valid: jax.Array | None = None
   cached: bool = False
+  mask: jax.Array | None = None
 
 
 ATTENTION_NORMS = "qkvc"
@@ -119,18 +122,22 @@ def _rotate_bwd(res, dy):
 _rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
-def xla_attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool = True):
+def xla_attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool = True,
+                  mask=None):
   """softmax(q k^T / sqrt(d) + mask) v with GQA folding.
 
   q: [b, t, h, d]; k, v: [b, s, kv, d] with h = kv * g. Positions give the causal mask
   (key position <= query position), so offsets and decoding work unchanged; `k_valid` [b, s]
-  masks keys out (unwritten cache slots, padding).
+  masks keys out (unwritten cache slots, padding). An explicit `mask` [b or 1, t, s] (True:
+  attend) replaces the causal one.
   """
   b, t, h, d = q.shape
   kv = k.shape[2]
   q = q.reshape(b, t, kv, h // kv, d)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
-  if causal:
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  elif causal:
     mask = k_positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   if k_valid is not None:
@@ -141,16 +148,16 @@ def xla_attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bo
 
 
 def attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool = True,
-              impl: str = "xla"):
+              impl: str = "xla", mask=None):
   """The attention op. The kernels cover self-attention over the forward's own tokens (q and k
-  of one length, positions increasing along each row); attention over a cache or with a
-  validity mask runs the jnp path whatever `impl` says."""
+  of one length, positions increasing along each row); attention over a cache, with a
+  validity mask or with an explicit mask runs the jnp path whatever `impl` says."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention.impl='{impl}' is not available "
                      f"(available: {', '.join(ATTENTION_IMPLS)})")
-  if impl == "xla" or k_valid is not None or q.shape[1] != k.shape[1]:
+  if impl == "xla" or k_valid is not None or mask is not None or q.shape[1] != k.shape[1]:
     return xla_attention(q, k, v, q_positions=q_positions, k_positions=k_positions,
-                         k_valid=k_valid, causal=causal)
+                         k_valid=k_valid, causal=causal, mask=mask)
   from kernels_pallas.moda import flash_attention  # pylint: disable=import-outside-toplevel
   return flash_attention(q, k, v, causal=causal, impl=impl)
 
@@ -215,7 +222,12 @@ class DenseAttention(SequenceMixer):
     empty cache still attends over its own k, v (the cache holds nothing else), later forwards
     over the whole cache [b, max_len, kv_heads, d] with slot positions and validity
     (cached=True). Mixers with more per-token state add entries with `ctx.cache.append`.
+    Under token repetition (`ctx.phd`, model.phd) the layout gives the keys and their mask.
     """
+    if ctx.phd is not None:
+      k, v = ctx.phd.keys(self.layer, k, v, ctx)
+      return SequenceKeys(k=k, v=v, positions=None, cached=ctx.cache is not None,
+                          mask=ctx.phd.mask)
     if ctx.cache is None:
       return SequenceKeys(k=k, v=v, positions=ctx.positions)
     cache, k_all = ctx.cache.append(f"layer{self.layer}/k", k)
@@ -236,7 +248,7 @@ class DenseAttention(SequenceMixer):
         ctx.cache = ctx.cache.record(f"flexprefill/{name}/layer{self.layer}", value)
       return out
     return attention(q, keys.k, keys.v, q_positions=ctx.positions, k_positions=keys.positions,
-                     k_valid=keys.valid, impl=self.impl)
+                     k_valid=keys.valid, impl=self.impl, mask=keys.mask)
 
   def project_out(self, out: jax.Array) -> jax.Array:
     """[b, t, heads, d] attention output -> [b, t, d_model] (context norm, then W_O)."""

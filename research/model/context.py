@@ -4,7 +4,8 @@ Everything that one forward pass shares across layers travels here rather than i
 module attributes: token positions, the dropout key, auxiliary losses that modules add (a MoE
 balance loss, say), scalar statistics the trainer logs (a MoE's dropped fraction), and
 cross-layer state in typed slots (MoDA's depth keys/values, a skip memory unit's pending
-output). At inference the KV cache travels here too (`cache`; None in training).
+output). At inference the KV cache travels here too (`cache`; None in training). A forward that
+repeats its tokens (model.phd) carries its layout and attention mask (`phd`).
 The context lives only inside one traced forward; modules read it and add to it.
 
 A `Slot` is declared, at module level, by the option that owns it (moda.DEPTH,
@@ -56,6 +57,9 @@ class ForwardContext:
   # Inference only: the KV cache (research/infer/cache.py KVCache) this forward reads and
   # appends to; None in training. Modules replace it functionally (ctx.cache = ...).
   cache: Any = None
+  # Token repetition (model.phd, research/model/phd.py): this forward's Layout (its copies'
+  # attention mask, which replaces the causal mask from positions); None: one copy per token.
+  phd: Any = None
 
   def add_aux_loss(self, name: str, value: jax.Array) -> None:
     """Adds a scalar to the named auxiliary loss (summed over layers); the trainer logs each

@@ -6,6 +6,10 @@
 (`stream` is the residual option's stream adapter, one per decoder: the identity for plain,
 n copies / their sum for hyper-connections, VWN's layout / group norm + reduce.)
 
+With token repetition (`model.phd`, phd.py) the embeddings are copied K times into the layout
+[originals ; hidden copies] before the blocks, which attend under the layout's mask, and the
+final copy of each token goes on to the head: logits stay one row per input token.
+
 A Block (block.py) is two sublayers (sequence mixer, channel mixer); each is wrapped by its
 norm placement and joined to the stream by its own residual connection, so every family can
 change without the others knowing. See docs/architecture.md.
@@ -25,6 +29,7 @@ from research.model import accounting
 from research.model import embedding as embedding_lib
 from research.model import head as head_lib
 from research.model import norms as norms_lib
+from research.model import phd as phd_lib
 from research.model import residual as residual_lib
 from research.model.block import Block
 from research.model.context import ForwardContext
@@ -56,6 +61,7 @@ class DecoderLM(nnx.Module):
     self.remat = cfg.remat
     if self.remat not in ("none", "block"):
       raise ValueError(f"model.remat='{self.remat}' is not one of none, block")
+    self.phd = phd_lib.settings(cfg)  # token repetition (static); off unless kind and K > 1
 
   def __call__(self, tokens: jax.Array, ctx: ForwardContext | None = None, *,
                logits_at: jax.Array | None = None) -> jax.Array:
@@ -68,8 +74,10 @@ class DecoderLM(nnx.Module):
     if ctx is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
       ctx = ForwardContext(positions=positions)
-    h, stream = self._run_blocks(tokens, ctx)
-    if logits_at is not None:
+    h, stream, layout = self._run_blocks(tokens, ctx, logits_at=logits_at)
+    if layout is not None:  # PHD §3: the final copy of each token predicts the next one
+      h, stream = layout.outputs(h), layout.outputs(stream)
+    elif logits_at is not None:
       h = jnp.take_along_axis(h, logits_at[:, :, None], axis=1)
     if self.final_norm is not None:
       h = self.final_norm(h)
@@ -83,13 +91,20 @@ class DecoderLM(nnx.Module):
     final norm)."""
     return head_lib.SharedParts(embed=self.embed, stream=self.stream, final_norm=self.final_norm)
 
-  def _run_blocks(self, tokens, ctx: ForwardContext, hidden: list | None = None):
+  def _run_blocks(self, tokens, ctx: ForwardContext, hidden: list | None = None,
+                  logits_at: jax.Array | None = None):
     """Embedding and blocks; returns (the collapsed stream before the final norm, the last
-    block's stream uncollapsed). With `hidden` a list, appends the collapsed stream entering
-    each block and the last block's output."""
+    block's stream uncollapsed, the token-repetition layout or None). With `hidden` a list,
+    appends the collapsed stream entering each block and the last block's output (under
+    model.phd every copy, in the layout's order)."""
     tokens = constrain(tokens, ("batch", "seq"))
     h = self.embed(tokens, ctx)
     h = ctx.dropout(h, self.cfg.dropout, site=2 * self.cfg.num_layers)
+    layout, outer = None, ctx
+    if self.phd.active:  # K copies of each token, one embedding (PHD §3 "sequence layout")
+      layout = phd_lib.layout(self.phd, ctx, tokens.shape[1], logits_at)
+      h = layout.expand(h)
+      ctx = dataclasses.replace(ctx, positions=layout.positions, phd=layout)
     stream = self.stream.expand(h)
     if self.scanned:
       stream = self._scan_blocks(stream, ctx, hidden)
@@ -100,11 +115,14 @@ class DecoderLM(nnx.Module):
     h = self.stream.collapse(stream)
     if hidden is not None:
       hidden.append(h)
-    return h, stream
+    if layout is not None:  # what the blocks added or replaced, back in the caller's context
+      outer.aux_losses, outer.slots, outer.cache = ctx.aux_losses, ctx.slots, ctx.cache
+    return h, stream, layout
 
   def hidden_states(self, tokens: jax.Array, ctx: ForwardContext | None = None) -> list:
     """[num_layers + 1] x [batch, seq, embed]: the input of each block, then the last block's
-    output (streams collapsed), for diagnostics such as adjacent-layer similarity."""
+    output (streams collapsed), for diagnostics such as adjacent-layer similarity. Under
+    model.phd the sequence axis holds every copy, [originals ; hidden copies]."""
     if ctx is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
       ctx = ForwardContext(positions=positions)
@@ -153,12 +171,29 @@ class DecoderLM(nnx.Module):
     return out
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Forward FLOPs per token (multiply-add = 2), analytic; training is 3x this."""
+    """Forward FLOPs per token (multiply-add = 2), analytic; training is 3x this. Under
+    model.phd per input token: its K copies through the blocks, attending the mask's keys."""
+    if self.phd.active:
+      return self._repeated_flops(seq_len)
     ends = (self.embed.flops_per_token() + self.stream.flops_per_token()
             + self.head.flops_per_token(seq_len))
     if self.scanned:  # one stacked block of num_layers identical ones
       return self.cfg.num_layers * self.blocks.flops_per_token(seq_len) + ends
     return sum(b.flops_per_token(seq_len) for b in self.blocks) + ends
+
+  def _repeated_flops(self, seq_len: int) -> float:
+    """K x a copy's blocks and stream adapter (every copy runs the FFN, PHD §3), the blocks
+    counted at the length whose causal average (length + 1) / 2 is the mask's mean keys per
+    copy (attention is the only block cost that depends on the length); the embedding and the
+    head once (only the final copy is unembedded)."""
+    k = self.phd.repeats
+    length = 2 * phd_lib.keys_per_token(self.phd, seq_len) / k - 1
+    if self.scanned:
+      blocks = self.cfg.num_layers * self.blocks.flops_per_token(length)
+    else:
+      blocks = sum(b.flops_per_token(length) for b in self.blocks)
+    return (k * (blocks + self.stream.flops_per_token()) + self.embed.flops_per_token()
+            + self.head.flops_per_token(seq_len))
 
 
 def scan_unsupported(cfg) -> str | None:

@@ -21,7 +21,7 @@ import copy
 
 from research import config as config_lib
 from research.errors import ConfigError
-from research.model import attention, embedding, ffn, head, linear, norms, prefill, residual
+from research.model import attention, embedding, ffn, head, linear, norms, phd, prefill, residual
 from research.model import memory, moda, moe, recurrent, routers  # noqa: F401  (register channel and sequence mixers)
 from research.model.lm import scan_unsupported
 from research.model.option import merge_settings
@@ -31,9 +31,11 @@ POINTS = (embedding.EMBEDDINGS, residual.RESIDUALS, norms.NORM_PLACEMENTS,
 
 
 def switches():
-  """Every switch of the model config: the points' registries, the prefill kind and the MoE
-  router (after the channel point, whose moe section it extends)."""
-  return [registry.switch() for registry in POINTS] + [prefill.SWITCH, routers.SWITCH]
+  """Every switch of the model config: the points' registries, the prefill kind, the MoE
+  router (after the channel point, whose moe section it extends) and token repetition
+  (model.phd.kind)."""
+  return ([registry.switch() for registry in POINTS]
+          + [prefill.SWITCH, routers.SWITCH, phd.SWITCH])
 
 
 def _split(config_key: str) -> tuple[list[str], str]:
@@ -108,6 +110,7 @@ def resolve_model(m) -> None:
     gated = int(mult * -(-int(8 / 3 * m.d_model) // mult))
     m.channel.d_ff = gated if ffn.is_gated(m.channel.activation) else 3 * gated // 2
   ffn.CHANNEL_MIXERS.get(m.channel.kind).resolve(m)  # its own derived fields (moe, memory)
+  phd.settings(m)  # token repetition: its values and the options it runs with
   if m.scan_blocks != "off":
     why = scan_unsupported(m)
     if why and m.scan_blocks == "on":

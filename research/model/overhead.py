@@ -3,7 +3,7 @@
 For every composition point whose `kind` differs from its registry's default, the model is
 rebuilt abstractly (shapes only, no memory) with that one point set back to its default and the
 difference is reported. The trainer prints these lines at start, so a run says what its idea
-costs (MoDA's +3.7% FLOPs, a hyper-connection's extra streams, ...).
+costs (MoDA's +3.7% FLOPs, a hyper-connection's extra streams, PHD's K copies, ...).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import ml_collections
 from research.model import options
 from research.model.lm import abstract_model, model_summary
 
-POINTS = ("embed", "residual", "attention", "channel", "linear", "head")
+POINTS = ("embed", "residual", "attention", "channel", "linear", "head", "phd")
 
 
 def overheads(cfg: ml_collections.ConfigDict, seq_len: int) -> list[dict]:
