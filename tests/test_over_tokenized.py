@@ -266,3 +266,18 @@ def test_log_linear_fit_recovers_a_known_slope():
   exact = analysis.fit([(1.0, 2.0), (2.0, 1.9), (3.0, 1.8)])
   assert exact["b"] == pytest.approx(-0.1) and exact["se"] == pytest.approx(0.0, abs=1e-12)
   assert analysis.fit([(1.0, 2.0), (1.0, 1.9), (1.0, 1.8)]) is None
+
+
+def test_over_encoding_composes_with_phd_decoding():
+  """OE embeds the tokens once, before PHD lays out their copies: cached decoding of the two
+  together (PHD-CSWA's hidden buffer, OE's token history) equals the full forward."""
+  model = create_model(config(**{"phd.kind": "cswa"}).model)
+  x = np.asarray(jax.random.randint(jax.random.key(6), (2, 10), 0, VOCAB), np.int32)
+  full = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
+  engine = Engine(model, max_len=16)
+  pre = engine.prefill(x[:, :4])
+  got, cache = [np.asarray(pre.logits)], pre.cache
+  for i in range(4, 10):
+    logits, cache, _ = engine.step(cache, x[:, i])
+    got.append(np.asarray(logits))
+  np.testing.assert_allclose(np.stack(got, axis=1), full[:, 3:], atol=ATOL, rtol=0)
