@@ -249,6 +249,7 @@ _AT_LEAST_0 = (0, None, True, False)
 _POSITIVE = (0, None, False, False)
 _FRACTION = (0, 1, True, True)  # [0, 1]
 _BELOW_1 = (0, 1, True, False)  # [0, 1)
+_POSITIVE_BELOW_1 = (0, 1, False, False)  # (0, 1)
 RANGES = {
     "seed": _AT_LEAST_0,
     "model.num_layers": _AT_LEAST_1, "model.d_model": _AT_LEAST_1, "model.num_heads": _AT_LEAST_1,
@@ -263,12 +264,19 @@ RANGES = {
     "train.eps": _AT_LEAST_0, "train.weight_decay": _AT_LEAST_0, "train.clip_norm": _AT_LEAST_0,
     "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _AT_LEAST_1,
     "train.keep_checkpoints": _AT_LEAST_1,
+    "train.lowbit.block": _AT_LEAST_1, "train.lowbit.quantile": _POSITIVE_BELOW_1,
+    "train.lowbit.min_size": _AT_LEAST_0,
     "eval.every": _AT_LEAST_1, "eval.batches": _AT_LEAST_0, "eval.batch_size": _AT_LEAST_0,
     "mesh.num_devices": _AT_LEAST_0, "mesh.tensor": _AT_LEAST_1, "mesh.expert": _AT_LEAST_1,
 }
 CHOICES = {
     "train.schedule": ("constant", "cosine", "wsd"),  # research/train/optim.py
     "train.optimizer": ("adamw", "lowbit_adamw"),
+    "train.lowbit.m_bits": (2, 3, 4, 8), "train.lowbit.v_bits": (2, 3, 4, 8),
+    "train.lowbit.m_grid": ("linear", "de"),  # research/train/lowbit.py (qema: v only)
+    "train.lowbit.v_grid": ("linear", "de", "qema"),
+    "train.lowbit.m_rounding": ("nearest", "stochastic"),
+    "train.lowbit.v_rounding": ("nearest", "stochastic"),
     "train.precision": ("auto", "fp32", "bf16"),
     "model.init_out_scaling": ("none", "total_depth", "layer_depth"),
     "model.remat": ("none", "block"),
@@ -297,7 +305,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   for key, choices in CHOICES.items():
     v = get_dotted(d, key)
     if v not in choices:
-      raise ConfigError(f"{key}={v!r} is not one of {', '.join(choices)}")
+      raise ConfigError(f"{key}={v!r} is not one of {', '.join(map(str, choices))}")
   t = config.train
   if t.warmup_steps > t.steps:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from research import experiments
 from research.errors import ConfigError
@@ -140,10 +141,10 @@ def test_state_bytes_and_the_beta_rule():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=5, grid="de", rounding="nearest", signed=True), "not one of 2, 3, 4, 8"),
-    (dict(bits=4, grid="log", rounding="nearest", signed=True), "grid 'log'"),
-    (dict(bits=4, grid="qema", rounding="nearest", signed=True), "unsigned"),
-    (dict(bits=4, grid="de", rounding="up", signed=True), "rounding 'up'"),
+    (dict(bits=5, grid="de", rounding="nearest", signed=True), "m_bits=5 is not one of 2, 3"),
+    (dict(bits=4, grid="log", rounding="nearest", signed=False), "v_grid='log'"),
+    (dict(bits=4, grid="qema", rounding="nearest", signed=True), "m_grid='qema' is the unsig"),
+    (dict(bits=4, grid="de", rounding="up", signed=True), "m_rounding='up'"),
 ])
 def test_codec_errors(kwargs, match):
   with pytest.raises(ConfigError, match=match):
@@ -164,10 +165,16 @@ def test_lowbit_adamw_trains_checkpoints_and_reports_its_state(tmp_path):
              for r in train)
   config = json.loads((tmp_path / "config.json").read_text())["config"]
   assert config["train"]["lowbit"]["v_grid"] == "qema"
-  # the codes and the rounding key round-trip through a checkpoint: the run extends from it
-  longer = Trainer(experiments.get_config(spec, {**overrides, "train.steps": 12}), tmp_path,
-                   log=lambda *_: None).run()
-  assert longer["step"] == 12 and np.isfinite(longer["valid_loss"])
+  # the codes and the rounding key round-trip through a checkpoint: a run resumed from step 4
+  # (a fork of the same config) ends with the uninterrupted run's parameters, bit for bit
+  resumed = tmp_path.parent / (tmp_path.name + "_resumed")
+  Trainer(experiments.get_config(spec, overrides), resumed, log=lambda *_: None,
+          fork=(tmp_path, 4)).run()
+  from research.infer.load import load_run
+  a, b = (jax.tree.leaves(nnx.state(load_run(w, step=8).model, nnx.Param))
+          for w in (tmp_path, resumed))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_the_sweeps_two_bit_beta1_is_the_rules():
@@ -179,3 +186,15 @@ def test_the_sweeps_two_bit_beta1_is_the_rules():
   assert report.confounds("lowbit_optimizer", sweep.get_sweep().arg,
                           sweep.get_sweep().groups["main"],
                           sweep.get_sweep().varies["main"]) == []
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("train.lowbit.v_bits", 5, "train.lowbit.v_bits"),
+    ("train.lowbit.m_grid", "qema", "train.lowbit.m_grid"),
+    ("train.lowbit.quantile", 1.0, "train.lowbit.quantile"),
+])
+def test_bad_lowbit_settings_fail_when_the_config_resolves(key, value, match):
+  from research import run_config
+  c = experiments.get_config("lowbit_optimizer:scale=smoke", {key: value})
+  with pytest.raises(ConfigError, match=match):
+    run_config.resolve(c)

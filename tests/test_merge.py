@@ -150,3 +150,34 @@ def test_model_merging_evaluates_merges_and_tabulates_them(tmp_path):
   table = analysis.merge_tables([{"trunk": "constant_3e-3", "seed": f"seed{k}", **r}
                                  for k in range(2) for r in rows], {12: [3.0, 3.1]})
   assert "| sma_n3_v2 |" in table and "annealed control" in table
+
+
+def test_merge_output_never_overwrites_a_run(tmp_path):
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "notes.txt").write_text("keep me")
+  for out in (run, run / "checkpoints", tmp_path, other):
+    with pytest.raises(merge.MergeError):
+      merge._check_output(out, run)  # pylint: disable=protected-access
+  assert (other / "notes.txt").is_file()
+  earlier = tmp_path / "earlier"
+  earlier.mkdir()
+  (earlier / "merge.json").write_text("{}")
+  merge._check_output(earlier, run)  # pylint: disable=protected-access  (replaced: a merge)
+  merge._check_output(run / "merged" / "sma_n2_v4_s8", run)  # pylint: disable=protected-access
+
+
+@pytest.mark.needs_data
+def test_a_fork_that_changes_the_model_is_refused(tmp_path):
+  from research.errors import RunError
+  common = {"train.steps": 4, "train.checkpoint_every": 2, "train.progress": False,
+            "mesh.num_devices": 1}
+  spec = "baseline:scale=smoke,corpus=tinyshakespeare"
+  Trainer(experiments.get_config(spec, common), tmp_path / "a", log=lambda *_: None).run()
+  wider = {**common, "model.d_model": 64}
+  with pytest.raises(RunError, match=r"model.d_model 32 -> 64"):
+    Trainer(experiments.get_config(spec, wider), tmp_path / "b", log=lambda *_: None,
+            fork=(tmp_path / "a", 2)).run()
+  assert not (tmp_path / "b" / "checkpoints").exists()

@@ -13,8 +13,8 @@ latest checkpoint and approaches what annealing would give.
 Argument keys: scale (smoke | tiny | small | paper), corpus, tokenizer, seed.
 
 The trunk (digest §6): the shared tiny decoder (4 x 128, context 64, batch 12) on the complete
-works of Shakespeare (character level, 5.4M characters, so 5000 steps of 768 tokens stay under
-one epoch, as pre-training does), AdamW (0.9, 0.95), weight decay 0.1, 100 warmup steps then a
+works of Shakespeare (character level, 4.6M training characters, so 5000 steps of 768 tokens
+stay under one epoch, as pre-training does), AdamW (0.9, 0.95), weight decay 0.1, 100 warmup steps then a
 constant learning rate 3e-3 for 5000 steps; a checkpoint every 25 steps, all kept (the merges
 read any window of them; 200 checkpoints of 9.7 MB per seed).
 """

@@ -20,7 +20,8 @@ from pathlib import Path
 from research import experiments, fit as fit_lib, scales
 
 PAPER = {"W4A4": (0.2186, 0.0745, 0.7779), "W4A16": (0.3589, 0.1610, 0.3533),
-         "W16A4": (0.1816, 0.0331, 0.9812)}  # (g_N, g_D, g_G), Table 1
+         "W16A4": (0.1816, 0.0331, 0.9812),
+         "W4A4 FC2 8-bit": (0.2637, 0.0964, 0.3407)}  # (g_N, g_D, g_G), Table 1
 NAME = re.compile(r"^(?P<prec>[a-z0-9]+?)(_g(?P<g>\d+))?_d(?P<d>\d+)_D(?P<D>[\d.]+)M(_s(?P<s>\d))?$")
 PREC = {"w4a4": "W4A4", "w4a16": "W4A16", "w16a4": "W16A4", "w4a4fc2a8": "W4A4 FC2 8-bit"}
 
@@ -67,7 +68,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
     w.writerows(rows)
 
 
-def _fit_line(name, rows, terms, holdout="N=max,D=max") -> str:
+def _fit_line(name, precision, rows, terms, holdout="N=max,D=max") -> str:
   try:
     f = fit_lib.fit(rows, "delta", terms, holdout=holdout, bootstrap=2000)
   except fit_lib.FitError as e:
@@ -79,7 +80,7 @@ def _fit_line(name, rows, terms, holdout="N=max,D=max") -> str:
       continue
     lo, hi = sorted((sign * f.interval[term][0], sign * f.interval[term][1]))
     cells.append(f"{sign * f.coef[term]:+.3f} [{lo:+.3f}, {hi:+.3f}]")
-  paper = PAPER.get(name.split(" ")[0])
+  paper = PAPER.get(precision)
   held = f.holdout["mean_abs_rel_error"] if f.holdout else math.nan
   return (f"| {name} | {' | '.join(cells)} | {f.r2:.2f} | {f.rows} ({f.dropped} ≤ 0 dropped) "
           f"| {held:.0%} | {paper or '–'} |")
@@ -101,10 +102,10 @@ def analyze(experiment, runs_root, groups, out_dir) -> str:
             "| rows | g_N | g_D | g_G | R² | cells | held-out error | paper (g_N, g_D, g_G) |",
             "|---|---|---|---|---|---|---|---|"]
   w4a4 = [r for r in main if r["precision"] == "W4A4"]
-  lines.append(_fit_line("W4A4", w4a4, ["N", "D", "log2:G"]))
+  lines.append(_fit_line("W4A4", "W4A4", w4a4, ["N", "D", "log2:G"]))
   for prec in ("W4A16", "W16A4", "W4A4 FC2 8-bit"):
-    lines.append(_fit_line(f"{prec} (G = 32)", [r for r in main if r["precision"] == prec],
-                           ["N", "D"]))
+    lines.append(_fit_line(f"{prec} (G = 32)", prec,
+                           [r for r in main if r["precision"] == prec], ["N", "D"]))
   lines.append(_decomposition(main))
   seeds = [r for r in rows if r["d"] == 128 and r["D"] == 4e6 and r["G"] == 32
            and r["precision"] == "W4A4"]

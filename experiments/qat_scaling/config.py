@@ -23,6 +23,7 @@ characters: every D stays within one epoch), batch 12 x 64, cosine lr 1e-3 to 1e
 D / 768 steps, 100 warmup steps.
 """
 
+from research.errors import ConfigError
 from research.scales import SCALES, scaled_config_with_args  # noqa: F401
 
 CLAIM = ("the 4-bit QAT loss gap falls with model size, rises with tokens and group size, and "
@@ -51,4 +52,7 @@ def get_config(arg: str = ""):
     c.eval.every = max(t.steps // 4, 1)
   elif scale == "smoke":
     m.linear.qat.group = 16  # width 32: groups of 16
+  if scale != "tiny" and (a["width"], a["tokens"]) != (128, 4.0):
+    raise ConfigError(f"qat_scaling: width and tokens set the tiny grid's cells; scale={scale} "
+                      "has its own size")
   return c

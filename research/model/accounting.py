@@ -29,17 +29,15 @@ from flax import nnx
 from research.model.ffn import ChannelMixer
 
 
-def _module_tables(model: nnx.Module) -> list[tuple[int, int, int]]:
+def _mixer_tables(model: nnx.Module) -> list[tuple[int, int, int]]:
   return [t for _, node in nnx.iter_graph(model) if isinstance(node, ChannelMixer)
           for t in node.sparse_parameters()]
 
 
 def sparse_tables(model: nnx.Module) -> list[tuple[int, int, int]]:
-  """(items, params_per_item, items_per_token) of every partly read parameter table."""
-  tables = _module_tables(model)
-  if not model.cfg.head.tie_embeddings:  # a tied table is read whole by the head
-    tables += model.embed.lookup_tables()
-  return tables
+  """(items, params_per_item, items_per_token) of every partly read parameter table (a tied
+  token table is read whole by the head, so it is not one)."""
+  return _mixer_tables(model) + model.embed.lookup_tables(tied=model.cfg.head.tie_embeddings)
 
 
 def count_params(model: nnx.Module) -> int:
@@ -47,8 +45,10 @@ def count_params(model: nnx.Module) -> int:
 
 
 def params_activated(model: nnx.Module) -> int:
-  """Parameters one token reads (an embedding table counts in full, as is usual)."""
-  inactive = sum((items - min(per, items)) * size for items, size, per in _module_tables(model))
+  """Parameters one token reads (the token table counts in full, as is usual; hashed n-gram
+  tables by the rows a token reads)."""
+  tables = _mixer_tables(model) + model.embed.lookup_tables(tied=True)  # not the token table
+  inactive = sum((items - min(per, items)) * size for items, size, per in tables)
   return count_params(model) - inactive
 
 

@@ -36,12 +36,14 @@ from research.model.registry import Registry
 class Embedding(Option):
   """Base of `model.embed.kind` options: tokens [b, t] -> [b, t, width]. Hooks: `attend(h)`,
   the tied head's logits (h [b, t, d_model] -> [b, t, vocab]); `flops_per_token()`;
-  `lookup_tables()`, the tables a token reads one row of [(rows, params per row, rows read per
-  token)] for research/model/accounting.py (a tied table is read whole by the head instead)."""
+  `lookup_tables(tied)`, the tables a token reads only some rows of [(rows, params per row,
+  rows read per token)] for research/model/accounting.py; with `tied` the token table is read
+  whole by the head, so it is not listed."""
 
   HOOKS = ("attend", "flops_per_token", "lookup_tables")
 
-  def lookup_tables(self) -> list[tuple[int, int, int]]:
+  def lookup_tables(self, tied: bool) -> list[tuple[int, int, int]]:
+    del tied
     return []
 
   def attend(self, h: jax.Array) -> jax.Array:
@@ -76,9 +78,9 @@ class PlainEmbedding(Embedding):
   def flops_per_token(self) -> float:
     return 0.0  # a lookup
 
-  def lookup_tables(self) -> list[tuple[int, int, int]]:
+  def lookup_tables(self, tied: bool) -> list[tuple[int, int, int]]:
     rows, width = self.table.shape
-    return [(rows, width, 1)]
+    return [] if tied else [(rows, width, 1)]
 
 
 @EMBEDDINGS.register("over_width")
@@ -125,9 +127,9 @@ class OverWidthEmbedding(Embedding):
   def flops_per_token(self) -> float:
     return 2.0 * self.d * self.wide if self.factorized else 0.0
 
-  def lookup_tables(self) -> list[tuple[int, int, int]]:
+  def lookup_tables(self, tied: bool) -> list[tuple[int, int, int]]:
     rows, width = self.table.shape  # the factorized form's W_expand is read whole
-    return [(rows, width, 1)]
+    return [] if tied else [(rows, width, 1)]
 
 
 ROW_ALIGN = 256  # the n-gram tables' rows are padded to a multiple of this (even row shards)
@@ -230,9 +232,10 @@ class OverEncodingEmbedding(Embedding):
   def flops_per_token(self) -> float:
     return 2.0 * self.d * self.d  # the slices' projections
 
-  def lookup_tables(self) -> list[tuple[int, int, int]]:
-    rows, width = self.ngrams.shape
-    return [(self.vocab, self.d, 1), (rows, width, len(self.moduli))]
+  def lookup_tables(self, tied: bool) -> list[tuple[int, int, int]]:
+    rows, width = self.ngrams.shape  # a token reads one row of each n-gram table
+    token = [] if tied else [(self.vocab, self.d, 1)]
+    return token + [(rows, width, len(self.moduli))]
 
 
 def _parse_orders(grams: str) -> list[int]:

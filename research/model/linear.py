@@ -224,8 +224,13 @@ class QATLinear(Linear):
                site: str = ""):
     del gain
     q = cfg.linear.qat
-    a_bits = q.fc2_a_bits if site == "fc2" and q.fc2_a_bits else q.a_bits
-    for name, bits in (("w_bits", q.w_bits), ("a_bits", a_bits)):
+    if cfg.channel.kind != "ffn":
+      raise ConfigError(f"model.linear.kind='qat' reaches the linears made by make_linear; "
+                        f"model.channel.kind='{cfg.channel.kind}' has its own matmuls, which "
+                        "would stay in full precision")
+    fc2 = site == "fc2" and q.fc2_a_bits
+    a_bits = q.fc2_a_bits if fc2 else q.a_bits
+    for name, bits in (("w_bits", q.w_bits), ("fc2_a_bits" if fc2 else "a_bits", a_bits)):
       if not 2 <= bits <= 16:
         raise ConfigError(f"model.linear.qat.{name}={bits} must be in 2..16 (16: not quantized)")
     if q.group < 0 or (q.group and in_features % q.group):

@@ -4,7 +4,9 @@
 kernels_pallas/memory_lookup; when the current mesh shards the table's rows (logical axes
 `memory_slots` / `ngram_rows`, mesh axes fsdp x tensor), each device reads its own rows and the
 partial sums are added over those axes (`sharded_memory_lookup`), so the table is never
-gathered.
+gathered. A table whose rows do not divide over those axes falls back to the plain lookup,
+which the compiler serves by gathering the table (the n-gram tables pad their rows to a
+multiple of 256 for this reason).
 """
 
 from __future__ import annotations

@@ -75,20 +75,20 @@ class Codec:
   quantile: float = 0.1
 
   def __post_init__(self):
-    what = "train.lowbit"
+    what = f"train.lowbit.{'m' if self.signed else 'v'}_"  # the moment's settings
     if self.bits not in (2, 3, 4, 8):
-      raise ConfigError(f"{what}: {self.bits}-bit states are not one of 2, 3, 4, 8")
+      raise ConfigError(f"{what}bits={self.bits} is not one of 2, 3, 4, 8")
     if self.grid not in GRIDS:
-      raise ConfigError(f"{what}: grid '{self.grid}' is not one of {', '.join(GRIDS)}")
+      raise ConfigError(f"{what}grid='{self.grid}' is not one of {', '.join(GRIDS)}")
     if self.rounding not in ROUNDINGS:
-      raise ConfigError(f"{what}: rounding '{self.rounding}' is not one of "
+      raise ConfigError(f"{what}rounding='{self.rounding}' is not one of "
                         f"{', '.join(ROUNDINGS)}")
     if self.grid == "qema" and self.signed:
-      raise ConfigError(f"{what}: the qema grid is for the unsigned second moment v")
+      raise ConfigError(f"{what}grid='qema' is the unsigned second moment's grid (v_grid)")
     if self.block < 8 or self.block % 8:
-      raise ConfigError(f"{what}: block={self.block} must be a positive multiple of 8")
+      raise ConfigError(f"train.lowbit.block={self.block} must be a positive multiple of 8")
     if not 0.0 < self.quantile < 1.0:
-      raise ConfigError(f"{what}: quantile={self.quantile} must be in (0, 1)")
+      raise ConfigError(f"train.lowbit.quantile={self.quantile} must be in (0, 1)")
 
   @property
   def levels(self) -> np.ndarray | None:

@@ -133,7 +133,8 @@ def merge_run(workdir: str | Path, *, method: str, last: int, every: int,
   params, other = merge_trees([run.variables(s) for s in steps], weights)
   tag = f"{method}{'' if method != 'ema' else f'{alpha:g}'}_n{last}_v{every}_s{steps[-1]}"
   out = Path(out) if out is not None else workdir / "merged" / tag
-  if out.exists():
+  _check_output(out, workdir)
+  if out.exists():  # a previous merge's directory (it holds merge.json): replaced
     shutil.rmtree(out)
   out.mkdir(parents=True)
   shutil.copy(workdir / "config.json", out / "config.json")
@@ -147,6 +148,18 @@ def merge_run(workdir: str | Path, *, method: str, last: int, every: int,
        else None, "last": last, "every": every, "steps": steps,
        "weights": [float(np.float64(w)) for w in weights]}, indent=2) + "\n")
   return out
+
+
+def _check_output(out: Path, workdir: Path) -> None:
+  """A merge writes only a new directory or replaces an earlier merge's: never the source
+  run, its checkpoints, or a directory holding anything else."""
+  src, dst = workdir.resolve(), out.resolve()
+  if dst == src or src in dst.parents and dst.parent != src / "merged" or dst in src.parents:
+    raise MergeError(f"--out {out} is the source run, inside it or above it; pick a new "
+                     f"directory (default: {workdir / 'merged'}/<tag>)")
+  if dst.exists() and any(dst.iterdir()) and not (dst / "merge.json").is_file():
+    raise MergeError(f"--out {out} exists and does not hold an earlier merge (no merge.json); "
+                     "it is not overwritten")
 
 
 def validation_batches(config) -> list:

@@ -403,9 +403,13 @@ class Trainer:
     if action == "extend" and self.primary:
       (self.workdir / "summary.json").unlink(missing_ok=True)
     forked = action == "new" and self.fork is not None
+    if self.fork is not None and not forked:
+      self.log(f"{self.workdir} already holds a run: --fork_from is not applied again")
     if forked and self.primary:
-      note = workdir_lib.copy_fork(self.fork[0], int(self.fork[1]), self.workdir)
+      note = workdir_lib.copy_fork(self.fork[0], int(self.fork[1]), self.workdir, c.to_dict())
       self.log(note)
+    if forked:
+      _sync_processes("research: fork copied")
     if self.primary:
       self._write_config(c, note, forked=forked)
     r = self.build(c, corpus)

@@ -280,12 +280,27 @@ def plan(workdir: Path, config: dict) -> tuple[str, str]:
   return "resume", "; ".join(notes)
 
 
-def copy_fork(source: str | Path, step: int, workdir: Path) -> str:
+# what a fork may not change: the train state's shapes (model, optimizer) and the data stream
+FORK_FIXED = ("model.", "train.optimizer", "train.lowbit.", "train.batch_size", "data.")
+
+
+def copy_fork(source: str | Path, step: int, workdir: Path, config: dict | None = None) -> str:
   """Seeds the new run directory `workdir` with checkpoint `step` of the run in `source` (the
   whole train state, the data iterator's position and unlogged metrics) and its metrics up to
   that step, so the run resumes there under its own config (a fork: e.g. the same weights
-  annealed over a span). Returns the note config.json's history records."""
+  annealed over a span). `config` (the fork's resolved config) may differ from the source's in
+  the schedule and the other train settings, not in FORK_FIXED. Returns the note config.json's
+  history records."""
   source = Path(source)
+  record = read_record(source)
+  if record is None:
+    raise RunError(f"cannot fork {source}: it holds no run (no config.json)")
+  if config is not None:
+    fixed = [k for k in config_differences(record.get("config", {}), config)
+             if k.startswith(FORK_FIXED) and k not in ("data.data_dir",)]
+    if fixed:
+      raise RunError(f"a fork of {source} keeps its model, optimizer and data; these differ: "
+                     f"{describe_differences(record.get('config', {}), config, fixed)}")
   ckpt = source / "checkpoints" / str(step)
   if not ckpt.is_dir():
     have = sorted(int(p.name) for p in (source / "checkpoints").glob("*") if p.name.isdigit())
