@@ -88,9 +88,8 @@ def checkpoint_steps(available: list[int], last: int, every: int, step: int | No
 
 
 def available_steps(workdir: str | Path) -> list[int]:
-  root = Path(workdir) / "checkpoints"
-  return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) \
-      if root.is_dir() else []
+  from research.train.workdir import checkpoint_steps  # pylint: disable=import-outside-toplevel
+  return checkpoint_steps(workdir)
 
 
 class RunCheckpoints:

@@ -234,12 +234,18 @@ def read_summary(workdir: Path) -> dict | None:
     return None  # a summary cut short: the run's last step is redone from its checkpoint
 
 
-def latest_checkpoint_step(workdir: Path) -> int | None:
-  """The newest finished step directory under W/checkpoints (orbax's layout), without orbax."""
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+  """The finished step directories under W/checkpoints (orbax's layout), sorted, without
+  orbax."""
   root = Path(workdir) / "checkpoints"
-  steps = [int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()] \
+  return sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) \
       if root.is_dir() else []
-  return max(steps) if steps else None
+
+
+def latest_checkpoint_step(workdir: Path) -> int | None:
+  """The newest finished step directory under W/checkpoints."""
+  steps = checkpoint_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def plan(workdir: Path, config: dict) -> tuple[str, str]:
@@ -292,6 +298,10 @@ def copy_fork(source: str | Path, step: int, workdir: Path, config: dict | None 
   the schedule and the other train settings, not in FORK_FIXED. Returns the note config.json's
   history records."""
   source = Path(source)
+  ckpt = source / "checkpoints" / str(step)
+  if not ckpt.is_dir():
+    raise RunError(f"cannot fork {source} at step {step}: it has no checkpoint there "
+                   f"(checkpoints: {checkpoint_steps(source) or 'none'})")
   record = read_record(source)
   if record is None:
     raise RunError(f"cannot fork {source}: it holds no run (no config.json)")
@@ -301,11 +311,6 @@ def copy_fork(source: str | Path, step: int, workdir: Path, config: dict | None 
     if fixed:
       raise RunError(f"a fork of {source} keeps its model, optimizer and data; these differ: "
                      f"{describe_differences(record.get('config', {}), config, fixed)}")
-  ckpt = source / "checkpoints" / str(step)
-  if not ckpt.is_dir():
-    have = sorted(int(p.name) for p in (source / "checkpoints").glob("*") if p.name.isdigit())
-    raise RunError(f"cannot fork {source} at step {step}: it has no checkpoint there "
-                   f"(checkpoints: {have or 'none'})")
   shutil.copytree(ckpt, Path(workdir) / "checkpoints" / str(step))
   rows = [row for row in read_metrics(source / "metrics.jsonl") if row["step"] <= step]
   (Path(workdir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
