@@ -14,6 +14,7 @@ from flax import nnx
 from research import cli, experiments
 from research.infer.load import load_run
 from research.train import merge
+from research.train.workdir import checkpoint_steps
 from research.train.trainer import Trainer
 
 
@@ -58,8 +59,8 @@ def test_bad_merges_are_errors(kwargs, match):
 
 def test_missing_checkpoints_are_named():
   with pytest.raises(merge.MergeError, match=r"checkpoints \[2\] are not in the run"):
-    merge.checkpoint_steps([4, 6, 8], last=4, every=2, step=8)
-  assert merge.checkpoint_steps([2, 4, 6, 8], last=3, every=2, step=None) == [4, 6, 8]
+    merge.window_steps([4, 6, 8], last=4, every=2, step=8)
+  assert merge.window_steps([2, 4, 6, 8], last=3, every=2, step=None) == [4, 6, 8]
 
 
 @pytest.mark.needs_data
@@ -69,7 +70,7 @@ def test_research_merge_writes_a_run_that_load_run_reads(tmp_path, capsys):
       "train.log_every": 4, "train.progress": False, "mesh.num_devices": 1})
   run = tmp_path / "run"
   Trainer(config, run, experiment="baseline", arg="scale=smoke", log=lambda *_: None).run()
-  assert merge.available_steps(run) == [2, 4, 6, 8]
+  assert checkpoint_steps(run) == [2, 4, 6, 8]
   out = tmp_path / "merged"
   assert cli.main(["merge", str(run), "--method", "sma", "--last", "2", "--every", "4",
                    "--out", str(out), "--eval"]) == 0
@@ -138,7 +139,7 @@ def test_model_merging_evaluates_merges_and_tabulates_them(tmp_path):
       "train.progress": False, "mesh.num_devices": 1})
   run = tmp_path / "seed0"
   Trainer(config, run, log=lambda *_: None).run()
-  assert merge.available_steps(run) == [2, 4, 6, 8, 10, 12]
+  assert checkpoint_steps(run) == [2, 4, 6, 8, 10, 12]
   merges = experiments._load_module("model_merging", "merges.py")  # pylint: disable=protected-access
   grid = [("sma", None, 3, 2), ("ema", 0.2, 3, 4), ("wma", None, 7, 2)]  # the last does not fit
   rows = merges.evaluate_seed(run, points=(12,), grid=grid)

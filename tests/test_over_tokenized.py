@@ -7,7 +7,6 @@ tables, and App. C's per-offset cross-entropies.
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -161,10 +160,9 @@ def test_vocabulary_too_large_for_the_ids():
     nnx.eval_shape(lambda: DecoderLM(c.model, rngs=nnx.Rngs(0)))
 
 
-def test_cached_decoding_equals_the_full_forward():
-  """A decode step reads its n-grams from the tokens the cache has kept."""
-  model = create_model(config(**{"embed.over_encoding.slices": 2}).model)
-  x = np.asarray(jax.random.randint(jax.random.key(3), (2, 10), 0, VOCAB), np.int32)
+def assert_decoding_equals_forward(model, seed: int) -> None:
+  """A prefill of 4 tokens then 6 decode steps give the full forward's logits."""
+  x = np.asarray(jax.random.randint(jax.random.key(seed), (2, 10), 0, VOCAB), np.int32)
   full = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
   engine = Engine(model, max_len=16)
   pre = engine.prefill(x[:, :4])
@@ -173,6 +171,12 @@ def test_cached_decoding_equals_the_full_forward():
     logits, cache, _ = engine.step(cache, x[:, i])
     got.append(np.asarray(logits))
   np.testing.assert_allclose(np.stack(got, axis=1), full[:, 3:], atol=ATOL, rtol=0)
+
+
+def test_cached_decoding_equals_the_full_forward():
+  """A decode step reads its n-grams from the tokens the cache has kept."""
+  assert_decoding_equals_forward(
+      create_model(config(**{"embed.over_encoding.slices": 2}).model), seed=3)
 
 
 def _train_step(c, mesh):
@@ -275,13 +279,4 @@ def test_log_linear_fit_recovers_a_known_slope():
 def test_over_encoding_composes_with_phd_decoding():
   """OE embeds the tokens once, before PHD lays out their copies: cached decoding of the two
   together (PHD-CSWA's hidden buffer, OE's token history) equals the full forward."""
-  model = create_model(config(**{"phd.kind": "cswa"}).model)
-  x = np.asarray(jax.random.randint(jax.random.key(6), (2, 10), 0, VOCAB), np.int32)
-  full = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(x)))
-  engine = Engine(model, max_len=16)
-  pre = engine.prefill(x[:, :4])
-  got, cache = [np.asarray(pre.logits)], pre.cache
-  for i in range(4, 10):
-    logits, cache, _ = engine.step(cache, x[:, i])
-    got.append(np.asarray(logits))
-  np.testing.assert_allclose(np.stack(got, axis=1), full[:, 3:], atol=ATOL, rtol=0)
+  assert_decoding_equals_forward(create_model(config(**{"phd.kind": "cswa"}).model), seed=6)

@@ -50,8 +50,9 @@ def evaluate_seed(workdir: Path, points=POINTS, grid=GRID,
       continue
     latest = lm_eval.evaluate(step_fn, *variables(s), batches)
     for method, alpha, n, v in grid:
-      steps = [s - k * v for k in range(n - 1, -1, -1)]
-      if not all(st in available for st in steps):
+      try:
+        steps = merge.window_steps(sorted(available), n, v, s)
+      except merge.MergeError:  # a window reaching past the run's first checkpoints
         continue
       weights = merge.merge_weights(method, n, alpha or 0.2)
       merged = merge.merge_trees([variables(st) for st in steps], weights)

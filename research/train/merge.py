@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from research.errors import ResearchError
+from research.train.workdir import checkpoint_steps
 
 METHODS = ("sma", "ema", "wma")
 
@@ -70,7 +71,7 @@ def merge_trees(trees: list, weights: list[float]):
   return jax.tree.map(combine, *trees)
 
 
-def checkpoint_steps(available: list[int], last: int, every: int, step: int | None) -> list[int]:
+def window_steps(available: list[int], last: int, every: int, step: int | None) -> list[int]:
   """[S - (N-1) V, ..., S - V, S] (S: `step`, default the newest available); every one must
   be a checkpoint of the run."""
   if not available:
@@ -85,11 +86,6 @@ def checkpoint_steps(available: list[int], last: int, every: int, step: int | No
                      "save every V steps and keep N of them (train.checkpoint_every, "
                      "train.keep_checkpoints)")
   return steps
-
-
-def available_steps(workdir: str | Path) -> list[int]:
-  from research.train.workdir import checkpoint_steps  # pylint: disable=import-outside-toplevel
-  return checkpoint_steps(workdir)
 
 
 class RunCheckpoints:
@@ -112,7 +108,7 @@ class RunCheckpoints:
     self._restore = restore_model_state
 
   def steps(self) -> list[int]:
-    return available_steps(self.workdir)
+    return checkpoint_steps(self.workdir)
 
   def variables(self, step: int) -> tuple:
     """(params, other) of checkpoint `step`."""
@@ -127,7 +123,7 @@ def merge_run(workdir: str | Path, *, method: str, last: int, every: int,
   W/merged/<method>_n<N>_v<V>_s<S>) and returns it."""
   workdir = Path(workdir)
   weights = merge_weights(method, last, alpha)
-  steps = checkpoint_steps(available_steps(workdir), last, every, step)
+  steps = window_steps(checkpoint_steps(workdir), last, every, step)
   run = RunCheckpoints(workdir)
   params, other = merge_trees([run.variables(s) for s in steps], weights)
   tag = f"{method}{'' if method != 'ema' else f'{alpha:g}'}_n{last}_v{every}_s{steps[-1]}"
