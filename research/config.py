@@ -69,6 +69,10 @@ def core_config() -> ml_collections.ConfigDict:
       pairs=16,  # MQAR key-value pairs per sequence
       entities=1024, attributes=4,  # facts: entities x attributes facts, each one value
       group="S3",  # group: the word problem's group (S3, S4, S5, A4, A5)
+      # group: where its running products are: "targets" (only predicted, never seen: the
+      # state-tracking task) or "inputs" (interleaved tokens: each product a lookup of the
+      # two tokens before it, no state needed); research/data/synthetic.py
+      products="inputs",
       train_sequences=20000, valid_sequences=512,  # instances generated per split
       seed=0))  # which facts / instances (the run seed only orders them)
 

@@ -150,3 +150,54 @@ def test_group_word_problem_products_by_hand():
   c.data.synthetic.group = "S7"
   with pytest.raises(ConfigError, match="group='S7'"):
     synthetic.make_task(c.data)
+
+
+def test_group_products_as_targets_never_appear_as_inputs():
+  """products="targets": the sequence is the input elements alone and the target at input x_i
+  is the running product p_i (by hand on S3: (2,0,1) = index 4 twice is (1,2,0) = index 3,
+  three times the identity); the batches of the pipeline and of the validation split carry
+  those targets, so no product is ever an input."""
+  c = data_config("group", seq_len=5, products="targets")
+  task = synthetic.make_task(c.data)
+  lo = task.layout
+  window = np.array([[4, 4, 4, 1, 0, 2]]) + lo.key0
+  batch = task.split(window)
+  assert (batch["inputs"] == window[:, :-1]).all()
+  assert (batch["targets"] - lo.value0).tolist() == [[4, 3, 0, 1, 1]]
+  x = task.generate(3, 0)
+  assert x.shape == (3, 6) and not task.layout.is_value(x).any()
+  table = synthetic.multiplication_table(synthetic.group_elements("S3"))
+  corpus = load_tokenized(c.data)
+  for b in (next(iter(make_train_iterator(corpus.train, seq_len=5, batch_size=4, seed=0,
+                                          aligned=True, split=corpus.split))),
+            make_valid_batches(corpus.valid, seq_len=5, batch_size=4, num_batches=1,
+                               split=corpus.split)[0]):
+    assert not lo.is_value(b["inputs"]).any()
+    for inputs, targets in zip(b["inputs"], b["targets"]):
+      p = 0
+      for xi, ti in zip(inputs, targets):
+        p = table[xi - lo.key0, p]
+        assert ti - lo.value0 == p
+    assert np.asarray(task.answer_mask(b["inputs"], b["targets"])).all()
+  c.data.synthetic.products = "outputs"
+  with pytest.raises(ConfigError, match="products='outputs'"):
+    synthetic.make_task(c.data)
+
+
+def test_trainer_and_extrapolation_on_products_as_targets(tmp_path):
+  """A run on the state-tracking format trains on the products as targets (its loss starts
+  near log |G| = log 6 on every position, not the interleaved format's mix) and its length
+  extrapolation scores held-out instances of each length."""
+  c = data_config("group", seq_len=16, products="targets")
+  c.model.num_layers, c.model.d_model, c.model.num_heads = 1, 32, 2
+  c.train.steps, c.train.batch_size, c.train.log_every, c.train.progress = 4, 8, 2, False
+  c.train.warmup_steps = 1
+  c.eval.every, c.eval.batches = 2, 2
+  c.eval.evaluators = "exact_match,extrapolation"
+  c.mesh.num_devices = 1
+  summary = Trainer(c, tmp_path, log=lambda *_: None).run()
+  assert 0.0 <= summary["valid_exact_match"] <= 1.0
+  assert abs(summary["valid_loss"] - np.log(6)) < 1.0
+  ext = summary["extrapolation"]
+  assert sorted(ext, key=int) == ["16", "32", "64", "128"]
+  assert all(0.0 <= e["exact_match"] <= 1.0 and np.isfinite(e["loss"]) for e in ext.values())

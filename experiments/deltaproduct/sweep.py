@@ -10,12 +10,14 @@ the paper's: n_h = 2 and 3 lower the loss. DeltaNet [0, 1] (beta in (0, 1)) and 
 Transformer carry no claim here; the extrapolation columns of the report hold the length
 claim. Each arm's FFN width matches the Transformer's parameters.
 
-state_tracking: the word problem of S3 (research/data/synthetic.py, corpus `group`: each input
-element followed by the running product), one block, trained on instances of 64 tokens (32
-elements); the extrapolation evaluator scores exact match on held-out instances of 64 .. 512
-tokens. The digest's expectations: DeltaNet [-1, 1] in one layer cannot solve S3 (a 3-cycle
-is a rotation, a product of two reflections), DeltaProduct_2 [-1, 1] can; [0, 1] eigenvalues,
-a diagonal (GLA) state and softmax attention do not extrapolate.
+state_tracking: the word problem of S3 in the paper's format (research/data/synthetic.py,
+corpus `group` with products="targets": the sequence holds the input elements alone, the target
+at each position is the running product, which is never an input), one block, trained on
+instances of 64 elements; the extrapolation evaluator scores exact match (per-position
+accuracy) on held-out instances of 64 .. 512 elements. The digest's expectations: DeltaNet
+[-1, 1] in one layer cannot solve S3 (a 3-cycle is a rotation, a product of two reflections),
+DeltaProduct_2 [-1, 1] can; [0, 1] eigenvalues, a diagonal (GLA) state and softmax attention
+do not extrapolate.
 """
 
 from research.experiments import Arm, Sweep
@@ -36,7 +38,7 @@ def get_sweep() -> Sweep:
         arm("deltanet_01", {P + "householder": 1, P + "neg_eigval": False}),
         Arm("transformer", {"model.attention.kind": "dense", "model.channel.d_ff": 0})]
   task = {"data.corpus": "group", "data.tokenizer": "synthetic", "data.synthetic.group": "S3",
-          "model.num_layers": 1}
+          "data.synthetic.products": "targets", "model.num_layers": 1}
   state = [arm("st_deltanet", {**task, P + "householder": 1}),
            arm("st_dp2", {**task, P + "householder": 2}, "lower"),
            arm("st_deltanet_01", {**task, P + "householder": 1, P + "neg_eigval": False}),

@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import hashlib
 import io
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import numpy as np
@@ -54,6 +54,11 @@ class TokenizedCorpus:
   # A synthetic task (research/data/synthetic.py) whose streams are whole instances of
   # seq_len + 1 tokens: windows start on that grid (make_train_iterator(aligned=True)).
   task: Any = None
+
+  def split(self, windows: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch of windows [..., seq_len + 1]: the task's inputs and targets, else the next
+    tokens."""
+    return self.task.split(windows) if self.task is not None else next_tokens(windows)
 
 
 def _encode_cached(tokenizer: Tokenizer, corpus_name: str, split: str, text: str) -> np.ndarray:
@@ -201,14 +206,22 @@ class TrainIterator:
     self._iter.set_state(state["grain"])
 
 
+def next_tokens(windows: np.ndarray) -> dict[str, np.ndarray]:
+  """A batch of windows [..., seq_len + 1] as language modelling: each token's target is the
+  next one."""
+  return {"inputs": windows[..., :-1], "targets": windows[..., 1:]}
+
+
 def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        aligned: bool = False, mix: PasskeyMix | None = None) -> TrainIterator:
+                        aligned: bool = False, mix: PasskeyMix | None = None,
+                        split: Callable[[np.ndarray], dict] = next_tokens) -> TrainIterator:
   """Batches {"inputs", "targets"}: int32 [batch_size, seq_len] (batch_size per process).
 
   `aligned`: the stream is whole instances of seq_len + 1 tokens (a synthetic task), so every
   epoch's window grid starts at 0 instead of a random offset. `mix`: passkey windows mixed in
-  (step 5 of the module docstring).
+  (step 5 of the module docstring). `split`: windows -> the batch (a synthetic task's
+  `Task.split`; by default the next tokens).
   """
   _check_positive(seq_len=seq_len, batch_size=batch_size)
   _check_process(process_index, process_count)
@@ -250,7 +263,7 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
         replaced = mix.window(tokens32, window, mix_seed, int(epoch), int(index))
         if replaced is not None:
           windows[r] = replaced
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+    return split(windows)
 
   settings = dict(seq_len=seq_len, batch_size=batch_size, seed=int(seed), num_tokens=len(tokens),
                   process_index=process_index, process_count=process_count)
@@ -271,11 +284,14 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
 
 def make_valid_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
                        num_batches: int | None, process_index: int = 0,
-                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                       process_count: int = 1,
+                       split: Callable[[np.ndarray], dict] = next_tokens
+                       ) -> list[dict[str, np.ndarray]]:
   """Fixed valid batches: non-overlapping windows of seq_len + 1 spread evenly over `tokens`.
 
   `num_batches` per process; 0 or None takes every full window (as many whole batches per process
   as fit). Process p takes windows p, p + P, ... of the chosen ones, so processes are disjoint.
+  `split` as in make_train_iterator.
   """
   _check_positive(seq_len=seq_len, batch_size=batch_size)
   _check_process(process_index, process_count)
@@ -297,4 +313,4 @@ def make_valid_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
   chosen = (np.arange(needed) * total) // needed  # distinct, evenly spread grid indices
   starts = chosen[process_index::process_count].reshape(num_batches, batch_size) * window
   windows = tokens[starts[..., None] + np.arange(window)]  # [batches, batch, window]
-  return [{"inputs": w[:, :-1], "targets": w[:, 1:]} for w in windows]
+  return [split(w) for w in windows]

@@ -5,8 +5,10 @@ All are token-level, with their own vocabulary (tokenizer `synthetic`), and are 
 load time from `data.synthetic.seed` (nothing is stored on disk). Every instance is exactly
 `seq_len + 1` tokens, one training window: the pipeline starts its windows on the instance grid
 (`TokenizedCorpus.task` set, so `make_train_iterator(aligned=True)`), and the fixed validation
-batches are whole held-out instances. A model trains on them like on text (next-token loss on
-every position); `research.eval.exact_match` scores exact match at the answer positions.
+batches are whole held-out instances. `Task.split` makes a window's inputs and targets: the
+next tokens (a model trains on them like on text, loss on every position), except for the word
+problem with `products="targets"`. `research.eval.exact_match` scores exact match at the
+answer positions.
 
 Vocabulary (one layout for both tasks):
 
@@ -27,13 +29,21 @@ facts  A fixed table (from the task seed) gives every (entity, attribute) a valu
        arrangements of the same facts (the knowledge is the training set's; the prompts are
        new), which is what "recall of seen facts from held-out prompts" measures.
 group  The word problem of `data.synthetic.group` (S3, S4, S5: all permutations of 3-5 items;
-       A4, A5: the even ones), the state-tracking task of the DeltaProduct paper: random
-       elements x_1, x_2, ... each followed by the running product p_i = x_i p_{i-1}
-       (permutations composed as functions, p_0 the identity):
-         k4 v4 k1 v3 k5 v0 ...        (k: an input element, v: a product, both indexed by
-                                       the group's elements in lexicographic order)
-       Answers: every product (predicted from the input element before it); the inputs are
-       uniform, so their loss is log |G| by construction. Held-out instances are new draws.
+       A4, A5: the even ones): random elements x_1, x_2, ... and their running products
+       p_i = x_i p_{i-1} (permutations composed as functions, p_0 the identity; k: an input
+       element, v: a product, both indexed by the group's elements in lexicographic order).
+       `data.synthetic.products` says where the products are:
+         targets   the state-tracking task of the DeltaProduct paper: the sequence holds the
+                   inputs alone, and the target at position i is p_i, not the next input
+                   (`Task.split`); no product is ever an input, so predicting p_i needs a state
+                   that carries p_{i-1} through the whole prefix:
+                     inputs   k4 k1 k5 ...
+                     targets  v4 v3 v0 ...
+         inputs    (the default, the first format) each input followed by its product, as
+                   next-token text: k4 v4 k1 v3 k5 v0 ...; p_i is then a lookup of the two
+                   tokens before it (x_i and p_{i-1}), solvable without any state: not a
+                   state-tracking test. The inputs are uniform, their loss log |G|.
+       Answers: every product. Held-out instances are new draws.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from research.errors import ConfigError
 
 TASKS = ("mqar", "facts", "group")
 GROUPS = ("S3", "S4", "S5", "A4", "A5")
+PRODUCTS = ("inputs", "targets")  # where the word problem's running products are
 PAD, SEP = 0, 1
 VALID_STREAM, TRAIN_STREAM = 1, 0
 
@@ -116,12 +127,29 @@ class Task:
   entities: int = 0    # facts
   seed: int = 0
   group: str = ""      # group
+  products: str = "inputs"  # group: "inputs" (interleaved tokens) | "targets" (module docstring)
 
   def generate(self, num: int, stream: int) -> np.ndarray:
     """[num, length] int32 instances; `stream` 0 = train, 1 = valid (disjoint draws)."""
     rng = np.random.default_rng([self.seed, stream, 0x5E7])
     make = {"mqar": _mqar, "facts": _facts, "group": _word_problem}[self.name]
     return make(self, num, rng)
+
+  def split(self, windows: np.ndarray) -> dict[str, np.ndarray]:
+    """{"inputs", "targets"} [..., length - 1] of instances [..., length]: the next tokens,
+    except for the word problem with products as targets, whose targets are the running
+    products of the inputs (p_i at input x_i)."""
+    inputs = windows[..., :-1]
+    if self.name != "group" or self.products == "inputs":
+      return {"inputs": inputs, "targets": windows[..., 1:]}
+    table = multiplication_table(group_elements(self.group))
+    x = np.asarray(inputs) - self.layout.key0
+    products = np.empty_like(x)
+    p = np.zeros(x.shape[:-1], x.dtype)  # the identity
+    for i in range(x.shape[-1]):
+      p = table[x[..., i], p]
+      products[..., i] = p
+    return {"inputs": inputs, "targets": (products + self.layout.value0).astype(inputs.dtype)}
 
   def answer_mask(self, inputs, targets):
     """Where targets are answers: value tokens (after the separator, for mqar). Works on numpy
@@ -149,11 +177,14 @@ def make_task(data_cfg) -> Task:
   if data_cfg.corpus == "group":
     if s.group not in GROUPS:
       raise ConfigError(f"data.synthetic.group='{s.group}' is not one of {', '.join(GROUPS)}")
+    if s.products not in PRODUCTS:
+      raise ConfigError(f"data.synthetic.products='{s.products}' is not one of "
+                        f"{', '.join(PRODUCTS)}")
     if length < 3:
       raise ConfigError("data.corpus='group' needs seq_len >= 2 (an element and its product)")
     size = len(group_elements(s.group))
     return Task("group", Layout(keys=size, values=size, digits=0, attributes=0), length,
-                seed=s.seed, group=s.group)
+                seed=s.seed, group=s.group, products=s.products)
   digits = math.isqrt(max(s.entities - 1, 0)) + 1
   layout = Layout(keys=s.num_keys, values=s.num_values, digits=digits, attributes=s.attributes)
   task = Task(data_cfg.corpus, layout, length, pairs=s.pairs, entities=s.entities, seed=s.seed)
@@ -191,6 +222,8 @@ def multiplication_table(elements: np.ndarray) -> np.ndarray:
 def _word_problem(task: Task, num: int, rng: np.random.Generator) -> np.ndarray:
   lo, length = task.layout, task.length
   table = multiplication_table(group_elements(task.group))
+  if task.products == "targets":  # the inputs alone; Task.split computes the products
+    return (rng.integers(0, len(table), (num, length)) + lo.key0).astype(np.int32)
   steps = -(-length // 2)
   x = rng.integers(0, len(table), (num, steps))
   prod = np.zeros((num, steps), np.int64)

@@ -77,6 +77,6 @@ def evaluate_task(model: nnx.Module, task: Task, *, num: int = 256, batch_size: 
   graphdef, params, other = nnx.split(model, nnx.Param, ...)
   step = make_exact_match_step(graphdef, task)
   data = task.generate(num, VALID_STREAM + seed_offset)
-  batches = [{"inputs": jnp.asarray(b[:, :-1]), "targets": jnp.asarray(b[:, 1:])}
+  batches = [jax.tree.map(jnp.asarray, task.split(b))
              for b in np.array_split(data, max(1, -(-num // batch_size)))]
   return exact_match(step, params, other, batches)

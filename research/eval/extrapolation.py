@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from research import sharding
+from research.data.pipeline import next_tokens
 from research.eval.exact_match import evaluate_task
 from research.eval.lm_eval import cross_entropy
 
@@ -58,9 +59,8 @@ def length_extrapolation(model, valid: np.ndarray | None, seq_len: int,
   `group` task, over held-out instances of each length, with their `exact_match`."""
 
   @nnx.jit
-  def nll(model, tokens):
-    logits = model(tokens[:, :-1], None)
-    return cross_entropy(logits, tokens[:, 1:])  # [b, length]
+  def nll(model, inputs, targets):
+    return cross_entropy(model(inputs, None), targets)  # [b, length]
 
   out = {}
   for m in multiples:
@@ -71,9 +71,12 @@ def length_extrapolation(model, valid: np.ndarray | None, seq_len: int,
       data = long_task.generate(count, 2)  # neither the train (0) nor the valid (1) stream
     else:
       data = windows(valid, length, count)
+    split = long_task.split if long_task is not None else next_tokens
     losses = []
     for i in range(0, len(data), BATCH):
-      losses.append(np.asarray(sharding.to_host(nll(model, jnp.asarray(data[i:i + BATCH])))))
+      batch = split(data[i:i + BATCH])
+      losses.append(np.asarray(sharding.to_host(
+          nll(model, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"])))))
     per_token = np.concatenate(losses)  # [n, length]
     out[str(length)] = {"loss": float(per_token.mean()),
                         "tail": float(per_token[:, -seq_len:].mean())}

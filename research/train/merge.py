@@ -163,7 +163,7 @@ def validation_batches(config) -> list:
   corpus = data_lib.load_tokenized(config.data)
   return data_lib.make_valid_batches(corpus.valid, seq_len=config.data.seq_len,
                                      batch_size=config.eval.batch_size,
-                                     num_batches=config.eval.batches)
+                                     num_batches=config.eval.batches, split=corpus.split)
 
 
 def validation_loss(run_dir: str | Path, step: int | None = None,

@@ -197,11 +197,11 @@ def make_data(c, corpus):
   train_iter = data_lib.make_train_iterator(
       corpus.train, seq_len=c.data.seq_len, batch_size=c.train.batch_size // pc, seed=c.seed,
       process_index=pi, process_count=pc, aligned=getattr(corpus, "task", None) is not None,
-      mix=mix)
+      mix=mix, split=corpus.split)
   e = c.eval
   valid_batches = data_lib.make_valid_batches(
       corpus.valid, seq_len=c.data.seq_len, batch_size=e.batch_size // pc,
-      num_batches=e.batches, process_index=pi, process_count=pc)
+      num_batches=e.batches, process_index=pi, process_count=pc, split=corpus.split)
   return train_iter, valid_batches
 
 
