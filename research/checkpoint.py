@@ -130,14 +130,16 @@ class Checkpointer:
   def restore_latest(self, abstract_state: Any, log: Callable[[str], None] = print
                      ) -> tuple[int, Any, dict, dict] | None:
     """(step, state, data_state, log_state) of the newest readable checkpoint, or None when
-    there is none. An unreadable newer one is moved aside with a warning."""
+    there is none. An unreadable newer one is moved aside with a warning. `abstract_state`
+    may be a function of the step (a run whose shapes change: a width expansion)."""
     steps = sorted(self._manager.all_steps(), reverse=True)
     if not steps:
       return None
     first_error = None
     for step in steps:
       try:
-        return (step, *self.restore(step, abstract_state))
+        abstract = abstract_state(step) if callable(abstract_state) else abstract_state
+        return (step, *self.restore(step, abstract))
       except CheckpointError as e:
         first_error = first_error or e
         aside = self.directory.parent / "corrupt_checkpoints" / str(step)
@@ -166,7 +168,8 @@ def restore_model_state(directory: str | Path, abstract: dict, step: int | None 
                         ) -> tuple[int, dict]:
   """(step, {"step", "params", "other"}) of checkpoint `step` (default: the newest) under
   `directory`, read-only. `abstract`: ShapeDtypeStructs (with shardings) of those three entries
-  of the trainer's state; its opt_state is not read."""
+  of the trainer's state, or a function of the step that gives them (a run whose shapes change:
+  a width expansion); its opt_state is not read."""
   directory = Path(directory).absolute()
   try:
     manager = ocp.CheckpointManager(directory, item_names=("state", "data", "log"),
@@ -177,6 +180,7 @@ def restore_model_state(directory: str | Path, abstract: dict, step: int | None 
     step = manager.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"{directory} holds no checkpoint")
+    abstract = abstract(step) if callable(abstract) else abstract
     restore = ocp.args.PyTreeRestore(
         abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
         partial_restore=True)

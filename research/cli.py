@@ -6,6 +6,7 @@
   research sweep NAME [--group G] [--seeds N] [--arg ARG] [--arms A,B] [--runs_dir DIR]
                       [--skip_reported] [--no_stack_seeds] [--config.key=value ...]
   research report NAME [--group G] [--runs_dir DIR] [--out DIR]
+  research scoreboard [--out DIR]
   research plan NAME[:ARG] [--cluster C ...] [--mfu F] [--no_lower] [--config.key=value ...]
   research merge WORKDIR --every V [--last N] [--method sma|ema|wma] [--alpha A] [--step S]
                          [--out DIR] [--eval] [--data_dir DIR]
@@ -91,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
   rep.add_argument("--group", action="append", help="only this group (repeatable)")
   rep.add_argument("--runs_dir", default="runs")
   rep.add_argument("--out", help="output directory (default experiments/NAME/results)")
+  sb = sub.add_parser(
+      "scoreboard", help="every paper's headline arm against its baseline, from the committed "
+      "results (experiments/SCOREBOARD.md, scoreboard.png)",
+      description="Reads experiments/*/results/results.json (no runs directory) and writes "
+      "SCOREBOARD.md and scoreboard.png: one row per headline arm an experiment's sweep.py "
+      "declares (Sweep(headline=...)), with Δ valid loss and its 95% interval against the "
+      "arm's own baseline, Δ parameters, Δ forward FLOPs per token, Δ step time, the verdict "
+      "and whether the comparison is like-for-like with the common scoreboard setting. "
+      "`research report` regenerates it.")
+  sb.add_argument("--out", help="output directory (default: the experiments directory)")
   pl = sub.add_parser("plan", help="memory, fit and step time of a config on named clusters")
   pl.add_argument("spec", help="NAME or NAME:ARG, e.g. baseline:scale=paper")
   pl.add_argument("--cluster", action="append",
@@ -188,6 +199,22 @@ def cmd_report(args) -> None:
   out = Path(args.out) if args.out else experiments.experiments_dir() / args.name / "results"
   path = report.report(args.name, args.runs_dir, out, groups=args.group)
   print(f"wrote {path}")
+  if out.resolve() == (experiments.experiments_dir() / args.name / "results").resolve():
+    try:  # the committed results changed: so does the scoreboard, never at the report's cost
+      cmd_scoreboard()
+    except Exception as e:  # noqa: BLE001
+      print(f"research: warning: the scoreboard was not regenerated ({type(e).__name__}: {e}); "
+            "run `research scoreboard`", file=sys.stderr)
+
+
+def cmd_scoreboard(out: str | None = None) -> None:
+  from research import scoreboard
+  board = scoreboard.build()
+  md, png = scoreboard.write(board, out)
+  print(f"wrote {md} ({sum(r.measured for r in board.rows)} rows measured, "
+        f"{sum(not r.measured for r in board.rows)} declared, not yet measured) and {png}")
+  for problem in board.problems:
+    print(f"research: warning: scoreboard: left out {problem}", file=sys.stderr)
 
 
 def cmd_plan(args, overrides) -> None:
@@ -273,6 +300,8 @@ def _dispatch(args, extra) -> int:
       cmd_sweep(args, overrides)
     elif args.command == "report":
       cmd_report(args)
+    elif args.command == "scoreboard":
+      cmd_scoreboard(args.out)
     elif args.command == "plan":
       cmd_plan(args, overrides)
     elif args.command == "merge":

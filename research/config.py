@@ -99,6 +99,16 @@ def core_config() -> ml_collections.ConfigDict:
   t.lowbit = ml_collections.ConfigDict(dict(
       m_bits=4, m_grid="de", m_rounding="nearest", v_bits=2, v_grid="qema",
       v_rounding="stochastic", block=128, quantile=0.1, min_size=128))
+  # SPARKLING's mid-training width expansion (research/train/expand.py): after `step` steps (0:
+  # off) the MLP width grows to `d_ff` and / or the hidden width to `d_model` (0: unchanged;
+  # heads and head_dim stay), new slices initialised `init` (<fan-out side>_<fan-in side>:
+  # copy_copy | random_random | random_zero | zero_copy), fan-in weights rescaled (`rescale`:
+  # rms, the paper's table, or none), the optimizer state of the new slices `state`
+  # (reset_new: zeros, the old slices keep theirs | copy | reset_all) and, with `rewarm`, the
+  # new parameters' lr warmed from eta(step) to rho x that over `warmup` steps, then cosine
+  t.expand = ml_collections.ConfigDict(dict(
+      step=0, d_ff=0, d_model=0, init="copy_copy", rescale="rms", state="reset_new",
+      rewarm=True, rho=1.3, warmup=250))
   t.precision = "auto"  # auto (fp32 on CPU, bf16 compute on GPU/TPU) | fp32 | bf16
   t.log_every = 50
   t.checkpoint_every = 500
@@ -270,6 +280,9 @@ RANGES = {
     "train.keep_checkpoints": _AT_LEAST_1,
     "train.lowbit.block": _AT_LEAST_1, "train.lowbit.quantile": _POSITIVE_BELOW_1,
     "train.lowbit.min_size": _AT_LEAST_0,
+    "train.expand.step": _AT_LEAST_0, "train.expand.d_ff": _AT_LEAST_0,
+    "train.expand.d_model": _AT_LEAST_0, "train.expand.rho": _POSITIVE,
+    "train.expand.warmup": _AT_LEAST_0,
     "eval.every": _AT_LEAST_1, "eval.batches": _AT_LEAST_0, "eval.batch_size": _AT_LEAST_0,
     "mesh.num_devices": _AT_LEAST_0, "mesh.tensor": _AT_LEAST_1, "mesh.expert": _AT_LEAST_1,
 }
@@ -282,6 +295,10 @@ CHOICES = {
     "train.lowbit.m_rounding": ("nearest", "stochastic"),
     "train.lowbit.v_rounding": ("nearest", "stochastic"),
     "train.precision": ("auto", "fp32", "bf16"),
+    # research/train/expand.py: INITS, RESCALES, STATES
+    "train.expand.init": ("copy_copy", "random_random", "random_zero", "zero_copy"),
+    "train.expand.rescale": ("rms", "none"),
+    "train.expand.state": ("reset_new", "copy", "reset_all"),
     "model.init_out_scaling": ("none", "total_depth", "layer_depth"),
     "model.remat": ("none", "block"),
     "model.scan_blocks": ("off", "on", "auto"),
@@ -313,3 +330,65 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   t = config.train
   if t.warmup_steps > t.steps:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
+
+
+# What train.expand can grow (research/train/expand.py reads the parameters' logical axes):
+# key -> the value it needs, for any expansion and for a hidden-width one
+_EXPAND_NEEDS = {"model.channel.kind": "ffn", "model.linear.kind": "plain",
+                 "model.linear.use_bias": False, "train.optimizer": "adamw"}
+_EXPAND_D_MODEL_NEEDS = {"model.embed.kind": "plain", "model.residual.kind": "plain",
+                         "model.attention.kind": "dense", "model.head.kind": "plain",
+                         "model.head.tie_embeddings": False}
+
+
+def check_expand(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError (one line) for a train.expand that cannot run on the resolved config
+  `c` (its model's widths derived): a step outside the run, a width that does not grow, a
+  re-warmup longer than what is left, an architecture the expansion does not know."""
+  x = c.train.get("expand")
+  if x is None or x.step == 0:
+    return
+  t, m = c.train, c.model
+  if x.step >= t.steps:
+    raise ConfigError(f"train.expand.step={x.step} must be below train.steps={t.steps}")
+  if not x.d_ff and not x.d_model:
+    raise ConfigError(f"train.expand.step={x.step} expands nothing: set train.expand.d_ff "
+                      "and / or train.expand.d_model")
+  for key, now in (("d_ff", m.channel.d_ff), ("d_model", m.d_model)):
+    if x[key] and x[key] <= now:
+      raise ConfigError(f"train.expand.{key}={x[key]} must exceed the model's {key}={now}: "
+                        "an expansion grows the model (it cannot shrink or keep it)")
+  needs = dict(_EXPAND_NEEDS, **(_EXPAND_D_MODEL_NEEDS if x.d_model else {}))
+  d = c.to_dict()
+  bad = [f"{k}={get_dotted(d, k)!r} (needs {v!r})" for k, v in needs.items()
+         if get_dotted(d, k) != v]
+  if bad:
+    raise ConfigError(f"train.expand{'.d_model' if x.d_model else ''} does not support "
+                      f"{'; '.join(bad)}")
+  if x.rewarm and x.warmup >= t.steps - x.step:
+    raise ConfigError(f"train.expand.warmup={x.warmup} must be shorter than the "
+                      f"{t.steps - x.step} steps after train.expand.step={x.step}")
+
+
+def expand_step(c) -> int:
+  """train.expand.step of a resolved config: 0 when the run does not expand."""
+  x = c.train.get("expand")
+  return int(x.step) if x is not None else 0
+
+
+def grown_config(c) -> ml_collections.ConfigDict:
+  """The resolved config `c` with its model at the widths after train.expand's expansion
+  (head_dim and every other derived size kept); research/train/expand.py grows the state."""
+  g = ml_collections.ConfigDict(c.to_dict())
+  x = c.train.expand
+  if x.d_ff:
+    g.model.channel.d_ff = x.d_ff
+  if x.d_model:
+    g.model.d_model = x.d_model
+  return g
+
+
+def grown_at(c, step: int) -> bool:
+  """Whether a checkpoint of `c`'s run at `step` holds the grown model (one at
+  train.expand.step itself holds the model before the expansion)."""
+  return 0 < expand_step(c) < step

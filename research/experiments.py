@@ -4,7 +4,8 @@ An experiment is a directory `experiments/<name>/` holding
 
   config.py   get_config(arg: str) -> ConfigDict; module attributes CLAIM (one line) and
               SCALES (tuple of scale names), and a docstring with the launch command
-  sweep.py    get_sweep() -> Sweep: the paper's ablation tables as named groups of arms
+  sweep.py    get_sweep() -> Sweep: the paper's ablation tables as named groups of arms, and
+              the headline arms that `research scoreboard` shows (Sweep.headline)
   README.md   the claim, the paper's numbers, our results and verdicts
   analysis.py optional: analyze(experiment, runs_root, groups, out_dir) -> Markdown that
               `research report` appends (fits, heat maps)
@@ -47,6 +48,19 @@ class Arm:
 
 
 @dataclasses.dataclass(frozen=True)
+class Headline:
+  """An arm that embodies the paper's method, as `research scoreboard` shows it: arm `arm` of
+  group `group` against `baseline` (default: the group's reference arm). The verdict is the
+  report's for the arm (its `Arm.claim` against the reference); against another baseline
+  (e.g. the Transformer row of a table whose reference is the paper's own model), `claim` is
+  the paper's claim against that baseline (None: no claim at this scale)."""
+  group: str
+  arm: str
+  baseline: str = ""
+  claim: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Sweep:
   """Named groups of arms (one group per paper table), run at `arg` with `seeds` seeds each.
 
@@ -57,6 +71,8 @@ class Sweep:
   superseded: group -> why another group carries the verdicts that this one's arms would give
   (e.g. a table measured with a handicapped baseline, kept as a sensitivity table): its report
   shows the comparisons but no verdict words.
+  headline: the arms that embody the paper's method, each against its baseline: the rows
+  `research scoreboard` shows for this experiment (none: the experiment has no row there).
   """
   groups: dict[str, list[Arm]]
   arg: str = "scale=tiny"
@@ -65,6 +81,16 @@ class Sweep:
   references: dict[str, str] = dataclasses.field(default_factory=dict)
   varies: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   superseded: dict[str, str] = dataclasses.field(default_factory=dict)
+  headline: tuple[Headline, ...] = ()
+
+  def __post_init__(self):
+    for h in self.headline:
+      arms = [a.name for a in self.groups.get(h.group, ())]
+      baseline = h.baseline or self.reference(h.group)
+      if h.arm not in arms or baseline not in arms or baseline == h.arm:
+        raise ExperimentError(
+            f"headline {h.group}/{h.arm} against {baseline or 'no baseline'!r}: both must be two "
+            f"arms of group {h.group!r} (its arms: {', '.join(arms) or 'none'})")
 
   def group(self, name: str | None) -> tuple[str, list[Arm]]:
     name = name or self.default_group or next(iter(self.groups))

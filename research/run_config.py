@@ -34,9 +34,12 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config_lib.resolve_core(c)
   eval_lib.load(c.eval.evaluators)  # an unknown evaluator fails here, before anything trains
   options.resolve_model(c.model)
+  config_lib.check_expand(c)  # against the derived widths
   d = options.select(c.to_dict())
   if d["train"].get("optimizer") != "lowbit_adamw":  # the low-bit states' settings only when used
     d["train"].pop("lowbit", None)
+  if not d["train"].get("expand", {}).get("step"):  # the width expansion's only when it runs
+    d["train"].pop("expand", None)
   return ml_collections.ConfigDict(d)
 
 

@@ -8,7 +8,9 @@
   paper  LLaMA-7B shape, for planning on real clusters (papers override it with their own)
 
 An experiment's config calls `scaled_config(arg, experiment)` (or `apply_scale` on a config of
-its own) and then changes what its paper needs.
+its own) and then changes what its paper needs. `COMMON_ARG` with `apply_common_setting` is the
+common scoreboard setting (research/scoreboard.py): tiny, with the init and optimizer most
+wave-1 experiments share.
 """
 
 from __future__ import annotations
@@ -106,6 +108,25 @@ def apply_moe_setting(c: ml_collections.ConfigDict, scale: str) -> ml_collection
     e.num_experts, e.d_expert = 4, 32
   elif scale == "small":
     e.d_expert = 384
+  return c
+
+
+# The common scoreboard setting (research/scoreboard.py): this argument, then
+# `apply_common_setting`.
+COMMON_ARG = "scale=tiny,corpus=tinyshakespeare"
+
+
+def apply_common_setting(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The init and optimizer most wave-1 experiments share, on a scaled config `c` (in place;
+  returned): weights N(0, 1/(2.5 d)) (`init_std` 0) with output projections scaled by
+  1/sqrt(2L), AdamW (0.9, 0.95), as sdd, polycom, ultramem, ultramem_v2, hybridnorm's
+  Megatron-init arms and the residual-stream papers' fair tables train (the default std 0.02
+  handicaps a pre-norm baseline: experiments/hyper_connections/README.md). At `COMMON_ARG` it is
+  the common scoreboard setting: the dense baseline those 4 x 128 experiments share, where
+  scoreboard rows compare like-for-like and compose."""
+  c.model.init_std = 0.0
+  c.model.init_out_scaling = "total_depth"
+  c.train.b2 = 0.95
   return c
 
 

@@ -13,16 +13,15 @@ claim. Each arm's FFN width matches the Transformer's parameters.
 state_tracking: the word problem of S3 in the paper's format (research/data/synthetic.py,
 corpus `group` with products="targets": the sequence holds the input elements alone, the target
 at each position is the running product, which is never an input), one block, trained on
-instances of 64 elements (lr 3e-3, 4000 steps: at the LM's 1e-3 and 2000 steps DeltaProduct_2
-had not learnt even the parity of the product); the extrapolation evaluator scores exact
-match (per-position
-accuracy) on held-out instances of 64 .. 512 elements. The digest's expectations: DeltaNet
-[-1, 1] in one layer cannot solve S3 (a 3-cycle is a rotation, a product of two reflections),
-DeltaProduct_2 [-1, 1] can; [0, 1] eigenvalues, a diagonal (GLA) state and softmax attention
-do not extrapolate.
+instances of 64 elements at lr 3e-3 for 4000 steps (at the LM's 1e-3 and 2000 steps
+DeltaProduct_2 had not learnt even the parity of the product); the extrapolation evaluator
+scores exact match (per-position accuracy) on held-out instances of 64 .. 512 elements. The
+digest's expectations: DeltaNet [-1, 1] in one layer cannot solve S3 (a 3-cycle is a rotation,
+a product of two reflections), DeltaProduct_2 [-1, 1] can; [0, 1] eigenvalues, a diagonal
+(GLA) state and softmax attention do not extrapolate.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 from research.scales import matched_arm
 
 ARG = "scale=tiny,corpus=tinyshakespeare"
@@ -49,5 +48,6 @@ def get_sweep() -> Sweep:
            arm("st_gla", {**task, "model.attention.kind": "gla"}),
            Arm("st_transformer", {**task, "model.attention.kind": "dense", "model.channel.d_ff": 0})]
   return Sweep(groups={"lm": lm, "state_tracking": state}, arg=ARG, seeds=3, default_group="lm",
+               headline=(Headline("lm", "dp2"),),
                varies={"lm": ("model.channel.d_ff",),
                        "state_tracking": ("model.channel.d_ff", "model.attention.kind")})

@@ -9,7 +9,7 @@ Paper numbers: downstream accuracies of 3B / 15B MoEs (no LM-loss table); the cl
 arms test is the direction: ERC below the MoE baseline, the no-noise arm above ERC.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 BASE = {"model.channel.moe.erc_coef": 0.0}
 
@@ -29,4 +29,5 @@ def get_sweep() -> Sweep:
               Arm("erc_a1_w01", {**erc(1.0), "model.channel.moe.erc_coef": 0.1}),
               Arm("erc_a1_router_frozen", erc(1.0, **{"model.channel.moe.erc_router_grad": False}))]
   return Sweep(groups={"alpha": alpha, "ablation": ablation},
-               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="alpha")
+               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="alpha",
+               headline=(Headline("alpha", "erc_a1"),))

@@ -14,7 +14,7 @@ The paper gives no loss table for its ablations (Fig. 4 curves only); the number
 the training-loss differences to the baseline that its text states (OLMoE-1.3B, ~500B tokens).
 """
 
-from research.experiments import Arm, Sweep, load_config_module
+from research.experiments import Arm, Headline, Sweep, load_config_module
 
 PAPER = {"dfc4": {"train loss - baseline (OLMoE-1.3B)": -0.014}}
 
@@ -40,5 +40,6 @@ def get_sweep() -> Sweep:
   hc_vs_fc = _arms(["dhc1", "dhc2", "dhc4"], INIT_002)
   return Sweep(groups={"fair": fair, "frac_rate": frac_rate, "hc_vs_fc": hc_vs_fc},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="fair",
+               headline=(Headline("fair", "dfc4"),),
                references={"hc_vs_fc": ""},
                superseded={"frac_rate": INIT_WHY, "hc_vs_fc": INIT_WHY})  # compared with frac_rate's rows in the README

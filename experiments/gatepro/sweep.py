@@ -11,7 +11,7 @@ scores of 7B / 13B MoEs after 100B+ tokens (no LM-loss table); the claim the tin
 the direction: GatePro below the top-k baseline.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 TOPK = {"model.channel.moe.router": "topk"}
 NO_LBL = {"model.channel.moe.aux_coef": 0.0}
@@ -36,4 +36,5 @@ def get_sweep() -> Sweep:
            Arm("gp_0.5_mutual", gatepro(0.5, **{"model.channel.moe.gatepro.competition":
                                                 "mutual"}))]
   return Sweep(groups={"lambda": lam, "no_lbl": no_lbl, "hotswap": hotswap, "extra": extra},
-               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="lambda")
+               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="lambda",
+               headline=(Headline("lambda", "gp_0.5"),))

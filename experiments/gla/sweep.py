@@ -9,7 +9,7 @@ less stable than tau = 16. Each arm's FFN width matches the Transformer's parame
 Transformer row has no claim (the paper: competitive, not better).
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 from research.scales import matched_arm
 
 ARG = "scale=tiny,corpus=tinyshakespeare"
@@ -29,4 +29,5 @@ def get_sweep() -> Sweep:
               arm("no_output_gate", {G + "output_gate": False}, "higher"),
               Arm("transformer", {"model.attention.kind": "dense", "model.channel.d_ff": 0})]
   return Sweep(groups={"ablation": ablation}, arg=ARG, seeds=3, default_group="ablation",
+               headline=(Headline("ablation", "gla", baseline="transformer"),),
                varies={"ablation": ("model.channel.d_ff",)})

@@ -11,7 +11,7 @@ Paper numbers are the 550M model's training loss after 400B tokens (Table 6, Tab
 29-layer model); "diverged" rows carry no number.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 NORMAL = {"model.init_out_scaling": "none"}  # the paper's "Normal" init (Table 5)
 MEGATRON = {"model.init_out_scaling": "total_depth"}
@@ -88,4 +88,5 @@ def get_sweep() -> Sweep:
   return Sweep(groups={"table6": table6, "depth": depth, "lr_stress": stress,
                        "lr_stress_megatron": stress_megatron, "variants": variants},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="table6",
+               headline=(Headline("table6", "hybridnorm"), Headline("table6", "hybridnorm_star")),
                references={"variants": ""})

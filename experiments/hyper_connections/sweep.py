@@ -15,7 +15,7 @@ Paper numbers: OLMo-1B after 500B tokens, V2 validation loss (Tables 1 and 2; th
 tables disagree by up to 0.008 between Table 1 and Table 2 for the same model, see README).
 """
 
-from research.experiments import Arm, Sweep, load_config_module
+from research.experiments import Arm, Headline, Sweep, load_config_module
 
 # V2 eval loss of the 1B models (Table 1; SHC rows from Table 2)
 PAPER_V2 = {"pre": 2.811, "dhc1": 2.819, "dhc2": 2.802, "dhc4": 2.781, "dhc8": 2.778,
@@ -53,5 +53,6 @@ def get_sweep() -> Sweep:
   table2 = _arms([f"shc{n}" for n in rates], INIT_002)
   return Sweep(groups={"fair": fair, "table1": table1, "table2": table2},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="fair",
+               headline=(Headline("fair", "dhc4"),),
                references={"table2": ""},  # table2 has no pre-norm arm (table1's, same init)
                superseded={"table1": INIT_WHY, "table2": INIT_WHY})

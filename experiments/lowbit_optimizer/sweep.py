@@ -11,7 +11,7 @@ report's statistics columns hold the swamping diagnostics (stat/opt_v_codes_unch
 stat/opt_v_zero, stat/opt_update_rms).
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 Q = "train.lowbit."
 
@@ -38,6 +38,7 @@ def get_sweep() -> Sweep:
               claim="same")]
   return Sweep(groups={"main": arms}, arg="scale=tiny,corpus=tinyshakespeare", seeds=3,
                default_group="main",
+               headline=(Headline("main", "solo_4_2"),),
                varies={"main": ("train.b1", "train.optimizer") + tuple(
                    Q + k for k in ("m_bits", "m_grid", "m_rounding", "v_bits", "v_grid",
                                    "v_rounding", "block", "quantile", "min_size"))})

@@ -11,7 +11,7 @@ MatMul-free LM (G-tern) stays close to it ("same"). ablation: the reference is G
 lower bound's claim is that it helps (removing it raises the loss).
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 ARG = "scale=tiny,corpus=tinyshakespeare"
 M = "model.attention.mlgru."
@@ -31,4 +31,5 @@ def get_sweep() -> Sweep:
         Arm("g_tern_lr2e-3", {"train.lr": 2e-3}),
         Arm("g_tern_lr4e-3", {"train.lr": 4e-3})]
   return Sweep(groups={"main": main, "ablation": ablation, "lr": lr}, arg=ARG, seeds=3,
-               default_group="main", varies={"lr": ("train.lr",)})
+               default_group="main", varies={"lr": ("train.lr",)},
+               headline=(Headline("main", "g_tern"),))

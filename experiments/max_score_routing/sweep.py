@@ -8,7 +8,7 @@
 The CF 1.25 top-k arm is erc_loss's `moe` baseline (the same config: the sweep reuses its runs).
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 TOPK = {"model.channel.moe.router": "topk"}
 
@@ -22,4 +22,5 @@ def get_sweep() -> Sweep:
               Arm("topk_dropless", {**TOPK, "model.channel.moe.dispatch": "dropless"}),
               Arm("maxscore", {})]
   return Sweep(groups={"capacity": capacity, "dropless": dropless},
-               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="capacity")
+               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="capacity",
+               headline=(Headline("capacity", "maxscore"),))

@@ -8,7 +8,7 @@ Paper numbers: Table 3 is the 700M model's C4 validation perplexity (400B tokens
 the 48-layer width-384 model's FineWeb-Edu validation loss in nats.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 DENSE = {"model.attention.kind": "dense"}
 DEPTH_KV = {"model.attention.moda.ffn_kv": False}
@@ -48,5 +48,6 @@ def get_sweep() -> Sweep:
   ]
   return Sweep(groups={"table3": table3, "table6": table6},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="table3",
+               headline=(Headline("table3", "ffn_kv"),),
                # the 13-block baseline is Table 3's row 2, deeper on purpose
                varies={"table3": ("model.num_layers",)})

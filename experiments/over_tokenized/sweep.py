@@ -16,7 +16,7 @@ claims a higher loss. output: against the baseline; OD and MTP alone claim nothi
 ("same"), OE + MTP (OT) a lower loss.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 ARG = "scale=tiny,corpus=tinyshakespeare"
 OE = "model.embed.over_encoding."
@@ -54,4 +54,5 @@ def get_sweep() -> Sweep:
                 claim="lower")]
   return Sweep(groups={"scaling": scaling, "ablation": ablation, "hash_conflicts": conflicts,
                        "output": output},
-               arg=ARG, seeds=3, default_group="scaling")
+               arg=ARG, seeds=3, default_group="scaling",
+               headline=(Headline("ablation", "oe_16381"),))

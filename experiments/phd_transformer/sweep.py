@@ -14,7 +14,7 @@ trained 2x the steps, and the report's analysis (analysis.py) sets each arm agai
 control of nearest training FLOPs.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 ARG = "scale=tiny"  # the complete works of Shakespeare (4.6M training characters): README
 P = "model.phd."
@@ -66,4 +66,5 @@ def get_sweep() -> Sweep:
            arm("cswa_k2_w16_c32"), arm("naive_k3"), arm("phd_k3"), arm("swa_k3_w16")]
   return Sweep(groups={"main": main, "window": window, "chunk": chunk, "flops": flops},
                arg=ARG, seeds=3, default_group="main",
+               headline=(Headline("main", "cswa_k2_w16_c32"),),
                varies={"flops": ("model.num_layers", "train.steps")})

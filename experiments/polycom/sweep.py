@@ -8,7 +8,7 @@ Paper numbers are the 1B dense model's training loss at about 250B tokens, read 
 official repository's figure (approximate; the paper's tables were not available).
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 
 
@@ -32,4 +32,5 @@ def get_sweep() -> Sweep:
            for r in (2, 3, 4)]
   return Sweep(groups={"activations": activations, "order": order},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="activations",
+               headline=(Headline("activations", "polynorm"),),
                references={"order": "polynorm_r3"})  # the paper's order

@@ -10,7 +10,7 @@ Transformer row carries no claim at this scale (the paper's crossover is above 2
 has no Transformer row).
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 from research.scales import matched_arm
 
 ARG = "scale=tiny,corpus=tinyshakespeare"
@@ -33,5 +33,6 @@ def get_sweep() -> Sweep:
             arm("heads_8", {"model.num_heads": 8}, "higher"),
             Arm("transformer", {"model.attention.kind": "dense", "model.channel.d_ff": 0})]
   return Sweep(groups={"table6": table6}, arg=ARG, seeds=3, default_group="table6",
+               headline=(Headline("table6", "retnet", baseline="transformer"),),
                varies={"table6": ("model.channel.d_ff", "model.num_heads",
                                   "model.num_kv_heads")})

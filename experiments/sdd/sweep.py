@@ -11,7 +11,7 @@ Paper numbers: 1B models' training loss after 200B tokens (Table 1); "diverged" 
 converge in Table 2.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 PLAIN = {"model.linear.kind": "plain"}
 SDD = {"model.linear.kind": "sdd"}
@@ -48,5 +48,6 @@ def get_sweep() -> Sweep:
                 Arm("post_sdd_lr_x10", {**base["post_sdd"], "train.lr": 1e-2}, claim="lower")]
   return Sweep(groups={"grid": grid, "deep": deep, "stress": stress, "stress_x10": stress_x10},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="grid",
+               headline=(Headline("grid", "post_sdd"),),
                references={"stress": ""},
                varies={"stress": ("train.lr", "train.warmup_steps")})

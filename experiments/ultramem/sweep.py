@@ -12,7 +12,7 @@ cumulative ablation of Table 2 (151M, about 1.5B sparse parameters; a row's numb
 after adding that component) for `ablations`.
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 DENSE = {"model.channel.kind": "ffn"}
 # A dense FFN with the MoE's total parameters: 8 experts x d_ff/2 = 4 x d_ff (1408 at tiny).
@@ -56,4 +56,5 @@ def get_sweep() -> Sweep:
   facts = [Arm(name, {**arm, **FACTS}) for name, arm in
            (("dense", DENSE), ("dense_total", DENSE_TOTAL), ("moe", MOE), ("ultramem", ULTRAMEM))]
   return Sweep(groups={"main": main, "ablations": ablations, "mqar": mqar, "facts": facts},
-               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="main")
+               arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="main",
+               headline=(Headline("main", "ultramem"),))

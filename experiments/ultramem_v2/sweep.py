@@ -12,7 +12,7 @@
 Paper numbers: eval loss at 227M activated / 1.2B total after 500B tokens (Table 3).
 """
 
-from research.experiments import Arm, Sweep
+from research.experiments import Arm, Headline, Sweep
 
 DENSE = {"model.channel.kind": "ffn"}
 DENSE_TOTAL = {"model.channel.kind": "ffn", "model.channel.d_ff": 1408}  # = the MoEs' total
@@ -70,4 +70,5 @@ def get_sweep() -> Sweep:
   return Sweep(groups={"main": main, "ablations": ablations, "density": density, "mqar": mqar,
                        "facts": facts},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="main",
+               headline=(Headline("main", "ultramem_v2"),),
                references={"main": "moe_fine", "density": "slots_x2"})

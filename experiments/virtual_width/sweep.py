@@ -15,7 +15,7 @@ Paper numbers: improvement of the next-token loss over the non-VWN baseline (MoE
 (loss = -0.0069 log2(r) + 1.6212).
 """
 
-from research.experiments import Arm, Sweep, load_config_module
+from research.experiments import Arm, Headline, Sweep, load_config_module
 
 PAPER = {  # Table 1 (m = 8, with MTP) and Fig. 8
     "vwn2_mtp": {"NTP loss gain (A0.8B)": 0.020, "NTP loss (Fig. 8)": 1.6145},
@@ -45,6 +45,7 @@ def get_sweep() -> Sweep:
   fracs = _arms([f"vwn4_m{m}" for m in (1, 4)], INIT_002)
   return Sweep(groups={"fair": fair, "width": width, "width_mtp": width_mtp, "fracs": fracs},
                arg="scale=tiny,corpus=tinyshakespeare", seeds=3, default_group="fair",
+               headline=(Headline("fair", "vwn4"),),
                references={"fracs": ""},  # compared with width's r = 4, m = 2 in the README
                superseded={"width": INIT_WHY, "fracs": INIT_WHY, "width_mtp": INIT_WHY.replace(
                    "verdicts come from `fair`", "no fair table with MTP exists yet")})

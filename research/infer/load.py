@@ -59,14 +59,21 @@ def load_run(workdir: str | Path, *, step: int | None = None,
   workdir = Path(workdir)
   c = saved_config(workdir, overrides)
   dtype = compute_dtype(c.train.precision)
-  graphdef, params, other = nnx.split(abstract_model(c.model, dtype), nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "other": other}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract)
+  built = {}
+
+  def abstract(step: int):
+    # a checkpoint after a width expansion (train.expand) holds the grown model
+    built["config"] = config_lib.grown_config(c) if config_lib.grown_at(c, step) else c
+    graphdef, params, other = nnx.split(abstract_model(built["config"].model, dtype),
+                                        nnx.Param, ...)
+    built["graphdef"] = graphdef
+    tree = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "other": other}
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
   step, state = restore_model_state(workdir / "checkpoints", abstract, step)
-  model = nnx.merge(graphdef, state["params"], state["other"])
-  return LoadedRun(config=c, model=model, step=step, workdir=workdir)
+  model = nnx.merge(built["graphdef"], state["params"], state["other"])
+  return LoadedRun(config=built["config"], model=model, step=step, workdir=workdir)
 
 
 def with_overrides(model: DecoderLM, overrides: dict[str, Any]) -> DecoderLM:

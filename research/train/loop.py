@@ -19,6 +19,11 @@ checkpoint hand-off are left out of both (the bar's elapsed time is the wall clo
 request (Ctrl-C, SIGTERM) is acted on between steps: every seat is saved where it stands. A
 seat whose loss stops being finite ends there with a diverged summary
 (`train.stop_on_divergence`); the others go on.
+
+A width expansion (`train.expand`, research/train/expand.py) happens between steps: after step
+t_e (logged, as is t_e + 1: the loss jump) every seat's run and state are replaced by the grown
+ones (Trainer.build_expanded) and the program is rebuilt and compiled, stacked or not. A
+checkpoint at a step <= t_e holds the model before the expansion, one after it the grown model.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from tqdm import tqdm
 
 from research import sharding
 from research.eval import lm_eval
+from research.train import expand as expand_lib
 from research.train import interrupt
 from research.train import mfu as mfu_lib
 from research.checkpoint import CheckpointError
@@ -222,6 +228,20 @@ def train_seats(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
   return summaries
 
 
+def _expand(seats: list[Seat], program: _Program, state) -> tuple[_Program, Any]:
+  """Every seat's run and state grown by its width expansion (research/train/expand.py), and
+  the program of the grown seats, carrying the metrics not yet logged."""
+  for i, seat in enumerate(seats):
+    spec, before = expand_lib.spec_of(seat.run.config), seat.run.summary["params"]
+    seat.run, seat.state = seat.trainer.build_expanded(seat.run, program.slice(state, i))
+    if seat.summary is None:
+      seat.log(f"step {spec.step}: width expansion ({spec.describe()}): "
+               f"{before / 1e6:.3f}M -> {seat.run.summary['params'] / 1e6:.3f}M parameters")
+  grown = _Program(seats)
+  grown.pending = program.pending
+  return grown, grown.state
+
+
 def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
   first = seats[0]
   r, c = first.run, first.run.config
@@ -231,6 +251,10 @@ def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
   start = int(sharding.to_host(program.slice(state, 0)["step"]))
   tokens_per_step = t.batch_size * c.data.seq_len
   flops_per_step = r.summary["flops_per_token_train"] * tokens_per_step
+  # a width expansion (train.expand) after this many steps: the seats' runs are replaced by the
+  # grown ones there; the steps on either side of it are logged (the loss jump)
+  expand_at = expand_lib.expand_step(c) if start <= expand_lib.expand_step(c) else 0
+  forced_logs = {1, t.steps} | ({expand_at, expand_at + 1} if expand_at else set())
   peak = mfu_lib.peak_flops_per_device() * jax.device_count()
   bytes_per_token = r.corpus.valid_bytes_per_token
   primary = first.trainer.primary
@@ -292,6 +316,14 @@ def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
                    else "nothing trained yet")
           seat.log(f"interrupted at step {step}: {where}; run the same command again to resume")
         stop.check()
+      if expand_at and step == expand_at:  # the expansion and its compile are not timed
+        paused = time.perf_counter()
+        program, state = _expand(seats, program, state)
+        compiled = program.compile(batch)
+        if valid_batches:
+          program.compile_eval(state, valid_batches)
+        flops_per_step = seats[0].run.summary["flops_per_token_train"] * tokens_per_step
+        interval_start += time.perf_counter() - paused
       state, metrics = compiled(state, batch)
       step += 1
       program.pending.append(metrics)
@@ -307,7 +339,7 @@ def _loop(seats: list[Seat], stop: interrupt.StopRequests) -> list[dict]:
         # the bar true.
         jax.block_until_ready(program.pending[-1 - STEPS_AHEAD]["loss"])
       bar.update(1)
-      if step % t.log_every == 0 or step == t.steps or step == 1:
+      if step % t.log_every == 0 or step in forced_logs:
         # wait for the step just dispatched, so the interval's time is its steps' (not what was
         # dispatched by then; the first interval would otherwise time a dispatch alone)
         jax.block_until_ready(program.pending[-1])

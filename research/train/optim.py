@@ -88,12 +88,13 @@ def scale_by_path(rules) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def make_optimizer(t, lr_multipliers=(), seed: int = 0
+def make_optimizer(t, lr_multipliers=(), seed: int = 0, extra=()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (+ clipping), or with `train.optimizer = lowbit_adamw` AdamW whose moments are stored
   as low-bit codes (research/train/lowbit.py; `seed` draws its stochastic rounding);
   `lr_multipliers` as for `scale_by_path` (e.g. the memory layers' value tables,
-  research.model.lr_multipliers)."""
+  research.model.lr_multipliers); `extra`: transforms chained last, after weight decay (the
+  re-warmup of parameters added by a width expansion, research/train/expand.py)."""
   schedule = make_schedule(t)
   parts = []
   if t.clip_norm > 0:
@@ -113,7 +114,7 @@ def make_optimizer(t, lr_multipliers=(), seed: int = 0
                              weight_decay=t.weight_decay, mask=decay_mask))
   if lr_multipliers:
     parts.append(scale_by_path(list(lr_multipliers)))
-  return optax.chain(*parts), schedule
+  return optax.chain(*parts, *extra), schedule
 
 
 def state_shardings(tx: optax.GradientTransformation, params, replicated):

@@ -43,9 +43,10 @@ from research import run_config
 from research import sharding
 from research.eval import lm_eval
 from research.model import ForwardContext, create_model, compute_dtype, model_summary
-from research.model import lr_multipliers
+from research.model import abstract_model, lr_multipliers, param_shardings
 from research.model import overhead as overhead_lib
 from research.errors import RunError
+from research.train import expand as expand_lib
 from research.train import interrupt
 from research.train import loop as loop_lib
 from research.train import workdir as workdir_lib
@@ -81,13 +82,19 @@ def package_versions() -> dict[str, str]:
   return out
 
 
-def make_train_step(graphdef, tx, schedule, cfg):
+def _abstract(x, sharding=None) -> jax.ShapeDtypeStruct:
+  """x's shape and dtype with `sharding` (default: x's own)."""
+  return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding)
+
+
+def make_train_step(graphdef, tx, schedule, cfg, stats=None):
   """Builds `step(state, batch) -> (state, metrics)`; state = {step, params, other, opt_state}.
 
   The batch [batch, seq] is split into `train.grad_accum` micro-batches whose gradients are
   averaged in a scan. The dropout key of each micro-batch is fold_in(fold_in(seed, step), i).
   `step.with_key(state, batch, seed_key)` is the same step with the seed's key an argument
-  (what seed-stacked training vmaps over; research/train/loop.py).
+  (what seed-stacked training vmaps over; research/train/loop.py). `stats(params, step)`: more
+  statistics of the updated parameters, logged as `stat/<name>` (a width expansion's).
   """
   accum = cfg.train.grad_accum or 1  # 0 ("fit the memory") is decided by Trainer._resolve
   deterministic = cfg.model.dropout == 0.0
@@ -144,6 +151,8 @@ def make_train_step(graphdef, tx, schedule, cfg):
     metrics.update({k if k.startswith("stat/") else f"aux/{k}": v for k, v in aux.items()})
     # the optimizer's own diagnostics (low-bit states: swamping), beside the forward's statistics
     metrics.update({f"stat/opt_{k}": v for k, v in lowbit.state_stats(opt_state).items()})
+    if stats is not None:
+      metrics.update({f"stat/{k}": v for k, v in stats(params, state["step"]).items()})
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -167,12 +176,13 @@ def block_grad_norms(grads) -> dict[str, jax.Array]:
 
 @dataclasses.dataclass
 class BuiltRun:
-  """Everything a training run holds once built; `Trainer.build` makes it."""
+  """Everything a training run holds once built; `Trainer.build` makes it, and
+  `Trainer.build_expanded` the run after a width expansion (train.expand) from it."""
   config: Any
   mesh: jax.sharding.Mesh
   corpus: Any
   graphdef: Any
-  state: dict
+  state: dict  # the fresh state (a grown run built to restore into: ShapeDtypeStructs)
   step_fn: Any
   eval_step: Any
   train_iter: Any
@@ -313,22 +323,89 @@ class Trainer:
     state = {"step": jax.device_put(jnp.zeros((), jnp.int32), replicated), "params": params,
              "other": other, "opt_state": opt_state}
     batch_sharding = sharding.named_sharding(("batch", "seq"), (t.batch_size, c.data.seq_len), mesh)
-    train_step = make_train_step(graphdef, tx, schedule, c)
-    step_fn = jax.jit(train_step, donate_argnums=0,
-                      out_shardings=(jax.tree.map(lambda x: x.sharding, state), None))
     train_iter, valid_batches = make_data(c, corpus)
-    every_eval, at_end = {}, []
-    for name, evaluator in eval_lib.load(c.eval.evaluators):
+    return self._steps(BuiltRun(
+        config=c, mesh=mesh, corpus=corpus, graphdef=graphdef, state=state, step_fn=None,
+        eval_step=lm_eval.make_eval_step(graphdef), train_iter=train_iter,
+        valid_batches=valid_batches, batch_sharding=batch_sharding, summary=summary), tx, schedule)
+
+  def _steps(self, r: BuiltRun, tx, schedule, stats=None) -> BuiltRun:
+    """`r` with its jitted training step (of `tx`) and its evaluators' steps."""
+    train_step = make_train_step(r.graphdef, tx, schedule, r.config, stats)
+    r.step_fn = jax.jit(train_step, donate_argnums=0,
+                        out_shardings=(jax.tree.map(lambda x: x.sharding, r.state), None))
+    r.step_with_key = train_step.with_key
+    r.every_eval, r.at_end = {}, []
+    for name, evaluator in eval_lib.load(r.config.eval.evaluators):
       if evaluator.WHEN == "at_end":
-        at_end.append(evaluator)
-      elif (eval_step := evaluator.make_step(graphdef, corpus)) is not None:
-        every_eval[name] = (eval_step, evaluator.score)
-    return BuiltRun(config=c, mesh=mesh, corpus=corpus, graphdef=graphdef, state=state,
-               step_fn=step_fn, eval_step=lm_eval.make_eval_step(graphdef),
-               train_iter=train_iter, valid_batches=valid_batches,
-               batch_sharding=batch_sharding, summary=summary,
-               every_eval=every_eval, at_end=at_end,
-               step_with_key=train_step.with_key)
+        r.at_end.append(evaluator)
+      elif (eval_step := evaluator.make_step(r.graphdef, r.corpus)) is not None:
+        r.every_eval[name] = (eval_step, evaluator.score)
+    return r
+
+  def build_expanded(self, r: BuiltRun, state: dict | None = None) -> tuple[BuiltRun, dict]:
+    """The run after train.expand's width expansion (research/train/expand.py), from the run
+    `r` before it: the grown model's training step (AdamW plus the new slices' re-warmup),
+    evaluation and summary, over r's data iterator and validation batches; and `state` (r's,
+    at train.expand.step) expanded into it, or with `state` None the grown state's shapes and
+    shardings (what a checkpoint after the expansion restores into)."""
+    c, t = config_lib.grown_config(r.config), r.config.train
+    spec = expand_lib.spec_of(r.config)
+    dtype = compute_dtype(t.precision)
+    # shapes only, outside the training loop's mesh (nnx would read the logical axis names as
+    # mesh axes); the parameters get their shardings below
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+      model = abstract_model(c.model, dtype)
+    summary = model_summary(model, c.data.seq_len)
+    graphdef, params, other = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(other):
+      raise RunError("train.expand: the model holds non-parameter variables, which the width "
+                     "expansion does not grow")
+    widths = expand_lib.plan(params, spec)
+    schedule = optim.make_schedule(t)
+    extra = []
+    if t.expand.rewarm:  # §3.5: the new parameters' own schedule, after weight decay
+      multiplier = expand_lib.rewarm_multiplier(schedule, start=spec.step, total=t.steps,
+                                                rho=t.expand.rho, warmup=t.expand.warmup)
+      extra.append(expand_lib.scale_new_by(multiplier, widths, spec.step))
+    tx, schedule = make_optimizer(t, lr_multipliers(c.model, t.steps), seed=c.seed,
+                                  extra=extra)
+    replicated = jax.sharding.NamedSharding(r.mesh, jax.sharding.PartitionSpec())
+    params = jax.tree.map(lambda s, v: v.replace(_abstract(v.get_value(), s)),
+                          param_shardings(params, r.mesh), params)
+    opt_state = jax.tree.map(_abstract, jax.eval_shape(tx.init, params),
+                             optim.state_shardings(tx, params, replicated))
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                "params": params, "other": jax.tree.map(_abstract, r.state["other"]),
+                "opt_state": opt_state}
+    shardings = jax.tree.map(lambda x: x.sharding, abstract)
+    if state is not None:
+      small_tx, _ = make_optimizer(t, lr_multipliers(r.config.model, t.steps), seed=c.seed)
+
+      def grow(state):
+        new_params, opt_state, _ = expand_lib.expand(state["params"], state["opt_state"], spec,
+                                                     small_tx)
+        opt_state = tuple(opt_state) + tuple(e.init(new_params) for e in extra)
+        return dict(state, params=new_params, opt_state=opt_state)
+
+      with sharding.use_mesh(r.mesh):
+        state = jax.jit(grow, out_shardings=shardings)(state)
+    tokens = t.batch_size * c.data.seq_len
+    summary.update(
+        opt_state_bytes=lowbit.state_bytes(abstract["opt_state"]),
+        opt_state_bytes_fp32_adam=8 * summary["params"], expand_step=spec.step,
+        params_before_expand=r.summary["params"],
+        # 6 N D in both phases (the paper's Table 2 accounting, with attention's FLOPs)
+        train_flops=tokens * (spec.step * r.summary["flops_per_token_train"]
+                              + (t.steps - spec.step) * summary["flops_per_token_train"]))
+    grown = dataclasses.replace(r, config=c, graphdef=graphdef, state=abstract, summary=summary,
+                                eval_step=lm_eval.make_eval_step(graphdef))
+
+    def stats(params, step):  # the copies' divergence: 0 while they stay locked (§3.3)
+      del step
+      return {"expand_divergence": expand_lib.divergence(params, widths)}
+
+    return self._steps(grown, tx, schedule, stats), state
 
   def _describe(self, r: BuiltRun) -> None:
     c, s = r.config, r.summary
@@ -417,17 +494,28 @@ class Trainer:
     stop.check("stopped before training: nothing was trained or saved")
     ckpt = Checkpointer(self.workdir / "checkpoints", keep=c.train.keep_checkpoints)
     try:
-      state, restored = self._restore(r, ckpt)
+      r, state, restored = self._restore(r, ckpt)
     except BaseException:
       ckpt.close()
       raise
     return loop_lib.Seat(trainer=self, run=r, ckpt=ckpt, state=state, restored=restored)
 
-  def _restore(self, r: BuiltRun, ckpt: Checkpointer) -> tuple[dict, "loop_lib.Restored"]:
-    """The state to start from: the newest readable checkpoint's, with the iterator position
-    and unlogged metrics it saved, and metrics.jsonl cut back to its step; else the fresh one."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), r.state)
+  def _restore(self, r: BuiltRun, ckpt: Checkpointer
+               ) -> tuple[BuiltRun, dict, "loop_lib.Restored"]:
+    """The run and state to start from: the newest readable checkpoint's, with the iterator
+    position and unlogged metrics it saved, and metrics.jsonl cut back to its step; else r's
+    fresh state. A checkpoint after train.expand.step holds the grown model: the run is then
+    the grown one (build_expanded)."""
+    at = expand_lib.expand_step(r.config)
+    grown = []
+
+    def abstract(step: int):
+      if at and step > at:
+        if not grown:
+          grown.append(self.build_expanded(r)[0])
+        return grown[0].state
+      return jax.tree.map(_abstract, r.state)
+
     latest = ckpt.restore_latest(abstract, log=self.log)
     metrics = self.workdir / "metrics.jsonl"
     step = 0 if latest is None else latest[0]
@@ -436,11 +524,15 @@ class Trainer:
     else:  # the same rows, read only
       rows = [row for row in workdir_lib.read_metrics(metrics) if row["step"] <= step]
     if latest is None:
-      return r.state, loop_lib.Restored()
+      return r, r.state, loop_lib.Restored()
     step, state, data_state, log_state = latest
     r.train_iter.set_state(data_state)
+    if at and step > at:
+      r = grown[0]
+      self.log(f"step {step} is past the width expansion at step {at}: the grown model "
+               f"({r.summary['params'] / 1e6:.3f}M parameters) resumes")
     self.log(f"resumed from step {step} ({self.workdir / 'checkpoints'})")
-    return state, loop_lib.Restored(step, loop_lib.pending_from_log_state(log_state), rows)
+    return r, state, loop_lib.Restored(step, loop_lib.pending_from_log_state(log_state), rows)
 
   def _finish(self, r: BuiltRun, step: int, last_valid, train_loss: float, trained_steps: int,
               train_time: float, *, diverged: bool = False, state=None, valid_batch=None,
@@ -455,7 +547,7 @@ class Trainer:
                "params": r.summary["params"], "diverged": diverged}
     summary["step_time_s"] = train_time / max(trained_steps, 1)
     for k in ("params_activated", "flops_per_token_fwd", "param_bytes_per_token", "opt_state_bytes",
-              "opt_state_bytes_fp32_adam"):
+              "opt_state_bytes_fp32_adam", "expand_step", "params_before_expand", "train_flops"):
       if k in r.summary:
         summary[k] = r.summary[k]
     summary.update(extra or {})

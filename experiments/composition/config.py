@@ -1,0 +1,75 @@
+"""Composition (issue 31): the scoreboard's resolved gains at the common scoreboard setting, each
+alone, in pairs and together, against one dense baseline.
+
+  research run composition                               # DHC x4 + MoDA, tiny (common setting)
+  research run composition:variant=vwn4_moda             # VWN r = 4 + MoDA
+  research run composition:variant=pre                   # the common baseline
+  research run composition:scale=smoke                   # seconds; used by the tests
+  research sweep composition && research report composition
+
+Argument keys: scale (smoke | tiny | small | paper), corpus, tokenizer, seed, variant: parts
+joined by `_` from hc4 (dynamic hyper-connections, n = 4, tanh: hyper_connections' `dhc4`),
+moda (MoDA with the FFN-side K/V projection, the paper's default), vwn4 (virtual width r = 4,
+m = 2: virtual_width's `vwn4`, untied head) and untied (an untied head alone), or `pre` for
+none; default hc4_moda.
+
+Every arm starts from the common scoreboard setting (research/scales.py `COMMON_ARG` and
+`apply_common_setting`: 4 blocks x 128, 4 heads, char Tiny Shakespeare, init std 1/sqrt(2.5 d)
+with output projections scaled 1/sqrt(2L), AdamW (0.9, 0.95)), so each part is measured where
+the others are, not at its own paper's shape (16 x 64 for HC and VWN, 12 x 128 with G = 2 for
+MoDA). The parts take their settings from their experiments' variant functions, so a change
+there changes them here. HC and VWN are both options of one composition point
+(`model.residual.kind`): they cannot be combined (VWN's generalized hyper-connections contain
+HC's), and a variant naming both is an error.
+The `paper` scale is the shared 7B-shaped backbone with the same parts, for planning only.
+"""
+
+from research.config import apply_overrides
+from research.errors import ConfigError
+from research.experiments import load_config_module
+from research.scales import SCALES, apply_common_setting, scaled_config_with_args  # noqa: F401
+
+CLAIM = ("the scoreboard's resolved gains (hyper-connections, MoDA, virtual width) keep their "
+         "gains when combined at the common setting (issue 31's question; not yet run)")
+DEFAULT_VARIANT = "hc4_moda"
+RESIDUAL_PARTS = ("hc4", "vwn4")  # options of model.residual.kind: at most one per variant
+# every point a part changes, at the common baseline's choice: each variant states them all, so
+# a sweep arm's overrides name its whole composition whatever the argument's variant
+NONE = {"model.residual.kind": "plain", "model.embed.kind": "plain",
+        "model.attention.kind": "dense", "model.head.kind": "plain",
+        "model.head.tie_embeddings": True}
+
+
+def part_overrides(part: str) -> dict:
+  """Config overrides of one part, read from the experiment that measured it alone."""
+  if part == "hc4":
+    return load_config_module("hyper_connections").variant_overrides("dhc4")
+  if part == "vwn4":
+    vwn = load_config_module("virtual_width").variant_overrides("vwn4")
+    return {**vwn, "model.head.tie_embeddings": False}  # the D'-wide table has no tied head
+  if part == "moda":
+    return {"model.attention.kind": "moda"}
+  if part == "untied":
+    return {"model.head.tie_embeddings": False}
+  raise ConfigError(f"composition: unknown part '{part}' (expected hc4, moda, vwn4 or untied, "
+                    "joined by _, or pre)")
+
+
+def variant_overrides(variant: str) -> dict:
+  """Config overrides of a variant: the baseline's choices (NONE) with its parts' overrides
+  merged over them (`pre`: no part)."""
+  parts = [] if variant == "pre" else variant.split("_")
+  if len(parts) != len(set(parts)) or sum(p in RESIDUAL_PARTS for p in parts) > 1:
+    raise ConfigError(f"composition: variant '{variant}' names a part twice, or both hc4 and "
+                      "vwn4 (both are model.residual options)")
+  out = dict(NONE)
+  for part in parts:
+    out.update(part_overrides(part))
+  return out
+
+
+def get_config(arg: str = ""):
+  c, a = scaled_config_with_args(arg, "composition", {"variant": DEFAULT_VARIANT})
+  apply_common_setting(c)
+  apply_overrides(c, variant_overrides(a["variant"]))
+  return c

@@ -1,0 +1,513 @@
+"""`research scoreboard`: every paper's headline arm against its own baseline, in one table.
+
+Which rows: each experiment declares in its sweep.py the arms that embody the paper's method,
+`Sweep(headline=(Headline(group, arm), ...))` (research/experiments.py), each compared with
+its group's reference arm or a `baseline` it names; an experiment added with a declaration
+appears here with no change to this module, and one without (a learning-rate sweep, a scaling
+study) has no row. Everything is read from the committed results
+(experiments/<name>/results/results.json, what `research report` writes), never from a runs
+directory; the configs are rebuilt (abstractly, nothing is trained) only for the shapes, the
+settings and, where a row predates summaries that carried them, the FLOPs.
+
+Per row:
+  shape      layers x width of the baseline's resolved config (KV heads where they are grouped)
+  Δ loss     mean valid loss of the arm minus its baseline's, with a 95% interval
+             (research/verdict.py `interval`): the paired differences when both arms finished
+             every seed (seed i of each: the same data order and init), else Welch's
+  Δ params   total parameters (activated ones in brackets where they differ: MoE, memory)
+  Δ FLOPs    forward FLOPs per token, as results.json has them (the runs' summaries), or, marked
+             †, from the config's abstract model at the vocabulary that reproduces the row's
+             parameter count
+  Δ step     measured seconds per step (means over seeds; the sweeps shared a 2-core CPU, so a
+             rough guide)
+  verdict    the report's word for the arm (results.json's `verdict`, by research/verdict.py
+             against the arm's claim); against a baseline other than the group's reference, the
+             same rule on the per-seed values against the headline's own claim; "no claim"
+             where the paper makes none at this scale, "superseded" for a group whose
+             comparison the sweep marks unfair
+  setting    where the baseline's config differs from the common scoreboard setting (below),
+             and where the arm differs from its baseline in shape, init, data or training
+             beyond what the table varies on purpose: such a row is not like-for-like
+
+The common scoreboard setting is defined once, in research/scales.py (`COMMON_ARG`, then
+`apply_common_setting`; `common_config` here): the shared tiny scale on character-level Tiny
+Shakespeare (4 x 128, context 64, batch 12, 2000 steps) with the init and optimizer most wave-1
+experiments share (std 1/sqrt(2.5 d), output projections scaled 1/sqrt(2L), AdamW β2 0.95),
+i.e. the dense baseline row that sdd, polycom, ultramem, ultramem_v2 and hybridnorm share. The
+Markdown header says why and counts how many rows are at it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import math
+from pathlib import Path
+
+from matplotlib.figure import Figure  # drawn off-screen, without touching pyplot's backend
+
+from research import config as config_lib
+from research import experiments, report, run_config, verdict
+from research.errors import ResearchError
+from research.scales import COMMON_ARG, apply_common_setting, scaled_config
+
+COMMON_WHY = (
+    "it is the setting most wave-1 experiments share: the shared `tiny` scale's 4 × 128 shape "
+    "(the residual-stream papers went 16 × 64 deep and narrow, MoDA 12 × 128), with the init "
+    "and optimizer of hybridnorm, sdd, polycom, ultramem, ultramem_v2 and the residual-stream "
+    "papers' fair tables (std 1/√(2.5d), AdamW β2 0.95), whose dense baseline (one config) five "
+    "experiments report; the default std 0.02, which the MoDA, MoE-router and recurrent-mixer "
+    "experiments kept, handicaps a pre-norm baseline by 0.06 nats at 16 × 64 "
+    "(experiments/hyper_connections), so gains measured over it may be part repair")
+# (label, dotted key, kind): what a baseline is compared on with the common setting. A
+# difference in "shape" or "init" makes a row not like-for-like, and so does one in "run" (data,
+# budget, optimizer); "model" only names the baseline's architecture where it is not the common
+# dense decoder (the paper's own baseline: an MoE for a router, DeltaNet for DeltaProduct).
+SETTING = (
+    ("layers", "model.num_layers", "shape"), ("width", "model.d_model", "shape"),
+    ("heads", "model.num_heads", "shape"), ("KV heads", "model.num_kv_heads", "shape"),
+    ("init std", "model.init_std", "init"), ("output init", "model.init_out_scaling", "init"),
+    ("corpus", "data.corpus", "run"), ("tokenizer", "data.tokenizer", "run"),
+    ("context", "data.seq_len", "run"), ("batch", "train.batch_size", "run"),
+    ("steps", "train.steps", "run"), ("optimizer", "train.optimizer", "run"),
+    ("lr", "train.lr", "run"), ("schedule", "train.schedule", "run"),
+    ("β1", "train.b1", "run"), ("β2", "train.b2", "run"),
+    ("weight decay", "train.weight_decay", "run"),
+    ("attention", "model.attention.kind", "model"), ("channel", "model.channel.kind", "model"),
+    ("FFN width", "model.channel.d_ff", "model"),
+    ("activation", "model.channel.activation", "model"), ("norm", "model.norm.kind", "model"),
+    ("residual", "model.residual.kind", "model"), ("linear", "model.linear.kind", "model"),
+    ("embedding", "model.embed.kind", "model"), ("head", "model.head.kind", "model"),
+    ("tied head", "model.head.tie_embeddings", "model"),
+)
+SUPERSEDED = "superseded"  # the verdict cell of a group the sweep marks unfair (Sweep.superseded)
+NO_CLAIM = "no claim"
+COLORS = {"reproduced": "tab:green", "contradicted": "tab:red", "not resolved": "tab:gray"}
+
+
+class ScoreboardError(ResearchError):
+  """Nothing to put on the scoreboard: no committed results, or no experiment declares a row."""
+
+
+@dataclasses.dataclass
+class Row:
+  """One headline arm against its baseline (the numbers are None where not measured)."""
+  experiment: str
+  group: str
+  arm: str
+  baseline: str
+  shape: str = "?"
+  loss: float | None = None  # the baseline's mean valid loss
+  interval: verdict.Interval | None = None
+  seeds: str = ""
+  params: tuple[float, float] | None = None  # (baseline, arm)
+  activated: tuple[float, float] | None = None
+  flops: tuple[float, float] | None = None
+  flops_computed: bool = False
+  step: tuple[float, float] | None = None
+  verdict: str = ""
+  # not like-for-like: kind ("shape", "init", "run", "config") -> the differences
+  differs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+  notes: list[str] = dataclasses.field(default_factory=list)  # the baseline's architecture
+
+  @property
+  def measured(self) -> bool:
+    return self.interval is not None
+
+  @property
+  def like_for_like(self) -> bool:
+    return not self.differs
+
+  @property
+  def setting(self) -> list[str]:
+    return [text for texts in self.differs.values() for text in texts]
+
+  @property
+  def flops_frac(self) -> float | None:
+    return None if not self.flops or not self.flops[0] else self.flops[1] / self.flops[0] - 1
+
+
+@dataclasses.dataclass
+class Board:
+  rows: list[Row]  # measured and not (yet) measured
+  common: dict  # key -> value of the common setting
+  without: list[str]  # experiments with results but no headline declared
+  problems: list[str]  # experiments that could not be read, and why
+  date: str = dataclasses.field(default_factory=lambda: datetime.date.today().isoformat())
+
+
+def common_config():
+  """The common scoreboard setting's resolved config (defined in research/scales.py)."""
+  return run_config.resolve(apply_common_setting(scaled_config(COMMON_ARG, "scoreboard")[0]))
+
+
+def _resolved(experiment: str, arg: str, overrides: dict):
+  return run_config.resolve(experiments.get_config(f"{experiment}:{arg}", overrides))
+
+
+def _setting(c) -> dict:
+  """key -> value of every SETTING key of a resolved config (None where it has none)."""
+  flat = c.to_dict()
+  return {key: config_lib.get_dotted(flat, key) for _, key, _ in SETTING}
+
+
+def _show(key: str, value) -> str:
+  if key == "model.init_std" and value == 0:
+    return "1/√(2.5d)"
+  if isinstance(value, bool):
+    return "yes" if value else "no"
+  return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _text(label: str, key: str, value) -> str:
+  return f"{label}{':' if isinstance(value, bool) else ''} {_show(key, value)}"
+
+
+def _shape(c) -> str:
+  m = c.model
+  kv = f" (KV {m.num_kv_heads})" if m.num_kv_heads != m.num_heads else ""
+  return f"{m.num_layers}×{m.d_model}{kv}"
+
+
+def _setting_differences(base, arm, common, varies) -> tuple[dict[str, list[str]], list[str]]:
+  """(kind -> why the row is not like-for-like, notes on the baseline's architecture): the
+  baseline against the common setting, the arm against its baseline outside `varies`."""
+  why, notes = {}, []
+  base, arm = _setting(base), _setting(arm)
+  for label, key, kind in SETTING:
+    value = base[key]
+    if value != common[key]:
+      (notes if kind == "model" else why.setdefault(kind, [])).append(_text(label, key, value))
+    mine = arm[key]
+    if kind != "model" and key not in varies and mine != value:
+      why.setdefault(kind, []).append("arm's " + _text(label, key, mine))
+  return why, notes
+
+
+def _computed_flops(c, params: float) -> float | None:
+  """Forward FLOPs per token of the resolved config `c` at the vocabulary size that gives the
+  row's `params` (both are affine in it), from its abstract model; None where none does."""
+  at = {v: _summary(json.dumps({**c.model.to_dict(), "vocab_size": v}, sort_keys=True),
+                    c.data.seq_len) for v in (256, 512)}
+  per_row = (at[512][0] - at[256][0]) / 256
+  vocab = 256 + (params - at[256][0]) / per_row if per_row > 0 else -1.0
+  if vocab < 1 or abs(vocab - round(vocab)) > 1e-6:
+    return None
+  return at[256][1] + (round(vocab) - 256) * (at[512][1] - at[256][1]) / 256
+
+
+@functools.lru_cache(maxsize=None)
+def _summary(model_json: str, seq_len: int) -> tuple[float, float]:
+  """(params, forward FLOPs per token) of a model section (sorted JSON), built abstractly."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from research.model.lm import abstract_model, model_summary  # pylint: disable=import-outside-toplevel
+  s = model_summary(abstract_model(ml_collections.ConfigDict(json.loads(model_json))), seq_len)
+  return float(s["params"]), float(s["flops_per_token_fwd"])
+
+
+def _pair(base: dict, arm: dict, key: str) -> tuple[float, float] | None:
+  a, b = base.get(key), arm.get(key)
+  return None if a is None or b is None else (float(a), float(b))
+
+
+def _seeds_pair(base: dict, arm: dict) -> bool:
+  """Whether index i of both rows' per-seed values is the same seed: every seed finished."""
+  return all(r.get("seeds_finished") == r.get("seeds_total") for r in (base, arm)) and (
+      len(base["valid_loss"]["values"]) == len(arm["valid_loss"]["values"]))
+
+
+def _verdict(h, sweep, group: dict, base: dict, arm: dict, baseline: str) -> str:
+  if group.get("superseded") or sweep.superseded.get(h.group):
+    return SUPERSEDED
+  values, reference = arm["valid_loss"]["values"], base["valid_loss"]["values"]
+  if h.claim is None and baseline == group.get("reference", sweep.reference(h.group)):
+    if arm.get("verdict"):
+      return arm["verdict"]  # the report's word (research/verdict.py)
+    claim = next((a.claim for a in sweep.groups[h.group] if a.name == h.arm), None)
+  else:
+    claim = h.claim
+  if claim is None:
+    return NO_CLAIM
+  return verdict.verdict(verdict.compare(values, reference), claim)
+
+
+def _row(name: str, sweep, h, groups: dict[str, dict], common) -> Row:
+  baseline = h.baseline or sweep.reference(h.group)
+  group = groups.get(h.group) or {}
+  by_arm = {r["arm"]: r for r in group.get("arms", [])}
+  defined = {a.name: a.overrides for a in sweep.groups[h.group]}
+  base, arm = by_arm.get(baseline, {}), by_arm.get(h.arm, {})
+  row = Row(name, h.group, h.arm, baseline)
+  arg = group.get("arg") or sweep.arg
+  try:
+    base_c = _resolved(name, arg, base.get("overrides", defined[baseline]))
+    arm_c = _resolved(name, arg, arm.get("overrides", defined[h.arm]))
+  except Exception as err:  # noqa: BLE001  (a config today's code no longer builds)
+    base_c = arm_c = None
+    row.differs["config"] = [f"config does not build today ({type(err).__name__})"]
+  if base_c is not None:
+    row.shape = _shape(base_c) + ("" if _shape(arm_c) == _shape(base_c)
+                                  else f" (arm {_shape(arm_c)})")
+    row.differs, row.notes = _setting_differences(base_c, arm_c, common,
+                                                  sweep.varies.get(h.group, ()))
+  measured = [(r.get("valid_loss") or {}).get("values") for r in (base, arm)]
+  if not all(measured):
+    return row
+  paired = _seeds_pair(base, arm)
+  row.loss = base["valid_loss"]["mean"]
+  row.interval = verdict.interval(arm["valid_loss"]["values"], base["valid_loss"]["values"],
+                                  paired)
+  n_arm, n_base = len(measured[1]), len(measured[0])
+  row.seeds = f"{n_arm} paired" if paired else f"{n_arm} vs {n_base}, Welch"
+  row.params = _pair(base, arm, "params")
+  row.activated = _pair(base, arm, "params_activated")
+  row.step = _pair(base, arm, "step_time_s")
+  row.flops = _pair(base, arm, "flops_per_token_fwd")
+  if row.flops is None and base_c is not None and row.params is not None:
+    try:
+      flops = (_computed_flops(base_c, row.params[0]), _computed_flops(arm_c, row.params[1]))
+    except Exception:  # noqa: BLE001  (no FLOPs then: the cell shows a dash)
+      flops = (None, None)
+    if None not in flops:
+      row.flops, row.flops_computed = flops, True
+  row.verdict = _verdict(h, sweep, group, base, arm, baseline)
+  return row
+
+
+def build() -> Board:
+  """Every declared headline row, from the committed results of every experiment."""
+  root = experiments.experiments_dir()
+  names = experiments.list_experiments()
+  with_results = [n for n in names if (root / n / "results" / "results.json").is_file()]
+  if not with_results:
+    raise ScoreboardError(f"no committed results under {root}/*/results/results.json; measure an "
+                          "experiment first (`research sweep NAME`, then `research report NAME`)")
+  common = _setting(common_config())
+  rows, without, problems = [], [], []
+  for name in names:
+    try:
+      sweep = experiments.get_sweep(name)
+      if not sweep.headline:
+        if name in with_results:
+          without.append(name)
+        continue
+      groups = {g["group"]: g for g in report.experiment_groups(name, root, {})}
+      rows += [_row(name, sweep, h, groups, common) for h in sweep.headline]
+    except Exception as err:  # noqa: BLE001  (one unreadable experiment does not hide the rest)
+      problems.append(f"{name}: {type(err).__name__}: {err}")
+  if not rows:
+    raise ScoreboardError(
+        "no experiment declares a headline arm (Sweep(headline=(Headline(group, arm), ...)) in "
+        "its sweep.py)" + (f"; unreadable: {'; '.join(problems)}" if problems else ""))
+  return Board(rows, common, without, problems)
+
+
+def by_loss(rows: list[Row]) -> list[Row]:
+  """Measured rows, largest gain (most negative Δ loss) first."""
+  return sorted((r for r in rows if r.measured),
+                key=lambda r: (r.interval.delta, r.experiment, r.arm))
+
+
+FREE = 1e-3  # Δ FLOPs below +0.1%: no extra forward compute
+
+
+def by_loss_per_flops(rows: list[Row]) -> list[Row]:
+  """Measured rows with FLOPs: first those with no extra forward compute (Δ FLOPs <= +0.1%)
+  by Δ loss, then the others by Δ loss per +10% FLOPs (most loss bought per FLOP first)."""
+  def key(r):
+    if r.flops_frac <= FREE:
+      return (0, r.interval.delta, r.experiment, r.arm)
+    return (1, r.interval.delta / (10 * r.flops_frac), r.experiment, r.arm)
+  return sorted((r for r in by_loss(rows) if r.flops_frac is not None), key=key)
+
+
+# ---------------------------------------------------------------------------------- Markdown
+
+def _signed(v: float, digits: int = 4) -> str:
+  return f"{v:+.{digits}f}"
+
+
+def _delta_cell(i: verdict.Interval) -> str:
+  if math.isnan(i.low):
+    return f"{_signed(i.delta)} [n/a]"
+  return f"{_signed(i.delta)} [{_signed(i.low)}, {_signed(i.high)}]"
+
+
+def _count(v: float) -> str:
+  return f"{v / 1e6:+.3f}M" if abs(v) >= 1e4 else f"{v:+,.0f}"
+
+
+def _relative(pair, fmt) -> str:
+  if pair is None:
+    return "—"
+  a, b = pair
+  if a == b:
+    return "0"
+  return f"{fmt(b - a)} ({100 * (b / a - 1):+.1f}%)" if a else fmt(b - a)
+
+
+def _params_cell(r: Row) -> str:
+  cell = _relative(r.params, _count)
+  delta = lambda pair: pair[1] - pair[0]  # noqa: E731
+  if r.activated and r.params and delta(r.activated) != delta(r.params):
+    cell += f"; activated {_relative(r.activated, _count)}"
+  return cell
+
+
+def _flops_cell(r: Row) -> str:
+  return _relative(r.flops, lambda v: f"{v / 1e6:+.3f}M") + (" †" if r.flops_computed else "")
+
+
+def _step_cell(r: Row) -> str:
+  return _relative(r.step, lambda v: f"{1e3 * v:+.0f} ms")
+
+
+def _setting_cell(r: Row) -> str:
+  return "like-for-like" if r.like_for_like else "**not like-for-like**: " + ", ".join(r.setting)
+
+
+def _name(r: Row) -> str:
+  return f"{r.arm.replace('|', '/')} ({r.group})"
+
+
+def _baseline_cell(r: Row) -> str:
+  return r.baseline + (f" ({', '.join(r.notes)})" if r.notes else "")
+
+
+def _header(board: Board) -> list[str]:
+  c = board.common
+  measured = [r for r in board.rows if r.measured]
+  same_shape = sum("shape" not in r.differs for r in measured)
+  same_init = sum("init" not in r.differs for r in measured)
+  return [
+      "# Scoreboard: every paper's headline arm at a glance", "",
+      f"Generated by `research scoreboard` on {board.date} from the committed results "
+      "(experiments/*/results/results.json; no runs are read); `research report NAME` "
+      "regenerates it. Do not edit by hand. Each experiment's sweep.py declares its rows "
+      "(`Sweep(headline=...)`: the arms that embody the paper's method, each against its own "
+      "baseline), its README says what they mean.", "",
+      f"**The common scoreboard setting** (`{COMMON_ARG}` with `apply_common_setting`, both "
+      f"in research/scales.py): {c['model.num_layers']} blocks × width {c['model.d_model']}, "
+      f"{c['model.num_heads']} heads, SwiGLU {c['model.channel.d_ff']}, context "
+      f"{c['data.seq_len']}, batch {c['train.batch_size']}, {c['train.steps']} steps, AdamW "
+      f"lr {c['train.lr']:g} (β {c['train.b1']:g}, {c['train.b2']:g}), {c['train.schedule']}, "
+      f"weight decay {c['train.weight_decay']:g}, "
+      f"init std {_show('model.init_std', c['model.init_std'])} "
+      f"(output projections: {c['model.init_out_scaling']}), {c['data.tokenizer']}-level "
+      f"{c['data.corpus']}. Why this one: {COMMON_WHY}. Of the {len(measured)} measured rows, "
+      f"{same_shape} have a baseline of its shape, {same_init} of its init, "
+      f"{sum(r.like_for_like for r in measured)} are like-for-like in every respect. A row "
+      "whose baseline (or arm, beyond what its table varies) differs from it in shape, init, "
+      "data or training says so in the last column: its Δ is its own paper's comparison, not "
+      "one to add to another row's.", "",
+      "Columns: Δ = arm − baseline, mean over seeds, valid loss in nats per character; [95% "
+      "interval] from the paired per-seed differences (Student t, n−1 df) when both arms "
+      "finished every seed, else Welch's; Δ params total (activated where it differs); Δ "
+      "forward FLOPs per token († computed from the config's abstract model, the runs predate "
+      "it in their summaries); Δ step time measured during the sweeps (two sweeps shared a "
+      "2-core CPU: a rough guide); verdict: the report's word by the rule of "
+      "research/verdict.py against the paper's claim (docs/architecture.md, \"Verdicts\"): "
+      "Welch |t| ≥ 2 with every seed agreeing, a lower bar than a 95% interval clear of zero "
+      "(with 3 seeds paired, t ≥ 4.30), so a reproduced row's interval may still reach across "
+      "zero; "
+      f"\"{NO_CLAIM}\" where the paper makes none for this comparison at this scale, "
+      f"\"{SUPERSEDED}\" where the sweep marks the comparison unfair.", "",
+      "![scoreboard](scoreboard.png)", ""]
+
+
+def _table(rows: list[Row], ratio: bool) -> list[str]:
+  head = ["#", "experiment", "arm (group)", "baseline", "shape", "baseline loss",
+          "Δ loss [95%]", "seeds"]
+  head += (["Δ FLOPs/token", "Δ loss per +10% FLOPs"] if ratio else
+           ["Δ params", "Δ FLOPs/token", "Δ step time"])
+  head += ["verdict", "vs the common setting"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for i, r in enumerate(rows, 1):
+    cells = [str(i), r.experiment, _name(r), _baseline_cell(r), r.shape, f"{r.loss:.4f}",
+             _delta_cell(r.interval), r.seeds]
+    if ratio:
+      per = ("no extra FLOPs" if r.flops_frac <= FREE
+             else _signed(r.interval.delta / (10 * r.flops_frac)))
+      cells += [_flops_cell(r), per]
+    else:
+      cells += [_params_cell(r), _flops_cell(r), _step_cell(r)]
+    cells += [r.verdict, _setting_cell(r)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def markdown(board: Board) -> str:
+  lines = _header(board)
+  lines += ["## Sorted by Δ loss", ""] + _table(by_loss(board.rows), ratio=False) + [""]
+  lines += ["## Sorted by Δ loss per Δ FLOPs", "",
+            "Rows with no extra forward compute (Δ FLOPs ≤ +0.1%) first, by Δ loss; then the "
+            "rest by Δ loss per +10% forward FLOPs (the most loss bought per FLOP first). "
+            "Rows without FLOPs are left out.", ""]
+  lines += _table(by_loss_per_flops(board.rows), ratio=True) + [""]
+  pending = [r for r in board.rows if not r.measured]
+  if pending:
+    lines += ["## Declared, not yet measured", ""]
+    lines += [f"- {r.experiment}: {_name(r)} against {r.baseline}, shape {r.shape}"
+              + (f"; {_setting_cell(r)}" if not r.like_for_like else "") for r in pending]
+    lines.append("")
+  if board.without:
+    lines += ["Experiments with results and no headline arm (no row): "
+              + ", ".join(board.without) + ".", ""]
+  if board.problems:
+    lines += ["## Not shown: could not be read", ""] + [f"- {p}" for p in board.problems] + [""]
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- plot
+
+def plot(board: Board, out_png: Path) -> None:
+  """Left: Δ loss with its 95% interval per row, sorted (filled: like-for-like; hollow: not),
+  coloured by verdict. Right: Δ loss against Δ forward FLOPs (%)."""
+  rows = by_loss(board.rows)
+  fig = Figure(figsize=(13, max(4.0, 0.38 * len(rows) + 1.5)))
+  left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+  for y, r in enumerate(rows):
+    i = r.interval
+    color = COLORS.get(r.verdict, "tab:blue")
+    err = None if math.isnan(i.low) else [[i.delta - i.low], [i.high - i.delta]]
+    face = color if r.like_for_like else "white"
+    left.errorbar([i.delta], [y], xerr=err, fmt="o", color=color, markerfacecolor=face,
+                  capsize=3)
+    if r.flops_frac is not None:
+      x = 100 * r.flops_frac
+      right.plot([x], [i.delta], "o", color=color, markerfacecolor=face)
+      left_of = abs(x) < 0.5  # the points at no extra FLOPs: labels to their left
+      right.annotate(f"{r.experiment}/{r.arm}", (x, i.delta), fontsize=6, va="center",
+                     ha="right" if left_of else "left", xytext=(-4 if left_of else 4, 0),
+                     textcoords="offset points")
+  left.set_yticks(range(len(rows)), [f"{r.experiment}: {r.arm}" for r in rows], fontsize=8)
+  left.invert_yaxis()
+  left.axvline(0, color="black", linewidth=0.6)
+  right.axhline(0, color="black", linewidth=0.6)
+  right.axvline(0, color="black", linewidth=0.6)
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+  left.set_xlabel("Δ valid loss vs own baseline (nats), 95% interval")
+  left.set_title("headline arms (filled: like-for-like with the common setting)", fontsize=9)
+  right.set_xlabel("Δ forward FLOPs per token (%)")
+  right.set_ylabel("Δ valid loss (nats; intervals on the left)")
+  right.set_title("loss against compute", fontsize=9)
+  handles = [left.plot([], [], "o", color=c, label=w)[0] for w, c in COLORS.items()]
+  handles.append(left.plot([], [], "o", color="tab:blue", label="no claim, other")[0])
+  left.legend(handles=handles, fontsize=7, loc="upper right")
+  fig.suptitle(f"Scoreboard ({board.date}): research scoreboard")
+  fig.tight_layout()
+  fig.savefig(out_png, dpi=110)
+
+
+def write(board: Board | None = None, out_dir: str | Path | None = None) -> tuple[Path, Path]:
+  """Writes SCOREBOARD.md and scoreboard.png (default: into the experiments directory)."""
+  board = board or build()
+  out = Path(out_dir) if out_dir else experiments.experiments_dir()
+  out.mkdir(parents=True, exist_ok=True)
+  md, png = out / "SCOREBOARD.md", out / "scoreboard.png"
+  md.write_text(markdown(board))
+  plot(board, png)
+  return md, png
