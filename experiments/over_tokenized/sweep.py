@@ -55,4 +55,4 @@ def get_sweep() -> Sweep:
   return Sweep(groups={"scaling": scaling, "ablation": ablation, "hash_conflicts": conflicts,
                        "output": output},
                arg=ARG, seeds=3, default_group="scaling",
-               headline=(Headline("ablation", "oe_16381"),))
+               headline=(Headline("scaling", "oe_16381"),))
