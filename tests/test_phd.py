@@ -10,28 +10,21 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from research import config as config_lib
 from research import run_config
 from research.errors import ConfigError
 from research.eval import lm_eval
 from research.infer import Engine, pad_prompts
 from research.model import ForwardContext, abstract_model, create_model, phd
 from research.model.overhead import overheads
+from test_model import small_config as model_small_config
 
 VOCAB = 61
 ATOL = 2e-5  # fp32; observed ~2e-7
 
 
 def small_config(**overrides):
-  c = run_config.default_config()
-  c.model.vocab_size = VOCAB
-  c.model.num_layers = 2
-  c.model.d_model = 32
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.data.seq_len = 16
-  config_lib.apply_overrides(c, {f"model.{k}": v for k, v in overrides.items()})
-  return run_config.resolve(c).model
+  """test_model's small model (vocab VOCAB, 2 x 32, 4 heads, seq_len 16) with 2 KV heads."""
+  return model_small_config(num_kv_heads=2, **overrides)
 
 
 _forward = nnx.jit(lambda model, x: model(x))

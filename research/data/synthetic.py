@@ -49,6 +49,7 @@ group  The word problem of `data.synthetic.group` (S3, S4, S5: all permutations 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 
@@ -142,13 +143,7 @@ class Task:
     inputs = windows[..., :-1]
     if self.name != "group" or self.products == "inputs":
       return {"inputs": inputs, "targets": windows[..., 1:]}
-    table = multiplication_table(group_elements(self.group))
-    x = np.asarray(inputs) - self.layout.key0
-    products = np.empty_like(x)
-    p = np.zeros(x.shape[:-1], x.dtype)  # the identity
-    for i in range(x.shape[-1]):
-      p = table[x[..., i], p]
-      products[..., i] = p
+    products = running_products(group_table(self.group), np.asarray(inputs) - self.layout.key0)
     return {"inputs": inputs, "targets": (products + self.layout.value0).astype(inputs.dtype)}
 
   def answer_mask(self, inputs, targets):
@@ -219,18 +214,30 @@ def multiplication_table(elements: np.ndarray) -> np.ndarray:
   return np.array([[index[tuple(a[b])] for b in elements] for a in elements], np.int64)
 
 
+@functools.lru_cache(maxsize=None)
+def group_table(name: str) -> np.ndarray:
+  """The multiplication table of group `name`, built once (Task.split needs it every batch)."""
+  return multiplication_table(group_elements(name))
+
+
+def running_products(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """[..., n] element indices x -> their running products p_i = x_i p_{i-1}, p_0 the identity."""
+  products = np.empty_like(x)
+  p = np.zeros(x.shape[:-1], x.dtype)  # the identity
+  for i in range(x.shape[-1]):
+    p = table[x[..., i], p]
+    products[..., i] = p
+  return products
+
+
 def _word_problem(task: Task, num: int, rng: np.random.Generator) -> np.ndarray:
   lo, length = task.layout, task.length
-  table = multiplication_table(group_elements(task.group))
+  table = group_table(task.group)
   if task.products == "targets":  # the inputs alone; Task.split computes the products
     return (rng.integers(0, len(table), (num, length)) + lo.key0).astype(np.int32)
   steps = -(-length // 2)
   x = rng.integers(0, len(table), (num, steps))
-  prod = np.zeros((num, steps), np.int64)
-  p = np.zeros((num,), np.int64)  # the identity
-  for i in range(steps):
-    p = table[x[:, i], p]
-    prod[:, i] = p
+  prod = running_products(table, x)
   out = np.empty((num, 2 * steps), np.int32)
   out[:, 0::2], out[:, 1::2] = x + lo.key0, prod + lo.value0
   return out[:, :length]
