@@ -5,7 +5,10 @@ An experiment is a directory `experiments/<name>/` holding
   config.py   get_config(arg: str) -> ConfigDict; module attributes CLAIM (one line) and
               SCALES (tuple of scale names), and a docstring with the launch command
   sweep.py    get_sweep() -> Sweep: the paper's ablation tables as named groups of arms, and
-              the headline arms that `research scoreboard` shows (Sweep.headline)
+              the headline arms that `research scoreboard` shows (Sweep.headline); `get_sweep`
+              here adds to a sweep with headlines the derived group `common` (COMMON_GROUP):
+              its headline arms and their baselines at the common scoreboard setting
+              (research/scoreboard.py `common_group`)
   README.md   the claim, the paper's numbers, our results and verdicts
   analysis.py optional: analyze(experiment, runs_root, groups, out_dir) -> Markdown that
               `research report` appends (fits, heat maps)
@@ -73,6 +76,9 @@ class Sweep:
   shows the comparisons but no verdict words.
   headline: the arms that embody the paper's method, each against its baseline: the rows
   `research scoreboard` shows for this experiment (none: the experiment has no row there).
+  args: group -> the experiment argument of a group run at another one than `arg` (the
+  derived `common` group's). unavailable: group -> why a derived group could not be built
+  (`group` raises it).
   """
   groups: dict[str, list[Arm]]
   arg: str = "scale=tiny"
@@ -82,6 +88,8 @@ class Sweep:
   varies: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   superseded: dict[str, str] = dataclasses.field(default_factory=dict)
   headline: tuple[Headline, ...] = ()
+  args: dict[str, str] = dataclasses.field(default_factory=dict)
+  unavailable: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     for h in self.headline:
@@ -94,9 +102,15 @@ class Sweep:
 
   def group(self, name: str | None) -> tuple[str, list[Arm]]:
     name = name or self.default_group or next(iter(self.groups))
+    if name in self.unavailable:
+      raise ExperimentError(f"sweep group '{name}' cannot be built: {self.unavailable[name]}")
     if name not in self.groups:
       raise config_lib.unknown_key_error(name, self.groups, what="sweep group")
     return name, self.groups[name]
+
+  def arg_of(self, group: str) -> str:
+    """The experiment argument the group's arms run at."""
+    return self.args.get(group, self.arg)
 
   def reference(self, group: str) -> str:
     """The group's reference arm ("" for none)."""
@@ -154,8 +168,22 @@ def get_config(spec: str, overrides: dict[str, Any] | None = None) -> ml_collect
   return config
 
 
-def get_sweep(name: str) -> Sweep:
-  return _load_module(name, "sweep.py").get_sweep()
+# The derived group of every sweep that declares headlines: its headline arms and their
+# baselines at the common scoreboard setting (research/scoreboard.py `common_group`).
+COMMON_GROUP = "common"
+
+
+def get_sweep(name: str, *, common: bool = True) -> Sweep:
+  """The experiment's sweep; with `common`, and headlines declared, with its derived `common`
+  group (or, where that cannot be built, the reason in `Sweep.unavailable`)."""
+  sweep = _load_module(name, "sweep.py").get_sweep()
+  if not common or not sweep.headline:
+    return sweep
+  if COMMON_GROUP in sweep.groups:
+    raise ExperimentError(f"experiment '{name}': the group name '{COMMON_GROUP}' is reserved for "
+                          "the derived group of the headline arms at the common setting")
+  from research import scoreboard  # pylint: disable=import-outside-toplevel
+  return scoreboard.with_common_group(name, sweep)
 
 
 def describe(name: str) -> tuple[str, tuple[str, ...]]:

@@ -35,6 +35,21 @@ Shakespeare (4 x 128, context 64, batch 12, 2000 steps) with the init and optimi
 experiments share (std 1/sqrt(2.5 d), output projections scaled 1/sqrt(2L), AdamW β2 0.95),
 i.e. the dense baseline row that sdd, polycom, ultramem, ultramem_v2 and hybridnorm share. The
 Markdown header says why and counts how many rows are at it.
+
+The common group. Every sweep that declares headlines has a derived group `common`
+(experiments.get_sweep adds it; `common_group` here derives it): each headline's baseline and
+arm, named as in their own group, at the common setting. Its arms take every SETTING key of
+kind shape / init / run from the common setting, except a key the arm's own overrides set and
+its group `varies` (the method), and keep the experiment's "model" keys (the architecture);
+the rules, the FFN width's among them, are `_common_overrides`'. `research sweep NAME --group
+common --skip_reported` trains only what no committed row reports (the common dense baseline
+is polycom's `swiglu` and sdd's `pre` row; an experiment already at the common setting trains
+nothing), and `research report NAME` adds the group to its results.json. A headline's row is
+then its common group's (like-for-like, the row at the experiment's own setting kept as
+`Row.own`, shown as "Δ at its own setting"); until then the row is its own, and the section
+"Not yet at the common setting" gives the command and the runs it trains (`Todo`). Nothing
+here lists experiments: a new one with headlines has its common group and its row with no
+change.
 """
 
 from __future__ import annotations
@@ -50,8 +65,9 @@ from matplotlib.figure import Figure  # drawn off-screen, without touching pyplo
 
 from research import config as config_lib
 from research import experiments, report, run_config, verdict
-from research.errors import ResearchError
-from research.scales import COMMON_ARG, apply_common_setting, scaled_config
+from research.errors import ConfigError, ResearchError
+from research.experiments import COMMON_GROUP
+from research.scales import COMMON_ARG, SCALE_ARGS, apply_common_setting, scaled_config
 
 COMMON_WHY = (
     "it is the setting most wave-1 experiments share: the shared `tiny` scale's 4 × 128 shape "
@@ -92,6 +108,28 @@ class ScoreboardError(ResearchError):
 
 
 @dataclasses.dataclass
+class Todo:
+  """What measures a row at the common setting: its experiment's common group, where the
+  arms that no committed row reports train (`--skip_reported` shows the others)."""
+  experiment: str
+  train: list[str] = dataclasses.field(default_factory=list)  # arms to train
+  reused: dict[str, str] = dataclasses.field(default_factory=dict)  # arm -> the row reporting it
+  seeds: int = 3
+  configs: list[dict] = dataclasses.field(default_factory=list)  # what trains (resolved)
+  differs: list[str] = dataclasses.field(default_factory=list)  # still off the common setting
+  why: str = ""  # the common group cannot be built: why
+
+  @property
+  def runs(self) -> int:
+    return len(self.train) * self.seeds
+
+  @property
+  def commands(self) -> tuple[str, str]:
+    return (f"research sweep {self.experiment} --group {COMMON_GROUP} --skip_reported",
+            f"research report {self.experiment}")
+
+
+@dataclasses.dataclass
 class Row:
   """One headline arm against its baseline (the numbers are None where not measured)."""
   experiment: str
@@ -111,6 +149,13 @@ class Row:
   # not like-for-like: kind ("shape", "init", "run", "config") -> the differences
   differs: dict[str, list[str]] = dataclasses.field(default_factory=dict)
   notes: list[str] = dataclasses.field(default_factory=list)  # the baseline's architecture
+  own: Row | None = None  # measured in the common group: the row at the experiment's setting
+  todo: Todo | None = None  # not yet at the common setting: what measures it there
+
+  @property
+  def at_common(self) -> bool:
+    """Whether the numbers are the experiment's `common` group's."""
+    return self.group == COMMON_GROUP
 
   @property
   def measured(self) -> bool:
@@ -138,9 +183,163 @@ class Board:
   date: str = dataclasses.field(default_factory=lambda: datetime.date.today().isoformat())
 
 
-def common_config():
-  """The common scoreboard setting's resolved config (defined in research/scales.py)."""
-  return run_config.resolve(apply_common_setting(scaled_config(COMMON_ARG, "scoreboard")[0]))
+def common_config(arg: str = COMMON_ARG):
+  """The common scoreboard setting's resolved config (defined in research/scales.py); at another
+  argument's scale with `arg` (a common group's argument, e.g. at `scale=smoke`)."""
+  return run_config.resolve(_common_setting(arg))
+
+
+def _common_setting(arg: str):
+  """The common setting's unresolved config at `arg`'s shared keys (scale, corpus, ...)."""
+  shared = {k: v for k, v in _pairs(arg).items() if k in SCALE_ARGS}
+  return apply_common_setting(scaled_config(_join(shared), "scoreboard")[0])
+
+
+# ------------------------------------------------------------------------- the common group
+#
+# Every sweep with headlines gets a derived group `common` (experiments.get_sweep): each
+# headline's arm and baseline, named as in their own group, with the rules below. Its rows are
+# the like-for-like ones: every experiment's method against the same baseline at one setting.
+
+# SETTING kinds the common group sets to the common setting ("model" keys are the paper's
+# architecture, the method's or its baseline's: kept)
+COMMON_KINDS = ("shape", "init", "run")
+FFN_WIDTH = "model.channel.d_ff"
+
+
+def _pairs(arg: str) -> dict[str, str]:
+  return dict(p.split("=", 1) for p in arg.split(",") if "=" in p)
+
+
+def _join(pairs: dict[str, str]) -> str:
+  return ",".join(f"{k}={v}" for k, v in pairs.items())
+
+
+def common_arg(sweep_arg: str, arg: str = "") -> str:
+  """The argument of an experiment's common group: COMMON_ARG, with the keys of the sweep's
+  own argument that are the experiment's (a `variant`; not the shared scale, corpus,
+  tokenizer, seed) and then `arg`'s (`research sweep NAME --group common --arg scale=smoke`:
+  the common setting at the smoke scale)."""
+  own = {k: v for k, v in _pairs(sweep_arg).items() if k not in SCALE_ARGS}
+  return _join({**_pairs(COMMON_ARG), **own, **_pairs(arg)})
+
+
+def _common_overrides(experiment: str, sweep, group: str, arm, target: dict, keep) -> dict:
+  """The overrides of `arm` (an experiments.Arm of `group`, a headline's) in the common group.
+
+  Rules: every SETTING key of kind shape / init / run takes the common setting's value
+  (`target`, unresolved), except where the arm's own overrides set a key that its group
+  `varies` (that is the method: the low-bit optimizer's settings, SPARKLING's expansion; a key
+  the table varies through other arms, as MoDA's 13-block row, is not this arm's method) and
+  the keys in `keep` (run keys without which some arm of the group does not build:
+  `common_group`). "model" keys stay the experiment's. The FFN width: when the width changes,
+  a width the arm's overrides set (parameter matching, a dense FFN at the MoE's parameters)
+  is scaled with it, to a multiple of 8, which keeps the match (every term of a block grows as
+  d_model x width); one the experiment's config set at its own shape goes back to the common
+  setting's (0: derived from the width)."""
+  own = experiments.get_config(f"{experiment}:{sweep.arg_of(group)}", arm.overrides)
+  varies = sweep.varies.get(group, ())
+  carg = sweep.arg_of(COMMON_GROUP)
+  at = experiments.get_config(f"{experiment}:{carg}", arm.overrides).to_dict()
+  out = dict(arm.overrides)
+  for _, key, kind in SETTING:
+    if kind not in COMMON_KINDS or key in keep or (key in varies and key in arm.overrides):
+      continue
+    value = config_lib.get_dotted(target, key)
+    if config_lib.get_dotted(at, key) != value:
+      out[key] = value
+  width = out.get("model.d_model", config_lib.get_dotted(at, "model.d_model"))
+  ffn = config_lib.get_dotted(at, FFN_WIDTH)
+  if width != own.model.d_model and ffn:
+    if FFN_WIDTH in arm.overrides:
+      out[FFN_WIDTH] = max(8, 8 * round(ffn * width / own.model.d_model / 8))
+    else:
+      out[FFN_WIDTH] = config_lib.get_dotted(target, FFN_WIDTH)
+  return out
+
+
+def common_group(experiment: str, sweep, arg: str = ""
+                 ) -> tuple[str, list[experiments.Arm], dict[str, str]]:
+  """(argument, arms, kept) of the experiment's common group (`sweep` without one): for each
+  headline its baseline and its arm, named as in their own group (an arm shared by two
+  headlines once), by `_common_overrides`; an arm keeps its claim (against a named baseline,
+  the headline's claim), a baseline has none. `kept`: run key -> why it keeps the
+  experiment's own value in every arm of the group: the common value made an arm's config
+  invalid (SPARKLING expands at step 2000, which needs more than the common 2000 steps); the
+  scoreboard shows that difference. `arg`: as `common_arg`'s. Raises ExperimentError when an
+  arm cannot be built at the common setting, or two groups' arms of one name differ."""
+  carg = common_arg(sweep.arg, arg)
+  sweep = dataclasses.replace(sweep, args={**sweep.args, COMMON_GROUP: carg})
+  target = _common_setting(carg).to_dict()
+  kept: dict[str, str] = {}
+
+  def arms() -> tuple[list[experiments.Arm], dict[str, experiments.Arm]]:
+    out, own = {}, {}  # name -> the arm in the common group, in its own group
+    for h in sweep.headline:
+      by_name = {a.name: a for a in sweep.groups[h.group]}
+      base = h.baseline or sweep.reference(h.group)
+      for name, claim in ((base, None), (h.arm, h.claim if h.baseline else by_name[h.arm].claim)):
+        arm = by_name[name]
+        overrides = _common_overrides(experiment, sweep, h.group, arm, target, kept)
+        if name in out and out[name].overrides != overrides:
+          raise experiments.ExperimentError(
+              f"the common group of '{experiment}' would have two arms named '{name}' that "
+              "differ")
+        if name not in out or claim:
+          out[name], own[name] = experiments.Arm(name, overrides, arm.paper, claim), arm
+    return list(out.values()), own
+
+  while True:
+    group, own = arms()
+    failure = _first_invalid(experiment, carg, group)
+    if failure is None:
+      return carg, group, kept
+    arm, err = failure
+    mine = experiments.get_config(f"{experiment}:{carg}", own[arm.name].overrides).to_dict()
+    for key in _keys("run"):
+      value = config_lib.get_dotted(mine, key)
+      if key in kept or arm.overrides.get(key, value) == value:
+        continue
+      trial = dataclasses.replace(arm, overrides={**arm.overrides, key: value})
+      if _first_invalid(experiment, carg, [trial]) is None:
+        kept[key] = f"{arm.name} at the common {key.split('.')[-1]}: {err}"
+        break
+    else:
+      raise experiments.ExperimentError(
+          f"arm '{arm.name}' of '{experiment}' does not build at the common setting: {err}")
+
+
+def _keys(kind: str) -> list[str]:
+  """The SETTING keys of one kind."""
+  return [key for _, key, k in SETTING if k == kind]
+
+
+def _first_invalid(experiment: str, arg: str, arms) -> tuple | None:
+  """(arm, the error's message) of the first arm whose config does not resolve, or None."""
+  for arm in arms:
+    try:
+      run_config.resolve(experiments.get_config(f"{experiment}:{arg}", arm.overrides))
+    except ConfigError as err:
+      return arm, str(err)
+  return None
+
+
+def with_common_group(experiment: str, sweep, arg: str = ""):
+  """`sweep` with its derived common group (`common_group`), its argument, reference (the first
+  headline's baseline) and varies (the union of the headlines' groups'); where the group
+  cannot be built, `sweep.unavailable` says why."""
+  try:
+    carg, arms, _ = common_group(experiment, sweep, arg)
+  except ResearchError as err:
+    return dataclasses.replace(sweep, unavailable={**sweep.unavailable, COMMON_GROUP: str(err)})
+  first = sweep.headline[0]
+  varies = tuple(dict.fromkeys(k for h in sweep.headline for k in sweep.varies.get(h.group, ())))
+  return dataclasses.replace(
+      sweep, groups={**sweep.groups, COMMON_GROUP: arms},
+      args={**sweep.args, COMMON_GROUP: carg},
+      references={**sweep.references,
+                  COMMON_GROUP: first.baseline or sweep.reference(first.group)},
+      varies={**sweep.varies, COMMON_GROUP: varies})
 
 
 def _resolved(experiment: str, arg: str, overrides: dict):
@@ -240,7 +439,7 @@ def _row(name: str, sweep, h, groups: dict[str, dict], common) -> Row:
   defined = {a.name: a.overrides for a in sweep.groups[h.group]}
   base, arm = by_arm.get(baseline, {}), by_arm.get(h.arm, {})
   row = Row(name, h.group, h.arm, baseline)
-  arg = group.get("arg") or sweep.arg
+  arg = group.get("arg") or sweep.arg_of(h.group)
   try:
     base_c = _resolved(name, arg, base.get("overrides", defined[baseline]))
     arm_c = _resolved(name, arg, arm.get("overrides", defined[h.arm]))
@@ -276,6 +475,67 @@ def _row(name: str, sweep, h, groups: dict[str, dict], common) -> Row:
   return row
 
 
+class _Reported:
+  """The committed rows of every experiment (sweep.ReportedRows, read once, when first asked)."""
+
+  def __init__(self, root: Path):
+    self.root, self._rows = root, None
+
+  def find(self, config, seeds: int):
+    from research.sweep import ReportedRows  # pylint: disable=import-outside-toplevel
+    if self._rows is None:
+      self._rows = ReportedRows(self.root)
+    return self._rows.find(config, seeds)
+
+
+def _at_common(name: str, sweep, h, groups: dict[str, dict], common, reported) -> Row:
+  """The headline's row: its common group's where results.json has that row measured (with
+  the row at the experiment's own setting as `own`), else its own with `todo` saying what
+  measures it at the common setting (none where its own arms are the common group's)."""
+  own = _row(name, sweep, h, groups, common)
+  if COMMON_GROUP not in sweep.groups and COMMON_GROUP not in sweep.unavailable:
+    return own  # a sweep loaded without it (experiments.get_sweep(common=False))
+  if COMMON_GROUP in sweep.unavailable:
+    own.todo = Todo(name, why=sweep.unavailable[COMMON_GROUP])
+    return own
+  base = h.baseline or sweep.reference(h.group)
+  claim = h.claim if h.baseline else next(a.claim for a in sweep.groups[h.group]
+                                          if a.name == h.arm)
+  row = _row(name, sweep, experiments.Headline(COMMON_GROUP, h.arm, base, claim), groups, common)
+  if row.measured:
+    row.own = own
+    return row
+  own.todo = _todo(name, sweep, h, base, common, reported)
+  return own
+
+
+def _todo(name: str, sweep, h, base: str, common, reported) -> Todo | None:
+  """What the common group trains for this headline's arm and baseline: those no committed row
+  reports with every seed; None where both configs are their own group's already (the row is
+  at the common setting as it stands)."""
+  from research.sweep import same_config  # pylint: disable=import-outside-toplevel
+  arms = (base, h.arm)
+  mine = {a.name: a for a in sweep.groups[COMMON_GROUP]}
+  own = {a.name: a for a in sweep.groups[h.group]}
+  carg = sweep.arg_of(COMMON_GROUP)
+  configs = {a: _resolved(name, carg, mine[a].overrides) for a in arms}
+  if all(same_config(_resolved(name, sweep.arg_of(h.group), own[a].overrides).to_dict(),
+                     configs[a].to_dict()) for a in arms):
+    return None
+  differs, _ = _setting_differences(configs[base], configs[h.arm], common,
+                                    sweep.varies.get(COMMON_GROUP, ()))
+  todo = Todo(name, seeds=sweep.seeds, differs=[t for texts in differs.values() for t in texts])
+  for a in arms:
+    twin = reported.find(experiments.get_config(f"{name}:{carg}", mine[a].overrides),
+                         sweep.seeds)
+    if twin is None:
+      todo.train.append(a)
+      todo.configs.append(configs[a].to_dict())
+    else:
+      todo.reused[a] = twin[0]
+  return todo
+
+
 def build() -> Board:
   """Every declared headline row, from the committed results of every experiment."""
   root = experiments.experiments_dir()
@@ -286,6 +546,7 @@ def build() -> Board:
                           "experiment first (`research sweep NAME`, then `research report NAME`)")
   common = _setting(common_config())
   rows, without, problems = [], [], []
+  reported = _Reported(root)
   for name in names:
     try:
       sweep = experiments.get_sweep(name)
@@ -294,7 +555,7 @@ def build() -> Board:
           without.append(name)
         continue
       groups = {g["group"]: g for g in report.experiment_groups(name, root, {})}
-      rows += [_row(name, sweep, h, groups, common) for h in sweep.headline]
+      rows += [_at_common(name, sweep, h, groups, common, reported) for h in sweep.headline]
     except Exception as err:  # noqa: BLE001  (one unreadable experiment does not hide the rest)
       problems.append(f"{name}: {type(err).__name__}: {err}")
   if not rows:
@@ -365,11 +626,24 @@ def _step_cell(r: Row) -> str:
 
 
 def _setting_cell(r: Row) -> str:
-  return "like-for-like" if r.like_for_like else "**not like-for-like**: " + ", ".join(r.setting)
+  cell = ("like-for-like" if r.like_for_like else
+          "**not like-for-like**: " + ", ".join(r.setting))
+  return cell + (f" ({COMMON_GROUP} group)" if r.at_common else "")
 
 
 def _name(r: Row) -> str:
-  return f"{r.arm.replace('|', '/')} ({r.group})"
+  group = f"{COMMON_GROUP}; own: {r.own.group}" if r.at_common and r.own else r.group
+  return f"{r.arm.replace('|', '/')} ({group})"
+
+
+def _own_cell(r: Row) -> str:
+  """The experiment's own comparison, where the row is its common group's."""
+  if not r.at_common:
+    return "—"
+  own = r.own
+  if own is None or not own.measured:
+    return "not measured"
+  return _delta_cell(own.interval) + ("" if own.shape == r.shape else f" at {own.shape}")
 
 
 def _baseline_cell(r: Row) -> str:
@@ -381,6 +655,8 @@ def _header(board: Board) -> list[str]:
   measured = [r for r in board.rows if r.measured]
   same_shape = sum("shape" not in r.differs for r in measured)
   same_init = sum("init" not in r.differs for r in measured)
+  at_common = sum(r.at_common for r in measured)
+  as_is = sum(not r.at_common and r.todo is None for r in measured)
   return [
       "# Scoreboard: every paper's headline arm at a glance", "",
       f"Generated by `research scoreboard` on {board.date} from the committed results "
@@ -401,7 +677,16 @@ def _header(board: Board) -> list[str]:
       f"{sum(r.like_for_like for r in measured)} are like-for-like in every respect. A row "
       "whose baseline (or arm, beyond what its table varies) differs from it in shape, init, "
       "data or training says so in the last column: its Δ is its own paper's comparison, not "
-      "one to add to another row's.", "",
+      "one to add to another row's. Every experiment with a headline also has a derived sweep "
+      f"group `{COMMON_GROUP}` (research/scoreboard.py `common_group`): its headline arms and "
+      "their baselines at the common setting (shape, init, data and training from it; what the "
+      "table varies on purpose, and the paper's architecture, from the experiment). A row is "
+      f"that group's where the experiment's results hold it ({at_common} of the "
+      f"{len(measured)} measured rows; the column \"Δ at its own setting\" keeps the "
+      f"experiment's own comparison); {as_is} rows are at the common setting as they stand "
+      "(their arms are the common group's); the section \"Not yet at the common setting\" "
+      "gives, for every other row, the command that measures it there and the runs it trains.",
+      "",
       "Columns: Δ = arm − baseline, mean over seeds, valid loss in nats per character; [95% "
       "interval] from the paired per-seed differences (Student t, n−1 df) when both arms "
       "finished every seed, else Welch's; Δ params total (activated where it differs); Δ "
@@ -421,7 +706,7 @@ def _table(rows: list[Row], ratio: bool) -> list[str]:
   head = ["#", "experiment", "arm (group)", "baseline", "shape", "baseline loss",
           "Δ loss [95%]", "seeds"]
   head += (["Δ FLOPs/token", "Δ loss per +10% FLOPs"] if ratio else
-           ["Δ params", "Δ FLOPs/token", "Δ step time"])
+           ["Δ at its own setting", "Δ params", "Δ FLOPs/token", "Δ step time"])
   head += ["verdict", "vs the common setting"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for i, r in enumerate(rows, 1):
@@ -432,7 +717,7 @@ def _table(rows: list[Row], ratio: bool) -> list[str]:
              else _signed(r.interval.delta / (10 * r.flops_frac)))
       cells += [_flops_cell(r), per]
     else:
-      cells += [_params_cell(r), _flops_cell(r), _step_cell(r)]
+      cells += [_own_cell(r), _params_cell(r), _flops_cell(r), _step_cell(r)]
     cells += [r.verdict, _setting_cell(r)]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
@@ -446,6 +731,7 @@ def markdown(board: Board) -> str:
             "rest by Δ loss per +10% forward FLOPs (the most loss bought per FLOP first). "
             "Rows without FLOPs are left out.", ""]
   lines += _table(by_loss_per_flops(board.rows), ratio=True) + [""]
+  lines += _not_at_common(board.rows)
   pending = [r for r in board.rows if not r.measured]
   if pending:
     lines += ["## Declared, not yet measured", ""]
@@ -458,6 +744,52 @@ def markdown(board: Board) -> str:
   if board.problems:
     lines += ["## Not shown: could not be read", ""] + [f"- {p}" for p in board.problems] + [""]
   return "\n".join(lines)
+
+
+def _not_at_common(rows: list[Row]) -> list[str]:
+  """The section listing every row not yet at the common setting, with its command and the
+  runs it trains."""
+  todo = [r for r in rows if r.todo is not None]
+  if not todo:
+    return []
+  lines = ["## Not yet at the common setting", "",
+           "Each row below is measured at the common setting by its experiment's "
+           f"`{COMMON_GROUP}` group: the command, then the runs it trains (arms × seeds that no "
+           "committed row reports with every seed; `--skip_reported` shows those rows instead "
+           "of training them).", ""]
+  for r in todo:
+    t = r.todo
+    what = f"- {r.experiment}: {_name(r)} against {r.baseline}: "
+    if t.why:
+      lines.append(what + f"its {COMMON_GROUP} group cannot be built: {t.why}")
+      continue
+    trains = (f"{t.runs} runs ({', '.join(t.train)} × {t.seeds} seeds)" if t.train
+              else "0 runs (nothing to train: the report shows the rows named here)")
+    reused = "; ".join(f"{a} is {src}'s row" for a, src in t.reused.items())
+    sweep_cmd, report_cmd = t.commands
+    lines.append(what + f"`{sweep_cmd}`, then `{report_cmd}`: {trains}"
+                 + (f"; {reused}" if reused else "")
+                 + (f"; its common group still differs in {', '.join(t.differs)} (what the "
+                    "method needs: research/scoreboard.py `common_group`)" if t.differs else ""))
+  total = sum(r.todo.runs for r in todo)
+  distinct = _distinct([(c, r.todo.seeds) for r in todo for c in r.todo.configs])
+  lines += ["", f"In all {total} runs, {distinct} when a config that several rows share (the "
+            "recurrent mixers' Transformer) trains once: run in one runs directory, a sweep "
+            "reuses a finished run of the same config.", ""]
+  return lines
+
+
+def _distinct(configs: list[tuple[dict, int]]) -> int:
+  """Runs of the configs (resolved, with their seeds), each config counted once
+  (sweep.same_config: a sweep reuses a finished run of the same config)."""
+  from research.sweep import same_config  # pylint: disable=import-outside-toplevel
+  seen: list[dict] = []
+  runs = 0
+  for config, seeds in configs:
+    if not any(same_config(other, config) for other in seen):
+      seen.append(config)
+      runs += seeds
+  return runs
 
 
 # ------------------------------------------------------------------------------------- plot
@@ -482,14 +814,16 @@ def plot(board: Board, out_png: Path) -> None:
       right.annotate(f"{r.experiment}/{r.arm}", (x, i.delta), fontsize=6, va="center",
                      ha="right" if left_of else "left", xytext=(-4 if left_of else 4, 0),
                      textcoords="offset points")
-  left.set_yticks(range(len(rows)), [f"{r.experiment}: {r.arm}" for r in rows], fontsize=8)
+  left.set_yticks(range(len(rows)), [f"{r.experiment}: {r.arm}"
+                                      + (f" ({COMMON_GROUP})" if r.at_common else "")
+                                      for r in rows], fontsize=8)
   left.invert_yaxis()
   left.axvline(0, color="black", linewidth=0.6)
   right.axhline(0, color="black", linewidth=0.6)
   right.axvline(0, color="black", linewidth=0.6)
   for ax in (left, right):
     ax.grid(alpha=0.3)
-  left.set_xlabel("Δ valid loss vs own baseline (nats), 95% interval")
+  left.set_xlabel("Δ valid loss vs its baseline (nats), 95% interval")
   left.set_title("headline arms (filled: like-for-like with the common setting)", fontsize=9)
   right.set_xlabel("Δ forward FLOPs per token (%)")
   right.set_ylabel("Δ valid loss (nats; intervals on the left)")

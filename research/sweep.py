@@ -24,6 +24,12 @@ An arm's seeds train together, stacked into one vmapped program (`stack_seeds`, 
 `research sweep --no_stack_seeds` trains them one after another): each seed still has its own
 run directory, checkpoints and summary, equal to its single run up to fp32 rounding.
 
+A sweep that declares headline arms has a derived group `common` (experiments.get_sweep): the
+headline arms and their baselines at the common scoreboard setting, run at the group's own
+argument (`Sweep.arg_of`); with `skip_reported`, its arms whose config a committed row of any
+experiment reports (the common dense baseline: polycom's `swiglu`, sdd's `pre`) are shown, not
+trained.
+
 Groups often share arms (the baseline of one table is the pre-norm arm of another; two papers
 at the same shape share their baseline). Before training an (arm, seed), the sweep looks for a
 finished run in the runs directory whose resolved config is the same (`same_config`); if there
@@ -75,13 +81,19 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   """Runs (or continues) a sweep group; returns the manifest path. Raises if an arm failed.
 
   `arg` replaces the sweep's experiment argument (e.g. "scale=smoke" to check a table end to
-  end in seconds); `arms` keeps only the named arms. `stack_seeds`: an arm's seeds that are to
-  be trained train as one seed-stacked program (research/train/loop.py), each in its own run
-  directory; off, one after another. `results_root` holds
+  end in seconds); for the derived `common` group it sets those keys of the group's argument,
+  and the group is derived again there ("scale=smoke": the common setting at the smoke scale;
+  research/scoreboard.py `common_group`). `arms` keeps only the named arms. `stack_seeds`: an
+  arm's seeds that are to be trained train as one seed-stacked program (research/train/loop.py),
+  each in its own run directory; off, one after another. `results_root` holds
   `<experiment>/results/results.json` for every experiment (default: experiments/), read by
   `skip_reported`; `results_dir` replaces this experiment's results directory in it.
   """
   sweep = experiments.get_sweep(name)
+  if arg is not None and group == experiments.COMMON_GROUP and sweep.headline:
+    from research import scoreboard  # pylint: disable=import-outside-toplevel
+    sweep = scoreboard.with_common_group(name, experiments.get_sweep(name, common=False), arg)
+    arg = None
   group, group_arms = sweep.group(group)
   selected = {a.name for a in group_arms}
   if arms:
@@ -94,7 +106,7 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   if seeds < 1:
     raise config_lib.ConfigError(f"--seeds={seeds}: a sweep needs at least one seed")
   _check_overrides(group, group_arms, overrides or {})
-  arg = sweep.arg if arg is None else arg
+  arg = sweep.arg_of(group) if arg is None else arg
   root = Path(runs_dir) / name / group
   path = manifest_path(runs_dir, name, group)
   previous = {}  # (arm, seed) -> entry of an earlier invocation's manifest
@@ -286,6 +298,7 @@ class ReportedRows:
           date = row.get("date") or group.get("date") or data.get("date")
           self._rows.append((experiment, group, row, date))
     self._resolved: dict[tuple, dict | None] = {}
+    self._signatures: dict[tuple, tuple | None] = {}
 
   def own_row(self, experiment: str, group: str, arm: str, arg: str, overrides: dict,
               seeds: int) -> str | None:
@@ -308,19 +321,48 @@ class ReportedRows:
         self._resolved[key] = None
     return self._resolved[key]
 
+  def _signature_of(self, experiment: str, arg: str, overrides: dict) -> tuple | None:
+    """The row's values of the SIGNATURE keys, from its unresolved config (cheap: a row whose
+    signature differs is no twin, and its config is not resolved)."""
+    key = (experiment, arg, json.dumps(overrides, sort_keys=True, default=str))
+    if key not in self._signatures:
+      try:
+        self._signatures[key] = _signature(
+            experiments.get_config(f"{experiment}:{arg}", overrides))
+      except Exception:  # as in _config_of: not a twin of anything
+        self._signatures[key] = None
+    return self._signatures[key]
+
   def find(self, config, seeds: int, exclude: tuple[str, str, str] | None = None
            ) -> tuple[str, str] | None:
     """("<experiment>/<group>/<arm>", date) of a row that reports `config` (seed 0's) with
     `seeds` finished or diverged seeds, or None."""
     resolved = run_config.resolve(config).to_dict()
+    signature = _signature(resolved)
     for experiment, group, row, date in self._rows:
       source = (experiment, group.get("group"), row.get("arm"))
       if source == exclude or row.get("seeds_total") != seeds or not _all_seeds(row, seeds):
         continue
-      other = self._config_of(experiment, group.get("arg", ""), row.get("overrides") or {})
+      args = (experiment, group.get("arg", ""), row.get("overrides") or {})
+      if self._signature_of(*args) != signature:
+        continue
+      other = self._config_of(*args)
       if other is not None and same_config(other, resolved):
         return row.get("from") or "/".join(source), date  # a row shown for another: its source
     return None
+
+
+# Keys that resolving a config never changes (run_config.resolve fills derived values: KV
+# heads, head_dim, FFN width, ...): configs that differ in one of them resolve to different
+# configs, so ReportedRows compares them before it resolves a row's config.
+SIGNATURE = ("model.num_layers", "model.d_model", "model.init_std", "data.corpus",
+             "data.tokenizer", "data.seq_len", "train.steps", "train.batch_size", "train.lr",
+             "train.b1", "train.b2", "train.optimizer")
+
+
+def _signature(config) -> tuple:
+  d = config if isinstance(config, dict) else config.to_dict()
+  return tuple(config_lib.get_dotted(d, key) for key in SIGNATURE)
 
 
 def same_config(stored: dict, config) -> bool:
