@@ -586,17 +586,21 @@ def by_loss_per_flops(rows: list[Row]) -> list[Row]:
 
 # ---------------------------------------------------------------------------------- Markdown
 
-def _signed(v: float, digits: int = 4) -> str:
-  return f"{v:+.{digits}f}"
+def signed(v: float, digits: int = 4) -> str:
+  """A signed number. A value that rounds to zero keeps its sign (-0.0000: on an interval's
+  bound the sign says on which side of zero the bound lies), unless it is zero up to float
+  round-off (|v| < 1e-9), which prints as +0.0000."""
+  return f"{0.0 if abs(v) < 1e-9 else v:+.{digits}f}"
 
 
-def _delta_cell(i: verdict.Interval) -> str:
+def delta_cell(i: verdict.Interval) -> str:
   if math.isnan(i.low):
-    return f"{_signed(i.delta)} [n/a]"
-  return f"{_signed(i.delta)} [{_signed(i.low)}, {_signed(i.high)}]"
+    return f"{signed(i.delta)} [n/a]"
+  return f"{signed(i.delta)} [{signed(i.low)}, {signed(i.high)}]"
 
 
-def _count(v: float) -> str:
+def count_cell(v: float) -> str:
+  """A signed count: millions with three decimals from 10,000 up, whole numbers below."""
   return f"{v / 1e6:+.3f}M" if abs(v) >= 1e4 else f"{v:+,.0f}"
 
 
@@ -610,10 +614,10 @@ def _relative(pair, fmt) -> str:
 
 
 def _params_cell(r: Row) -> str:
-  cell = _relative(r.params, _count)
+  cell = _relative(r.params, count_cell)
   delta = lambda pair: pair[1] - pair[0]  # noqa: E731
   if r.activated and r.params and delta(r.activated) != delta(r.params):
-    cell += f"; activated {_relative(r.activated, _count)}"
+    cell += f"; activated {_relative(r.activated, count_cell)}"
   return cell
 
 
@@ -643,7 +647,7 @@ def _own_cell(r: Row) -> str:
   own = r.own
   if own is None or not own.measured:
     return "not measured"
-  return _delta_cell(own.interval) + ("" if own.shape == r.shape else f" at {own.shape}")
+  return delta_cell(own.interval) + ("" if own.shape == r.shape else f" at {own.shape}")
 
 
 def _baseline_cell(r: Row) -> str:
@@ -711,10 +715,10 @@ def _table(rows: list[Row], ratio: bool) -> list[str]:
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for i, r in enumerate(rows, 1):
     cells = [str(i), r.experiment, _name(r), _baseline_cell(r), r.shape, f"{r.loss:.4f}",
-             _delta_cell(r.interval), r.seeds]
+             delta_cell(r.interval), r.seeds]
     if ratio:
       per = ("no extra FLOPs" if r.flops_frac <= FREE
-             else _signed(r.interval.delta / (10 * r.flops_frac)))
+             else signed(r.interval.delta / (10 * r.flops_frac)))
       cells += [_flops_cell(r), per]
     else:
       cells += [_own_cell(r), _params_cell(r), _flops_cell(r), _step_cell(r)]

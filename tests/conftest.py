@@ -19,6 +19,15 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+  """An empty experiments directory that research.experiments reads instead of the repo's."""
+  path = tmp_path / "experiments"
+  path.mkdir()
+  monkeypatch.setenv("RESEARCH_EXPERIMENTS_DIR", str(path))
+  return path
+
+
 def pytest_collection_modifyitems(config, items):
   del config
   if os.environ.get("RESEARCH_DATA_DIR"):

@@ -226,14 +226,6 @@ def row(name: str, values: list[float], overrides: dict) -> dict:
           "diverged": 0, "overrides": {**overrides, "seed": 0}}
 
 
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-  path = tmp_path / "experiments"
-  path.mkdir()
-  monkeypatch.setenv("RESEARCH_EXPERIMENTS_DIR", str(path))
-  return path
-
-
 DEEP = "  if arg.startswith('scale=tiny'):\n    m.num_layers, m.d_model = 16, 64\n"
 BASE, METHOD = [1.30, 1.32, 1.31], [1.25, 1.28, 1.26]  # own setting: -0.0467
 C_BASE, C_METHOD = [1.20, 1.21, 1.22], [1.19, 1.20, 1.20]  # common setting: -0.0133

@@ -65,14 +65,6 @@ def make_experiment(root: Path, name: str, rows: list[dict] | None, *, headline:
         {"experiment": name, "date": "2026-01-01", "groups": [group]}))
 
 
-@pytest.fixture
-def root(tmp_path, monkeypatch):
-  path = tmp_path / "experiments"
-  path.mkdir()
-  monkeypatch.setenv("RESEARCH_EXPERIMENTS_DIR", str(path))
-  return path
-
-
 HEADLINE = "(Headline('main', 'method'),)"
 BASE, METHOD = [1.1, 1.25, 1.3], [1.0, 1.2, 1.1]
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 
 from research import verdict
+from research.scoreboard import count_cell, delta_cell, signed
 
 GROUP = "compose"
 BASELINE = "pre"
@@ -131,20 +132,6 @@ def word(i: verdict.Interval, parts_sum: float) -> str:
 
 # ------------------------------------------------------------------------------------ cells
 
-def _signed(v: float, digits: int = 4) -> str:
-  return f"{0.0 if round(v, digits) == 0 else v:+.{digits}f}"  # no "-0.0000" from rounding
-
-
-def _interval_cell(i: verdict.Interval) -> str:
-  if math.isnan(i.low):
-    return f"{_signed(i.delta)} [n/a]"
-  return f"{_signed(i.delta)} [{_signed(i.low)}, {_signed(i.high)}]"
-
-
-def _count(v: float) -> str:
-  return f"{v / 1e6:+.3f}M" if abs(v) >= 1e4 else f"{v:+,.0f}"
-
-
 def _cost(arm: dict, ref: dict, key: str, fmt) -> str:
   """The difference arm - ref of a mean cost and its percentage; a dash where one is missing."""
   a, r = arm.get(key), ref.get(key)
@@ -167,7 +154,7 @@ def _parts_cost(a: dict, b: dict, ref: dict, key: str, fmt) -> str:
 
 _MS = lambda v: f"{1e3 * v:+.1f} ms"  # noqa: E731
 _MFLOPS = lambda v: f"{v / 1e6:+.3f}M"  # noqa: E731
-COSTS = (("params", _count), ("flops_per_token_fwd", _MFLOPS), ("step_time_s", _MS))
+COSTS = (("params", count_cell), ("flops_per_token_fwd", _MFLOPS), ("step_time_s", _MS))
 
 
 def _measured(row: dict | None) -> bool:
@@ -193,7 +180,7 @@ def delta_table(rows: dict[str, dict]) -> list[str]:
       lines.append(f"| {name} | {ref_name} | {missing} | – | – | – | – |")
       continue
     i, seeds = delta(arm, ref)
-    lines.append(f"| {name} | {ref_name} | {_interval_cell(i)} | {seeds} | "
+    lines.append(f"| {name} | {ref_name} | {delta_cell(i)} | {seeds} | "
                  + " | ".join(_cost(arm, ref, key, fmt) for key, fmt in COSTS) + " |")
   return lines
 
@@ -223,7 +210,7 @@ def additivity_table(rows: dict[str, dict]) -> list[str]:
     i = interaction(pair, a, b, pre)
     how = (f"{len(_values(pair))} seeds paired" if i.paired else
            "Welch, seeds pair/a/b/pre " + "/".join(str(len(_values(r))) for r in (pair, a, b, pre)))
-    lines.append(f"| {label} | {_signed(d_pair)} | {_signed(d_a + d_b)} | {_interval_cell(i)} "
+    lines.append(f"| {label} | {signed(d_pair)} | {signed(d_a + d_b)} | {delta_cell(i)} "
                  f"| {how} | {word(i, d_a + d_b)} |")
   return lines
 
@@ -248,7 +235,7 @@ def cost_table(rows: dict[str, dict]) -> list[str]:
     step_cell = ("–" if None in step else
                  f"{1e3 * step[0]:.1f} → {1e3 * step[1]:.1f} ms (x{step[1] / step[0]:.2f})")
     cells = [label, step_cell]
-    for key, fmt in (("step_time_s", _MS), ("params", _count), ("flops_per_token_fwd", _MFLOPS)):
+    for key, fmt in (("step_time_s", _MS), ("params", count_cell), ("flops_per_token_fwd", _MFLOPS)):
       cells += [_cost(pair, pre, key, fmt), _parts_cost(*parts, pre, key, fmt)]
     lines.append("| " + " | ".join(cells) + " |")
   return lines
