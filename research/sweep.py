@@ -59,6 +59,9 @@ from research.train.workdir import config_differences
 # Keys that do not change what a run computes: where the corpora live, the progress bar, and
 # the vocabulary size (0 in a config means "the tokenizer's", filled in when the run starts).
 _IRRELEVANT_KEYS = frozenset({"data.data_dir", "train.progress", "model.vocab_size"})
+# Switches that add metrics and change nothing a run computes for its update (same_config: a
+# run with one on is the twin of a run with it off, not the reverse)
+_OBSERVATION_SWITCHES = frozenset({"train.log_layer_grad_norms"})
 
 # A resolved config holds only the settings of the options it selects (research/run_config.py),
 # and matching compares the keys of the config that would run: settings of options it does not
@@ -339,6 +342,7 @@ class ReportedRows:
     `seeds` finished or diverged seeds, or None."""
     resolved = run_config.resolve(config).to_dict()
     signature = _signature(resolved)
+    observing_more = None  # the first row that is a twin only by logging more
     for experiment, group, row, date in self._rows:
       source = (experiment, group.get("group"), row.get("arm"))
       if source == exclude or row.get("seeds_total") != seeds or not _all_seeds(row, seeds):
@@ -347,9 +351,13 @@ class ReportedRows:
       if self._signature_of(*args) != signature:
         continue
       other = self._config_of(*args)
-      if other is not None and same_config(other, resolved):
-        return row.get("from") or "/".join(source), date  # a row shown for another: its source
-    return None
+      if other is None or not same_config(other, resolved):
+        continue
+      found = row.get("from") or "/".join(source), date  # a row shown for another: its source
+      if same_config(other, resolved, observing_more=False):
+        return found  # an exact twin first
+      observing_more = observing_more or found
+    return observing_more
 
 
 # Keys that resolving a config never changes (run_config.resolve fills derived values: KV
@@ -365,13 +373,24 @@ def _signature(config) -> tuple:
   return tuple(config_lib.get_dotted(d, key) for key in SIGNATURE)
 
 
-def same_config(stored: dict, config) -> bool:
+def same_config(stored: dict, config, observing_more: bool = True) -> bool:
   """Whether a run on disk (its config.json's "config") computes what `config` would (a
-  ConfigDict, or the dict of an already resolved one)."""
+  ConfigDict, or the dict of an already resolved one); with `observing_more`, a run that also
+  logged what an observation-only switch adds counts (_observes_more)."""
   resolved = config if isinstance(config, dict) else run_config.resolve(config).to_dict()
   inert = inert_prefixes(resolved)
   return not [k for k in config_differences(stored, resolved)
-              if k not in _IRRELEVANT_KEYS and not k.startswith(inert)]
+              if k not in _IRRELEVANT_KEYS and not k.startswith(inert)
+              and not (observing_more and _observes_more(stored, resolved, k))]
+
+
+def _observes_more(stored: dict, config: dict, key: str) -> bool:
+  """Whether `key` is an observation-only switch that the stored run has on and `config` off:
+  such a run trained exactly the same steps (a test checks the losses are bit-identical) and
+  logged more, so it stands in for the run `config` describes. The reverse does not hold: a
+  run without the extra metrics cannot stand in for one whose report plots them."""
+  return (key in _OBSERVATION_SWITCHES and config_lib.get_dotted(stored, key, False) is True
+          and config_lib.get_dotted(config, key) is False)
 
 
 def inert_prefixes(config: dict) -> tuple[str, ...]:

@@ -239,6 +239,28 @@ def test_data_list(capsys):
     assert name in out
 
 
+@pytest.mark.needs_data
+def test_layer_grad_norm_logging_is_observation_only(tmp_path, capsys):
+  """train.log_layer_grad_norms adds metrics and changes no loss (bit-identical), so a run that
+  logged them is the twin of one that did not; not the reverse (its report plots them)."""
+  from research import sweep  # pylint: disable=import-outside-toplevel
+  metrics, configs = {}, {}
+  for on in (False, True):
+    code, _, err = run(capsys, "run", "hybridnorm:scale=smoke", "--workdir", str(tmp_path / str(on)),
+                       "--config.train.progress=False", "--config.train.steps=8",
+                       "--config.train.log_every=2", f"--config.train.log_layer_grad_norms={on}")
+    assert code == 0, err
+    lines = [json.loads(l) for l in (tmp_path / str(on) / "metrics.jsonl").read_text().splitlines()]
+    metrics[on] = lines
+    configs[on] = json.loads((tmp_path / str(on) / "config.json").read_text())["config"]
+  losses = {on: [(l["split"], l["step"], l["loss"]) for l in metrics[on]] for on in metrics}
+  assert losses[True] == losses[False] and len(losses[True]) >= 5
+  assert any(k.startswith("grad_norm/block_") for l in metrics[True] for k in l)
+  assert not any(k.startswith("grad_norm/block_") for l in metrics[False] for k in l)
+  assert sweep.same_config(configs[True], configs[False])
+  assert not sweep.same_config(configs[False], configs[True])
+
+
 def test_twin_configs_ignore_settings_of_unselected_components():
   """A dense-FFN run never reads model.channel.moe.*: two such runs differing only there are
   twins (UltraMemV2's dense arm is UltraMem's), while the same difference under an MoE, or a
