@@ -404,8 +404,10 @@ def inert_prefixes(config: dict) -> tuple[str, ...]:
 
 def find_finished_twin(runs_dir: Path, config, exclude: Path | None = None) -> Path | None:
   """A finished sweep run under `<runs_dir>/<experiment>/<group>/<arm>/seed<k>/` (any
-  experiment: two papers' baselines are often the same model) whose config is `config`."""
+  experiment: two papers' baselines are often the same model) whose config is `config`; an
+  exact twin before one that only logged more (same_config's `observing_more`)."""
   resolved = run_config.resolve(config).to_dict()
+  observing_more = None
   for summary in sorted(Path(runs_dir).glob("*/*/*/seed*/summary.json")):
     workdir = summary.parent
     if exclude is not None and workdir.resolve() == Path(exclude).resolve():
@@ -414,6 +416,8 @@ def find_finished_twin(runs_dir: Path, config, exclude: Path | None = None) -> P
       stored = json.loads((workdir / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
       continue
-    if same_config(stored, resolved):
+    if same_config(stored, resolved, observing_more=False):
       return workdir
-  return None
+    if observing_more is None and same_config(stored, resolved):
+      observing_more = workdir
+  return observing_more
