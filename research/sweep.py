@@ -358,10 +358,11 @@ class ReportedRows:
       if self._signature_of(*args) != signature:
         continue
       other = self._config_of(*args)
-      if other is None or not same_config(other, resolved):
+      kind = None if other is None else twin_kind(other, resolved)
+      if kind is None:
         continue
       found = row.get("from") or "/".join(source), date  # a row shown for another: its source
-      if same_config(other, resolved, observing_more=False):
+      if kind == EXACT:
         return found  # an exact twin first
       observing_more = observing_more or found
     return observing_more
@@ -380,15 +381,28 @@ def _signature(config) -> tuple:
   return tuple(config_lib.get_dotted(d, key) for key in SIGNATURE)
 
 
-def same_config(stored: dict, config, observing_more: bool = True) -> bool:
-  """Whether a run on disk (its config.json's "config") computes what `config` would (a
-  ConfigDict, or the dict of an already resolved one); with `observing_more`, a run that also
-  logged what an observation-only switch adds counts (_observes_more)."""
+EXACT, OBSERVES_MORE = "exact", "observes more"
+
+
+def twin_kind(stored: dict, config) -> str | None:
+  """How a run on disk (its config.json's "config") matches `config` (a ConfigDict, or the
+  dict of an already resolved one), from one comparison: EXACT when it computes what `config`
+  would, OBSERVES_MORE when it also logged what an observation-only switch adds
+  (_observes_more), else None."""
   resolved = config if isinstance(config, dict) else run_config.resolve(config).to_dict()
   inert = inert_prefixes(resolved)
-  return not [k for k in config_differences(stored, resolved)
-              if k not in _IRRELEVANT_KEYS and not k.startswith(inert)
-              and not (observing_more and _observes_more(stored, resolved, k))]
+  diffs = [k for k in config_differences(stored, resolved)
+           if k not in _IRRELEVANT_KEYS and not k.startswith(inert)]
+  if not diffs:
+    return EXACT
+  return OBSERVES_MORE if all(_observes_more(stored, resolved, k) for k in diffs) else None
+
+
+def same_config(stored: dict, config, observing_more: bool = True) -> bool:
+  """Whether a run on disk computes what `config` would (twin_kind); with `observing_more`, a
+  run that also logged what an observation-only switch adds counts."""
+  kind = twin_kind(stored, config)
+  return kind == EXACT or (observing_more and kind == OBSERVES_MORE)
 
 
 def _observes_more(stored: dict, config: dict, key: str) -> bool:
@@ -412,7 +426,7 @@ def inert_prefixes(config: dict) -> tuple[str, ...]:
 def find_finished_twin(runs_dir: Path, config, exclude: Path | None = None) -> Path | None:
   """A finished sweep run under `<runs_dir>/<experiment>/<group>/<arm>/seed<k>/` (any
   experiment: two papers' baselines are often the same model) whose config is `config`; an
-  exact twin before one that only logged more (same_config's `observing_more`)."""
+  exact twin before one that only logged more (twin_kind)."""
   resolved = run_config.resolve(config).to_dict()
   observing_more = None
   for summary in sorted(Path(runs_dir).glob("*/*/*/seed*/summary.json")):
@@ -423,8 +437,9 @@ def find_finished_twin(runs_dir: Path, config, exclude: Path | None = None) -> P
       stored = json.loads((workdir / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
       continue
-    if same_config(stored, resolved, observing_more=False):
+    kind = twin_kind(stored, resolved)
+    if kind == EXACT:
       return workdir
-    if observing_more is None and same_config(stored, resolved):
+    if kind == OBSERVES_MORE and observing_more is None:
       observing_more = workdir
   return observing_more
