@@ -359,17 +359,27 @@ def same_overrides(a: dict | None, b: dict | None) -> bool:
   return strip(a) == strip(b)
 
 
+def _same_arm(experiment: str, arg: str, old: dict | None, new: dict | None) -> bool:
+  """Whether a stored row's overrides describe the arm `new` describes: spelled alike, or
+  resolving to one config."""
+  if same_overrides(old, new):
+    return True
+  from research import sweep  # pylint: disable=import-outside-toplevel  (sweep imports this module)
+  return sweep.overrides_resolve_alike(experiment, arg, old, new)
+
+
 def _unmeasured(row: dict) -> bool:
   """Whether a freshly computed row has nothing of its own: no seed finished or diverged, and
   none running."""
   return row["seeds_finished"] == 0 and not row["diverged"] and row["status"] != "running"
 
 
-def _carry_over(group: dict, previous: dict | None, date: str) -> None:
+def _carry_over(experiment: str, group: dict, previous: dict | None, date: str) -> None:
   """Keeps the numbers of arms whose runs are not in this runs directory.
 
-  A row with no finished seed (and none running) takes the row of the same arm, overrides and
-  argument from the previous results.json, marked with the date of the report that measured
+  A row with no finished seed (and none running) takes the row of the same arm and argument
+  from the previous results.json when its overrides are the same, or spelled differently but
+  resolving to the same config (_same_arm), marked with the date of the report that measured
   it, so that regenerating a report from a runs directory that holds only some groups or arms
   does not erase results measured earlier.
   """
@@ -381,7 +391,7 @@ def _carry_over(group: dict, previous: dict | None, date: str) -> None:
   for i, row in enumerate(group["arms"]):
     old = old_rows.get(row["arm"])
     if (_unmeasured(row) and old and (old.get("seeds_finished") or old.get("diverged"))
-        and same_overrides(old.get("overrides"), row["overrides"])):
+        and _same_arm(experiment, group["arg"], old.get("overrides"), row["overrides"])):
       group["arms"][i] = {**old, "date": old.get("date", previous.get("date")), "carried": True}
 
 
@@ -803,7 +813,7 @@ def report(experiment: str, runs_dir: str | Path, out_dir: str | Path,
     group = _group_results(manifest, arms)
     group["date"] = date
     _carry_reported(group, arms, sources)
-    _carry_over(group, previous.get(name), date)
+    _carry_over(experiment, group, previous.get(name), date)
     _judge(experiment, group)
     results[name] = group
     _plot_curves(experiment, group, out_dir / f"{name}_curves.png")

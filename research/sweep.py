@@ -405,6 +405,18 @@ def same_config(stored: dict, config, observing_more: bool = True) -> bool:
   return kind == EXACT or (observing_more and kind == OBSERVES_MORE)
 
 
+def overrides_resolve_alike(experiment: str, arg: str, a: dict | None, b: dict | None) -> bool:
+  """Whether two arms' overrides, however spelled, give `experiment:arg` one config (an arm
+  that now spells out a value its config already had is the arm it was). False when either
+  no longer builds (a key renamed since)."""
+  try:
+    ca, cb = (run_config.resolve(experiments.get_config(f"{experiment}:{arg}", o or {})).to_dict()
+              for o in (a, b))
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return same_config(ca, cb, observing_more=False)
+
+
 def _observes_more(stored: dict, config: dict, key: str) -> bool:
   """Whether `key` is an observation-only switch that the stored run has on and `config` off:
   such a run trained exactly the same steps (a test checks the losses are bit-identical) and

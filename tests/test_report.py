@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from research import experiments
 from research import report as rp
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -220,13 +221,21 @@ def test_report_keeps_results_whose_runs_are_gone(runs_dir, tmp_path):
   assert _table_row(md, "lr=3e-3 *")[header.index("seeds")] == "2/3"
   assert "arms marked * are carried over" in md and "## width" in md
 
+  def set_warmup(steps):
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    for entry in manifest["arms"]:
+      if entry["arm"] == "lr=3e-3":
+        entry["overrides"]["train.warmup_steps"] = steps
+    (sweep / "manifest.json").write_text(json.dumps(manifest))
+    return rp.report("baseline", runs_dir, out, groups=["lr"]).read_text()
+
+  # An arm that now spells out a value its config already had is the same arm: still carried.
+  default = experiments.get_config("baseline:scale=tiny").train.warmup_steps
+  assert default != 0
+  md = set_warmup(default)
+  assert _table_row(md, "lr=3e-3 *")[header.index("seeds")] == "2/3"
   # An arm whose overrides changed since is not carried: its old numbers are another config's.
-  manifest = json.loads((sweep / "manifest.json").read_text())
-  for entry in manifest["arms"]:
-    if entry["arm"] == "lr=3e-3":
-      entry["overrides"]["train.warmup_steps"] = 0
-  (sweep / "manifest.json").write_text(json.dumps(manifest))
-  md = rp.report("baseline", runs_dir, out, groups=["lr"]).read_text()
+  md = set_warmup(0)
   assert _table_row(md, "lr=3e-3")[header.index("valid loss")] == "not run"
 
 
