@@ -108,3 +108,25 @@ def test_sweep_stacks_an_arms_seeds_by_default(single, tmp_path):
   arm = tmp_path / "baseline" / "lr" / "lr=1e-3"
   for seed in range(2):  # lr 1e-3 is the smoke default: the same runs as `single`
     _assert_same_run(single / f"seed{seed}", arm / f"seed{seed}")
+
+
+def test_stacked_layer_grad_norms_are_observation_only(tmp_path):
+  """train.log_layer_grad_norms in a seed stack: each seed logs its own per-block grad norms
+  and the losses are those of the stack without them, bit for bit (the sweep treats a run that
+  logged them as the twin of one that did not)."""
+  extra = {"train.log_every": 2}
+  train_seeds([_trainer(tmp_path / f"off{s}", s, **extra) for s in range(2)])
+  log = []
+  train_seeds([_trainer(tmp_path / f"on{s}", s, log if s == 0 else None, **extra,
+                        **{"train.log_layer_grad_norms": True}) for s in range(2)])
+  assert not any("one after another" in l for l in log)  # trained as one stack
+  norms = []
+  for seed in range(2):
+    for split in ("train", "valid"):
+      assert _rows(tmp_path / f"on{seed}", split) == _rows(tmp_path / f"off{seed}", split)
+    rows = [json.loads(l) for l in (tmp_path / f"on{seed}" / "metrics.jsonl").read_text().splitlines()]
+    norms.append([r[k] for r in rows for k in sorted(r) if k.startswith("grad_norm/block_")])
+    assert norms[-1] and all(np.isfinite(norms[-1]))
+    off = (tmp_path / f"off{seed}" / "metrics.jsonl").read_text()
+    assert "grad_norm/block_" not in off
+  assert norms[0] != norms[1]  # each seed's own gradients, not one seed's copied
