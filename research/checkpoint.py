@@ -164,18 +164,28 @@ class Checkpointer:
       raise self._failed(e, self._pending) from e
 
 
-def restore_model_state(directory: str | Path, abstract: dict, step: int | None = None
-                        ) -> tuple[int, dict]:
+def read_only_manager(directory: str | Path) -> ocp.CheckpointManager:
+  """A read-only manager of the checkpoints under `directory` (the caller closes it): one for
+  many restores, where opening one per restore would list the directory each time."""
+  directory = Path(directory).absolute()
+  try:
+    return ocp.CheckpointManager(directory, item_names=("state", "data", "log"),
+                                 options=ocp.CheckpointManagerOptions(read_only=True))
+  except Exception as e:  # orbax raises many types; all mean "cannot read this directory"
+    raise CheckpointError(f"cannot read checkpoints in {directory} ({_reason(e)})") from e
+
+
+def restore_model_state(directory: str | Path, abstract: dict, step: int | None = None,
+                        manager: ocp.CheckpointManager | None = None) -> tuple[int, dict]:
   """(step, {"step", "params", "other"}) of checkpoint `step` (default: the newest) under
   `directory`, read-only. `abstract`: ShapeDtypeStructs (with shardings) of those three entries
   of the trainer's state, or a function of the step that gives them (a run whose shapes change:
-  a width expansion); its opt_state is not read."""
+  a width expansion); its opt_state is not read. `manager`: an open read_only_manager of
+  `directory` to read through (kept open), else one is opened and closed here."""
   directory = Path(directory).absolute()
-  try:
-    manager = ocp.CheckpointManager(directory, item_names=("state", "data", "log"),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-  except Exception as e:  # orbax raises many types; all mean "cannot read this directory"
-    raise CheckpointError(f"cannot read checkpoints in {directory} ({_reason(e)})") from e
+  own = manager is None
+  if own:
+    manager = read_only_manager(directory)
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -189,5 +199,6 @@ def restore_model_state(directory: str | Path, abstract: dict, step: int | None 
     except Exception as e:
       raise CheckpointError(f"cannot restore {directory} (step {step}): {_reason(e)}") from e
   finally:
-    manager.close()
+    if own:
+      manager.close()
   return int(step), state

@@ -31,38 +31,38 @@ def evaluate_seed(workdir: Path, points=POINTS, grid=GRID,
   # pylint: disable=import-outside-toplevel
   from research.eval import lm_eval
   from research.train import merge
-  run = merge.RunCheckpoints(workdir)
-  if data_dir:
-    run.config.data.data_dir = data_dir
-  batches = merge.validation_batches(run.config)
-  step_fn = lm_eval.make_eval_step(run.graphdef)
-  available = set(run.steps())
-  cache: dict[int, tuple] = {}
+  with merge.RunCheckpoints(workdir) as run:
+    if data_dir:
+      run.config.data.data_dir = data_dir
+    batches = merge.validation_batches(run.config)
+    step_fn = lm_eval.make_eval_step(run.graphdef)
+    available = set(run.steps())
+    cache: dict[int, tuple] = {}
 
-  def variables(step):
-    if step not in cache:
-      cache[step] = run.variables(step)
-    return cache[step]
+    def variables(step):
+      if step not in cache:
+        cache[step] = run.variables(step)
+      return cache[step]
 
-  rows = []
-  for s in points:
-    if s not in available:
-      continue
-    latest = lm_eval.evaluate(step_fn, *variables(s), batches)
-    for method, alpha, n, v in grid:
-      try:
-        steps = merge.window_steps(sorted(available), n, v, s)
-      except merge.MergeError:  # a window reaching past the run's first checkpoints
+    rows = []
+    for s in points:
+      if s not in available:
         continue
-      weights = merge.merge_weights(method, n, alpha or 0.2)
-      merged = merge.merge_trees([variables(st) for st in steps], weights)
-      rows.append({"s": s, "merge": label(method, alpha, n, v), "method": method,
-                   "alpha": alpha, "N": n, "V": v, "loss": lm_eval.evaluate(step_fn, *merged,
-                                                                            batches),
-                   "latest": latest})
-    for step in [st for st in cache if st <= s]:  # later points read later checkpoints
-      del cache[step]
-  return rows
+      latest = lm_eval.evaluate(step_fn, *variables(s), batches)
+      for method, alpha, n, v in grid:
+        try:
+          steps = merge.window_steps(sorted(available), n, v, s)
+        except merge.MergeError:  # a window reaching past the run's first checkpoints
+          continue
+        weights = merge.merge_weights(method, n, alpha or 0.2)
+        merged = merge.merge_trees([variables(st) for st in steps], weights)
+        rows.append({"s": s, "merge": label(method, alpha, n, v), "method": method,
+                     "alpha": alpha, "N": n, "V": v, "loss": lm_eval.evaluate(step_fn, *merged,
+                                                                              batches),
+                     "latest": latest})
+      for step in [st for st in cache if st <= s]:  # later points read later checkpoints
+        del cache[step]
+    return rows
 
 
 def main(argv=None) -> int:

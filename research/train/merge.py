@@ -90,11 +90,12 @@ def window_steps(available: list[int], last: int, every: int, step: int | None) 
 
 class RunCheckpoints:
   """A run's checkpoints, read one at a time (read-only, model variables only) against one
-  abstract model built from its config.json."""
+  abstract model built from its config.json, through one read-only checkpoint manager (a
+  context manager: closed on exit, or by close())."""
 
   def __init__(self, workdir: str | Path):
     # pylint: disable=import-outside-toplevel
-    from research.checkpoint import restore_model_state
+    from research.checkpoint import read_only_manager, restore_model_state
     from research.infer.load import saved_config
     from research.model import abstract_model, compute_dtype
     self.workdir = Path(workdir)
@@ -106,14 +107,25 @@ class RunCheckpoints:
     self._abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
     self._restore = restore_model_state
+    self._manager = read_only_manager(self.workdir / "checkpoints")
 
   def steps(self) -> list[int]:
     return checkpoint_steps(self.workdir)
 
   def variables(self, step: int) -> tuple:
     """(params, other) of checkpoint `step`."""
-    _, state = self._restore(self.workdir / "checkpoints", self._abstract, step)
+    _, state = self._restore(self.workdir / "checkpoints", self._abstract, step,
+                             manager=self._manager)
     return state["params"], state["other"]
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> "RunCheckpoints":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def merge_run(workdir: str | Path, *, method: str, last: int, every: int,
@@ -124,8 +136,8 @@ def merge_run(workdir: str | Path, *, method: str, last: int, every: int,
   workdir = Path(workdir)
   weights = merge_weights(method, last, alpha)
   steps = window_steps(checkpoint_steps(workdir), last, every, step)
-  run = RunCheckpoints(workdir)
-  params, other = merge_trees([run.variables(s) for s in steps], weights)
+  with RunCheckpoints(workdir) as run:
+    params, other = merge_trees([run.variables(s) for s in steps], weights)
   tag = f"{method}{'' if method != 'ema' else f'{alpha:g}'}_n{last}_v{every}_s{steps[-1]}"
   out = Path(out) if out is not None else workdir / "merged" / tag
   _check_output(out, workdir)
