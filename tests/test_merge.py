@@ -151,6 +151,9 @@ def test_model_merging_evaluates_merges_and_tabulates_them(tmp_path):
   table = analysis.merge_tables([{"trunk": "constant_3e-3", "seed": f"seed{k}", **r}
                                  for k in range(2) for r in rows], {12: [3.0, 3.1]})
   assert "| sma_n3_v2 |" in table and "annealed control" in table
+  sma = next(l for l in table.splitlines() if l.startswith("| sma_n3_v2 |"))
+  # the last column: the merge against the annealed control, seed by seed (mean 3.05)
+  assert sma.split("|")[-2].strip().startswith(f"{rows[0]['loss'] - 3.05:+.4f} (")
 
 
 def test_merge_output_never_overwrites_a_run(tmp_path):
