@@ -359,7 +359,7 @@ def same_overrides(a: dict | None, b: dict | None) -> bool:
   return strip(a) == strip(b)
 
 
-def _same_arm(experiment: str, arg: str, old: dict | None, new: dict | None) -> bool:
+def same_arm(experiment: str, arg: str, old: dict | None, new: dict | None) -> bool:
   """Whether a stored row's overrides describe the arm `new` describes: spelled alike, or
   resolving to one config."""
   if same_overrides(old, new):
@@ -379,7 +379,7 @@ def _carry_over(experiment: str, group: dict, previous: dict | None, date: str) 
 
   A row with no finished seed (and none running) takes the row of the same arm and argument
   from the previous results.json when its overrides are the same, or spelled differently but
-  resolving to the same config (_same_arm), marked with the date of the report that measured
+  resolving to the same config (same_arm), marked with the date of the report that measured
   it, so that regenerating a report from a runs directory that holds only some groups or arms
   does not erase results measured earlier.
   """
@@ -391,7 +391,7 @@ def _carry_over(experiment: str, group: dict, previous: dict | None, date: str) 
   for i, row in enumerate(group["arms"]):
     old = old_rows.get(row["arm"])
     if (_unmeasured(row) and old and (old.get("seeds_finished") or old.get("diverged"))
-        and _same_arm(experiment, group["arg"], old.get("overrides"), row["overrides"])):
+        and same_arm(experiment, group["arg"], old.get("overrides"), row["overrides"])):
       group["arms"][i] = {**old, "date": old.get("date", previous.get("date")), "carried": True}
 
 

@@ -310,16 +310,9 @@ class ReportedRows:
     for exp, stored, row, date in self._rows:
       if (exp == experiment and stored.get("group") == group and row.get("arm") == arm
           and stored.get("arg") == arg and _all_seeds(row, seeds)
-          and (report_lib.same_overrides(row.get("overrides"), overrides)
-               or self._same_resolved(experiment, arg, row.get("overrides") or {}, overrides))):
+          and report_lib.same_arm(experiment, arg, row.get("overrides"), overrides)):
         return date or ""
     return None
-
-  def _same_resolved(self, experiment: str, arg: str, stored: dict, overrides: dict) -> bool:
-    """Overrides written differently that resolve to one config (an arm that now spells out
-    a value its config already had) are the same arm."""
-    a, b = self._config_of(experiment, arg, stored), self._config_of(experiment, arg, overrides)
-    return a is not None and b is not None and same_config(a, b, observing_more=False)
 
   def _config_of(self, experiment: str, arg: str, overrides: dict) -> dict | None:
     key = (experiment, arg, json.dumps(overrides, sort_keys=True, default=str))
