@@ -359,13 +359,16 @@ def same_overrides(a: dict | None, b: dict | None) -> bool:
   return strip(a) == strip(b)
 
 
-def same_arm(experiment: str, arg: str, old: dict | None, new: dict | None) -> bool:
+def same_arm(experiment: str, arg: str, old: dict | None, new: dict | None,
+             config_of=None) -> bool:
   """Whether a stored row's overrides describe the arm `new` describes: spelled alike, or
-  resolving to one config."""
+  resolving to one config (`config_of`: how to resolve, sweep.resolved_config by default; a
+  caller that compares many rows passes its cache)."""
   if same_overrides(old, new):
     return True
   from research import sweep  # pylint: disable=import-outside-toplevel  (sweep imports this module)
-  return sweep.overrides_resolve_alike(experiment, arg, old, new)
+  return sweep.overrides_resolve_alike(experiment, arg, old, new,
+                                       config_of=config_of or sweep.resolved_config)
 
 
 def _unmeasured(row: dict) -> bool:

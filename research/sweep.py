@@ -310,18 +310,15 @@ class ReportedRows:
     for exp, stored, row, date in self._rows:
       if (exp == experiment and stored.get("group") == group and row.get("arm") == arm
           and stored.get("arg") == arg and _all_seeds(row, seeds)
-          and report_lib.same_arm(experiment, arg, row.get("overrides"), overrides)):
+          and report_lib.same_arm(experiment, arg, row.get("overrides"), overrides,
+                                  config_of=self._config_of)):
         return date or ""
     return None
 
-  def _config_of(self, experiment: str, arg: str, overrides: dict) -> dict | None:
-    key = (experiment, arg, json.dumps(overrides, sort_keys=True, default=str))
-    if key not in self._resolved:
-      try:
-        self._resolved[key] = run_config.resolve(
-            experiments.get_config(f"{experiment}:{arg}", overrides)).to_dict()
-      except Exception:  # an experiment or a key renamed since: not a twin of anything
-        self._resolved[key] = None
+  def _config_of(self, experiment: str, arg: str, overrides: dict | None) -> dict | None:
+    key = (experiment, arg, json.dumps(overrides or {}, sort_keys=True, default=str))
+    if key not in self._resolved:  # None: not a twin of anything
+      self._resolved[key] = resolved_config(experiment, arg, overrides)
     return self._resolved[key]
 
   def _signature_of(self, experiment: str, arg: str, overrides: dict) -> tuple | None:
@@ -398,16 +395,23 @@ def same_config(stored: dict, config, observing_more: bool = True) -> bool:
   return kind == EXACT or (observing_more and kind == OBSERVES_MORE)
 
 
-def overrides_resolve_alike(experiment: str, arg: str, a: dict | None, b: dict | None) -> bool:
+def resolved_config(experiment: str, arg: str, overrides: dict | None) -> dict | None:
+  """`experiment:arg`'s resolved config under `overrides`, as a dict; None when it no longer
+  builds (an experiment or a key renamed since)."""
+  try:
+    return run_config.resolve(
+        experiments.get_config(f"{experiment}:{arg}", overrides or {})).to_dict()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def overrides_resolve_alike(experiment: str, arg: str, a: dict | None, b: dict | None,
+                            config_of=resolved_config) -> bool:
   """Whether two arms' overrides, however spelled, give `experiment:arg` one config (an arm
   that now spells out a value its config already had is the arm it was). False when either
-  no longer builds (a key renamed since)."""
-  try:
-    ca, cb = (run_config.resolve(experiments.get_config(f"{experiment}:{arg}", o or {})).to_dict()
-              for o in (a, b))
-  except Exception:  # pylint: disable=broad-except
-    return False
-  return same_config(ca, cb, observing_more=False)
+  no longer builds. `config_of`: resolved_config or a caching twin of it (ReportedRows')."""
+  ca, cb = config_of(experiment, arg, a), config_of(experiment, arg, b)
+  return ca is not None and cb is not None and same_config(ca, cb, observing_more=False)
 
 
 def _observes_more(stored: dict, config: dict, key: str) -> bool:
