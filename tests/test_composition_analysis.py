@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
 from research import experiments
 from research import report
+from research import run_config
+from research.errors import ConfigError
+from research.model import create_model
 
 analysis = experiments._load_module(  # pylint: disable=protected-access
     "composition", "analysis.py")
@@ -139,4 +144,26 @@ def test_missing_arms_print_not_measured():
   empty = analysis.analyze("composition", None, [], None)
   assert "No `compose` group" in empty and "Traceback" not in empty
   rows = [l for l in empty.splitlines() if l.startswith("| ") and "not measured" in l]
-  assert len(rows) == 8 + 2 + 2  # table 1 (6 arms vs pre, 2 vs pre_untied), 2 pairs, 2 costs
+  assert len(rows) == 12 + 4 + 4  # table 1 (9 arms vs pre, 3 vs pre_untied), 4 pairs, 4 costs
+
+
+def test_every_compose_arm_builds_and_runs_at_smoke_scale():
+  """Every combination the sweep trains builds at smoke scale and gives finite, causal logits
+  (the pairs with PHD run the repeated layout through hyper-connections and virtual width)."""
+  sweep = experiments.get_sweep("composition")
+  for arm in sweep.groups["compose"]:
+    cfg = run_config.resolve(experiments.get_config("composition:scale=smoke", arm.overrides))
+    cfg.model.vocab_size = cfg.model.vocab_size or 65
+    model = create_model(cfg.model)
+    x = jnp.arange(2 * 16).reshape(2, 16) % cfg.model.vocab_size
+    y = x.at[:, 9:].set((x[:, 9:] + 3) % cfg.model.vocab_size)
+    a, b = np.asarray(model(x)), np.asarray(model(y))
+    assert a.shape == (2, 16, cfg.model.vocab_size) and np.all(np.isfinite(a)), arm.name
+    np.testing.assert_array_equal(a[:, :9], b[:, :9], err_msg=arm.name)
+
+
+def test_exclusive_parts_are_errors():
+  config = experiments.load_config_module("composition")
+  for variant in ("hc4_vwn4", "moda_phd", "hc4_hc4"):
+    with pytest.raises(ConfigError, match=variant):
+      config.variant_overrides(variant)

@@ -2,15 +2,15 @@
 
 Three tables, from the `compose` group of the report (results.json rows; lower loss is better):
 
-1. Each arm against `pre` (and `vwn4`, `vwn4_moda` also against `pre_untied`, which separates
+1. Each arm against `pre` (and the vwn4 arms also against `pre_untied`, which separates
    the untied head that VWN needs): Δ valid loss = mean(arm) - mean(pre) with its 95% interval
    (research/verdict.py `interval`: on the paired per-seed differences when both arms finished
    every seed, seed i of each being the same data order and init, else Welch's), and the
    differences in parameters, forward FLOPs per token and measured seconds per step (means over
    seeds; the sweeps share a CPU, so step time is a rough guide).
 
-2. Additivity of each pair (hc4_moda = hc4 + moda, vwn4_moda = vwn4 + moda), with Δ_x the arm's
-   Δ against `pre`:
+2. Additivity of each pair (hc4_moda = hc4 + moda, vwn4_moda = vwn4 + moda, and the same two
+   with phd), with Δ_x the arm's Δ against `pre`:
 
      I = Δ_pair - (Δ_a + Δ_b) = mean(pair) - mean(a) - mean(b) + mean(pre)
 
@@ -54,9 +54,11 @@ from research.scoreboard import count_cell, delta_cell, signed
 GROUP = "compose"
 BASELINE = "pre"
 UNTIED = "pre_untied"
-ARMS = ("pre_untied", "hc4", "moda", "vwn4", "hc4_moda", "vwn4_moda")
-ALSO_VS_UNTIED = ("vwn4", "vwn4_moda")
-PAIRS = (("hc4_moda", "hc4", "moda"), ("vwn4_moda", "vwn4", "moda"))
+ARMS = ("pre_untied", "hc4", "moda", "vwn4", "phd", "hc4_moda", "vwn4_moda", "hc4_phd",
+        "vwn4_phd")
+ALSO_VS_UNTIED = ("vwn4", "vwn4_moda", "vwn4_phd")
+PAIRS = (("hc4_moda", "hc4", "moda"), ("vwn4_moda", "vwn4", "moda"), ("hc4_phd", "hc4", "phd"),
+         ("vwn4_phd", "vwn4", "phd"))
 LEVEL = 0.95
 WIDE = 0.5  # "additive" needs I's interval within +-WIDE x |Δ_a + Δ_b|
 NOT_MEASURED = "not measured"

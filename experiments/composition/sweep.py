@@ -11,8 +11,10 @@ sum of its parts' (README: how it is read); `research report` gives each arm's Î
 from research.experiments import Arm, Sweep, load_config_module
 from research.scales import COMMON_ARG
 
-# alone, then in pairs (HC and VWN share the residual composition point: no pair, no triple)
-ARMS = ("pre", "pre_untied", "hc4", "moda", "vwn4", "hc4_moda", "vwn4_moda")
+# alone, then in pairs (HC and VWN share the residual composition point, PHD needs dense
+# attention: no hc4 + vwn4, no moda + phd, so no triple)
+ARMS = ("pre", "pre_untied", "hc4", "moda", "vwn4", "phd", "hc4_moda", "vwn4_moda", "hc4_phd",
+        "vwn4_phd")
 
 
 def get_sweep() -> Sweep:
