@@ -777,9 +777,10 @@ def _not_at_common(rows: list[Row]) -> list[str]:
                     "method needs: research/scoreboard.py `common_group`)" if t.differs else ""))
   total = sum(r.todo.runs for r in todo)
   distinct = _distinct([(c, r.todo.seeds) for r in todo for c in r.todo.configs])
-  lines += ["", f"In all {total} runs, {distinct} when a config that several rows share (the "
-            "recurrent mixers' Transformer) trains once: run in one runs directory, a sweep "
-            "reuses a finished run of the same config.", ""]
+  shared = (f", {distinct} when a config that several rows share trains once (run in one runs "
+            "directory, a sweep reuses a finished run of the same config)" if distinct < total
+            else "")
+  lines += ["", f"In all {total} runs{shared}.", ""]
   return lines
 
 
