@@ -48,17 +48,18 @@ from __future__ import annotations
 
 import math
 
-from research import verdict
+from research import experiments, verdict
 from research.scoreboard import count_cell, delta_cell, signed
 
 GROUP = "compose"
 BASELINE = "pre"
 UNTIED = "pre_untied"
-ARMS = ("pre_untied", "hc4", "moda", "vwn4", "phd", "hc4_moda", "vwn4_moda", "hc4_phd",
-        "vwn4_phd")
-ALSO_VS_UNTIED = ("vwn4", "vwn4_moda", "vwn4_phd")
-PAIRS = (("hc4_moda", "hc4", "moda"), ("vwn4_moda", "vwn4", "moda"), ("hc4_phd", "hc4", "phd"),
-         ("vwn4_phd", "vwn4", "phd"))
+# the sweep's arms (experiments/composition/sweep.py), read from it: every arm but the
+# baseline; the arms with VWN also against the untied baseline; each pair with its two parts
+_SWEPT = tuple(a.name for a in experiments.get_sweep("composition", common=False).groups[GROUP])
+ARMS = tuple(n for n in _SWEPT if n != BASELINE)
+ALSO_VS_UNTIED = tuple(n for n in ARMS if "vwn4" in n.split("_"))
+PAIRS = tuple((n, *n.split("_")) for n in ARMS if "_" in n and not n.startswith("pre"))
 LEVEL = 0.95
 WIDE = 0.5  # "additive" needs I's interval within +-WIDE x |Δ_a + Δ_b|
 NOT_MEASURED = "not measured"

@@ -32,8 +32,8 @@ from research.errors import ConfigError
 from research.experiments import get_sweep, load_config_module
 from research.scales import SCALES, apply_common_setting, scaled_config_with_args  # noqa: F401
 
-CLAIM = ("the scoreboard's resolved gains (hyper-connections, MoDA, virtual width) keep their "
-         "gains when combined at the common setting (issue 31's question; not yet run)")
+CLAIM = ("the scoreboard's resolved gains (hyper-connections, MoDA, virtual width, PHD) keep "
+         "their gains when combined at the common setting (issue 31's question)")
 DEFAULT_VARIANT = "hc4_moda"
 RESIDUAL_PARTS = ("hc4", "vwn4")  # options of model.residual.kind: at most one per variant
 # every point a part changes, at the common baseline's choice: each variant states them all, so
@@ -42,7 +42,6 @@ NONE = {"model.residual.kind": "plain", "model.embed.kind": "plain",
         "model.attention.kind": "dense", "model.head.kind": "plain",
         "model.head.tie_embeddings": True, "model.phd.kind": "none"}
 EXCLUSIVE = (("hc4", "vwn4"), ("moda", "phd"))  # pairs of parts that cannot be combined
-PHD_ARM = ("main", "cswa_k2_w16_c32")  # phd_transformer's headline arm: (group, arm)
 
 
 def part_overrides(part: str) -> dict:
@@ -54,10 +53,10 @@ def part_overrides(part: str) -> dict:
     return {**vwn, "model.head.tie_embeddings": False}  # the D'-wide table has no tied head
   if part == "moda":
     return {"model.attention.kind": "moda"}
-  if part == "phd":
-    group, name = PHD_ARM
-    arms = get_sweep("phd_transformer", common=False).groups[group]
-    return dict(next(a for a in arms if a.name == name).overrides)
+  if part == "phd":  # phd_transformer's headline arm (PHD-CSWA-2-16-32)
+    sweep = get_sweep("phd_transformer", common=False)
+    headline = sweep.headline[0]
+    return dict(next(a for a in sweep.groups[headline.group] if a.name == headline.arm).overrides)
   if part == "untied":
     return {"model.head.tie_embeddings": False}
   raise ConfigError(f"composition: unknown part '{part}' (expected hc4, moda, vwn4, phd or "
