@@ -55,11 +55,14 @@ GROUP = "compose"
 BASELINE = "pre"
 UNTIED = "pre_untied"
 # the sweep's arms (experiments/composition/sweep.py), read from it: every arm but the
-# baseline; the arms with VWN also against the untied baseline; each pair with its two parts
-_SWEPT = tuple(a.name for a in experiments.get_sweep("composition", common=False).groups[GROUP])
-ARMS = tuple(n for n in _SWEPT if n != BASELINE)
-ALSO_VS_UNTIED = tuple(n for n in ARMS if "vwn4" in n.split("_"))
-PAIRS = tuple((n, *n.split("_")) for n in ARMS if "_" in n and not n.startswith("pre"))
+# baseline; of the arms with a claim (the baselines have none), those with VWN also against
+# the untied baseline, and each pair with its two parts (the config's parse of the name)
+_COMPOSE = experiments.get_sweep("composition", common=False).groups[GROUP]
+_PARTS = {a.name: experiments.load_config_module("composition").variant_parts(a.name)
+          for a in _COMPOSE if a.claim is not None}
+ARMS = tuple(a.name for a in _COMPOSE if a.name != BASELINE)
+ALSO_VS_UNTIED = tuple(n for n, parts in _PARTS.items() if "vwn4" in parts)
+PAIRS = tuple((n, *parts) for n, parts in _PARTS.items() if len(parts) == 2)
 LEVEL = 0.95
 WIDE = 0.5  # "additive" needs I's interval within +-WIDE x |Δ_a + Δ_b|
 NOT_MEASURED = "not measured"

@@ -63,10 +63,15 @@ def part_overrides(part: str) -> dict:
                     "untied, joined by _, or pre)")
 
 
+def variant_parts(variant: str) -> list[str]:
+  """The parts a variant's name joins with _ (`pre`: none)."""
+  return [] if variant == "pre" else variant.split("_")
+
+
 def variant_overrides(variant: str) -> dict:
   """Config overrides of a variant: the baseline's choices (NONE) with its parts' overrides
   merged over them (`pre`: no part)."""
-  parts = [] if variant == "pre" else variant.split("_")
+  parts = variant_parts(variant)
   if len(parts) != len(set(parts)):
     raise ConfigError(f"composition: variant '{variant}' names a part twice")
   for a, b in EXCLUSIVE:
