@@ -1,9 +1,10 @@
 """The hand-written backward passes and fused projections equal the plain formulations.
 
 Each fast path in research/model is compared, in values and gradients, with the textbook
-formula written here with autodiff, on small fp32 shapes: RMSNorm, SwiGLU, RoPE (arange and
-arbitrary positions), the shared-input projections (q/k/v incl. GQA, gate/up), and a whole
-dense-attention layer with GQA and non-arange positions.
+formula written here with autodiff, on small fp32 shapes: RMSNorm, SwiGLU, RoPE (arange,
+arbitrary and trace-time numpy positions, whose sin/cos tables are constants), the shared-input
+projections (q/k/v incl. GQA, gate/up), and a whole dense-attention layer with GQA and
+non-arange or numpy positions.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from research.model import attention as attention_lib
 from research.model import ffn as ffn_lib
 from research.model import linear as linear_lib
 from research.model import norms as norms_lib
-from research.model.context import ForwardContext
+from research.model.context import ForwardContext, positions_for
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -71,16 +72,20 @@ def _plain_rope(x, positions, theta):
                           x2 * jnp.cos(angles) + x1 * jnp.sin(angles)], axis=-1)
 
 
-@pytest.mark.parametrize("arange", [True, False])
+@pytest.mark.parametrize("arange", [True, False, "numpy", "numpy_rows"])
 def test_rope_matches_plain(arange):
   b, t, h, d = 2, 6, 3, 8
-  if arange:
+  if arange is True:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  elif arange == "numpy":  # known when traced (positions_for): the tables are constants
+    positions = positions_for(np.zeros((b, t), np.int32))
+  elif arange == "numpy_rows":  # numpy, rows differing: tables per row
+    positions = np.array([[5, 6, 7, 8, 9, 10], [0, 3, 1, 40, 2, 17]], np.int32)
   else:  # a decode-like batch: arbitrary, per-row offsets
     positions = jnp.array([[5, 6, 7, 8, 9, 10], [0, 3, 1, 40, 2, 17]], jnp.int32)
   x = _rand((b, t, h, d), 4)
   _close(_value_and_grads(lambda x: attention_lib.rope(x, positions, 100.0), x),
-         _value_and_grads(lambda x: _plain_rope(x, positions, 100.0), x))
+         _value_and_grads(lambda x: _plain_rope(x, jnp.asarray(positions), 100.0), x))
 
 
 def _model_cfg(**overrides):
@@ -110,13 +115,17 @@ def _plain_attention_layer(layer, x, positions):
   return out @ layer.o.kernel[...]
 
 
-@pytest.mark.parametrize("num_kv_heads,arange", [(4, True), (2, False), (1, True)])
+@pytest.mark.parametrize("num_kv_heads,arange", [(4, True), (2, False), (1, True), (2, "numpy")])
 def test_dense_attention_layer_matches_plain(num_kv_heads, arange):
   cfg = _model_cfg(num_kv_heads=num_kv_heads)
   layer = attention_lib.DenseAttention(cfg, layer=0, dtype=jnp.float32, rngs=nnx.Rngs(0))
   b, t = 2, 7
-  positions = (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if arange else
-               jnp.array([[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 10, 11, 12, 13]], jnp.int32))
+  if arange == "numpy":  # training's positions_for: RoPE tables and mask from numpy
+    positions = positions_for(np.zeros((b, t), np.int32))
+  elif arange:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  else:
+    positions = jnp.array([[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 10, 11, 12, 13]], jnp.int32)
   x = _rand((b, t, 32), 6)
   graphdef, params = nnx.split(layer)
 
@@ -124,7 +133,7 @@ def test_dense_attention_layer_matches_plain(num_kv_heads, arange):
     return nnx.merge(graphdef, params)(x, ForwardContext(positions=positions))
 
   def plain(x, params):
-    return _plain_attention_layer(nnx.merge(graphdef, params), x, positions)
+    return _plain_attention_layer(nnx.merge(graphdef, params), x, jnp.asarray(positions))
 
   _close(_value_and_grads(fast, x, params), _value_and_grads(plain, x, params))
 

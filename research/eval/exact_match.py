@@ -22,9 +22,8 @@ import numpy as np
 from flax import nnx
 
 from research.data.synthetic import VALID_STREAM, Task
-from research.eval.lm_eval import positions_for
 from research import sharding
-from research.model.context import ForwardContext
+from research.model.context import ForwardContext, positions_for
 
 
 def count_correct(logits: jax.Array, inputs: jax.Array, targets: jax.Array,

@@ -12,9 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.eval.lm_eval import positions_for
 from research import sharding
-from research.model.context import ForwardContext
+from research.model.context import ForwardContext, positions_for
 
 
 def layer_cosine(model, tokens: jax.Array) -> list[float]:

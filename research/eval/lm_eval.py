@@ -11,16 +11,12 @@ import optax
 from flax import nnx
 
 from research import sharding
-from research.model.context import ForwardContext
+from research.model.context import ForwardContext, positions_for
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Per-token negative log-likelihood in nats: [batch, seq, vocab], [batch, seq] -> [batch, seq]."""
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-
-
-def positions_for(tokens: jax.Array) -> jax.Array:
-  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
 def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from research.errors import ConfigError
@@ -92,9 +93,15 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   rotated by the angle position * theta^(-2i/head_dim).
   """
   half = x.shape[-1] // 2
-  freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[:, :, None, None] * freqs[None, None, None, :]  # [b, s, 1, half]
-  return _rotate(x.astype(jnp.float32), jnp.sin(angles), jnp.cos(angles)).astype(x.dtype)
+  # numpy positions (known when traced: a forward over whole windows) give sin/cos tables as
+  # constants, computed here in fp32 like the traced path; XLA would otherwise recompute them
+  # per element inside each rotation's fusion
+  xp = np if isinstance(positions, np.ndarray) else jnp
+  if xp is np and positions.strides[0] == 0:  # every row the same (positions_for): one row
+    positions = positions[:1]
+  freqs = theta ** (-xp.arange(half, dtype=np.float32) * 2.0 / x.shape[-1])
+  angles = positions.astype(np.float32)[:, :, None, None] * freqs[None, None, None, :]  # [b, s, 1, half]
+  return _rotate(x.astype(jnp.float32), xp.sin(angles), xp.cos(angles)).astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -122,6 +129,14 @@ def _rotate_bwd(res, dy):
 _rotate.defvjp(_rotate_fwd, _rotate_bwd)
 
 
+def causal_mask(q_positions, k_positions) -> jax.Array:
+  """[b, 1, 1, t, s]: key position <= query position. Numpy positions (positions_for) are
+  taken as traced arrays, so the mask is computed inside the scores' fusion rather than stored
+  in the program as a [b, t, s] constant."""
+  q_positions, k_positions = jnp.asarray(q_positions), jnp.asarray(k_positions)
+  return k_positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
+
+
 def xla_attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool = True,
                   mask=None):
   """softmax(q k^T / sqrt(d) + mask) v with GQA folding.
@@ -138,7 +153,7 @@ def xla_attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bo
   if mask is not None:
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   elif causal:
-    mask = k_positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
+    mask = causal_mask(q_positions, k_positions)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   if k_valid is not None:
     scores = jnp.where(k_valid[:, None, None, None, :], scores, jnp.finfo(jnp.float32).min)

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +45,18 @@ def _name(slot: Slot) -> str:
   return slot.name
 
 
+def positions_for(tokens) -> np.ndarray:
+  """[batch, seq] positions 0..seq-1 of a forward over whole windows (training, evaluation,
+  a prompt without a cache), as a numpy array: known when the forward is traced, so RoPE's
+  sin/cos tables and the causal mask enter the program as constants instead of being
+  recomputed inside its fusions."""
+  return np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+
+
 @dataclasses.dataclass
 class ForwardContext:
-  positions: jax.Array  # [batch, seq] int32, absolute position of each token
+  # [batch, seq] int32, absolute position of each token (numpy when known at trace time)
+  positions: jax.Array | np.ndarray
   deterministic: bool = True  # False enables dropout
   dropout_key: jax.Array | None = None
   # Training only: the fraction of the run's steps done (a scalar; schedules inside the model,

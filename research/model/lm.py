@@ -32,7 +32,7 @@ from research.model import norms as norms_lib
 from research.model import phd as phd_lib
 from research.model import residual as residual_lib
 from research.model.block import Block
-from research.model.context import ForwardContext
+from research.model.context import ForwardContext, positions_for
 from research.sharding import constrain
 
 
@@ -72,8 +72,7 @@ class DecoderLM(nnx.Module):
     indices only -> [batch, k, vocab].
     """
     if ctx is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-      ctx = ForwardContext(positions=positions)
+      ctx = ForwardContext(positions=positions_for(tokens))
     h, stream, layout = self._run_blocks(tokens, ctx, logits_at=logits_at)
     if layout is not None:  # PHD §3: the final copy of each token predicts the next one
       h, stream = layout.outputs(h), layout.outputs(stream)
@@ -124,8 +123,7 @@ class DecoderLM(nnx.Module):
     output (streams collapsed), for diagnostics such as adjacent-layer similarity. Under
     model.phd the sequence axis holds every copy, [originals ; hidden copies]."""
     if ctx is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-      ctx = ForwardContext(positions=positions)
+      ctx = ForwardContext(positions=positions_for(tokens))
     hidden = []
     self._run_blocks(tokens, ctx, hidden)
     return hidden

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.errors import ConfigError
-from research.model.attention import SEQUENCE_MIXERS, DenseAttention, rope
+from research.model.attention import SEQUENCE_MIXERS, DenseAttention, causal_mask, rope
 from research.model.context import Slot
 from research.model.linear import make_linear
 from research.model.norms import RMSNorm
@@ -129,7 +129,7 @@ def moda_xla(q, k, v, depth_k, depth_v, *, q_positions, k_positions, k_valid=Non
   scale = 1.0 / math.sqrt(d)
   qg = q.reshape(b, t, kv, g, d)
   seq = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * scale
-  mask = k_positions[:, None, None, None, :] <= q_positions[:, None, None, :, None]
+  mask = causal_mask(q_positions, k_positions)
   if k_valid is not None:
     mask = mask & k_valid[:, None, None, None, :]
   seq = jnp.where(mask, seq, jnp.finfo(jnp.float32).min)

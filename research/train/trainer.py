@@ -42,6 +42,7 @@ from research import eval as eval_lib  # the evaluators' loader: each is importe
 from research import run_config
 from research import sharding
 from research.eval import lm_eval
+from research.model.context import positions_for
 from research.model import ForwardContext, create_model, compute_dtype, model_summary
 from research.model import abstract_model, lr_multipliers, param_shardings
 from research.model import overhead as overhead_lib
@@ -102,7 +103,7 @@ def make_train_step(graphdef, tx, schedule, cfg, stats=None):
 
   def loss_fn(params, other, inputs, targets, key, progress=None):
     model = nnx.merge(graphdef, params, other)
-    ctx = ForwardContext(positions=lm_eval.positions_for(inputs), deterministic=deterministic,
+    ctx = ForwardContext(positions=positions_for(inputs), deterministic=deterministic,
                          dropout_key=key, progress=progress)
     logits = model(inputs, ctx)
     loss = lm_eval.cross_entropy(logits, targets).mean()
