@@ -120,7 +120,7 @@ def test_dense_attention_layer_matches_plain(num_kv_heads, arange):
   cfg = _model_cfg(num_kv_heads=num_kv_heads)
   layer = attention_lib.DenseAttention(cfg, layer=0, dtype=jnp.float32, rngs=nnx.Rngs(0))
   b, t = 2, 7
-  if arange == "numpy":  # training's positions_for: RoPE tables and mask from numpy
+  if arange == "numpy":  # training's positions_for: constant RoPE tables, traced mask
     positions = positions_for(np.zeros((b, t), np.int32))
   elif arange:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -48,8 +48,8 @@ def _name(slot: Slot) -> str:
 def positions_for(tokens) -> np.ndarray:
   """[batch, seq] positions 0..seq-1 of a forward over whole windows (training, evaluation,
   a prompt without a cache), as a numpy array: known when the forward is traced, so RoPE's
-  sin/cos tables and the causal mask enter the program as constants instead of being
-  recomputed inside its fusions."""
+  sin/cos tables enter the program as constants instead of being recomputed inside its
+  fusions (the causal mask is still computed from them as traced values: attention.causal_mask)."""
   return np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
 
 
