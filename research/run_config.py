@@ -35,12 +35,19 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   eval_lib.load(c.eval.evaluators)  # an unknown evaluator fails here, before anything trains
   options.resolve_model(c.model)
   config_lib.check_expand(c)  # against the derived widths
-  d = options.select(c.to_dict())
-  if d["train"].get("optimizer") != "lowbit_adamw":  # the low-bit states' settings only when used
-    d["train"].pop("lowbit", None)
-  if not d["train"].get("expand", {}).get("step"):  # the width expansion's only when it runs
-    d["train"].pop("expand", None)
-  return ml_collections.ConfigDict(d)
+  return ml_collections.ConfigDict(read_settings(c.to_dict()))
+
+
+def read_settings(config: dict) -> dict:
+  """A copy of `config` (a config's dict, resolved or as a run stored it) holding only the
+  settings its run reads: the settings of options it does not select are dropped."""
+  d = options.select(config)
+  train = d.get("train", {})
+  if train.get("optimizer") != "lowbit_adamw":  # the low-bit states' settings only when used
+    train.pop("lowbit", None)
+  if not train.get("expand", {}).get("step"):  # the width expansion's only when it runs
+    train.pop("expand", None)
+  return d
 
 
 def expand(saved: dict) -> ml_collections.ConfigDict:

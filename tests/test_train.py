@@ -281,3 +281,37 @@ def test_a_run_from_before_a_new_option_still_resumes():
   changed["model"]["attention"]["moda"]["ffn_kv"] = False
   changed["train"]["lr"] = 5.0
   assert config_differences(old, changed) == ["model.attention.moda.ffn_kv", "train.lr"]
+
+
+def test_a_run_with_an_option_on_differs_from_the_config_with_it_off():
+  """A resolved config drops the section of an option that is off (train.expand without a
+  step): an expanding run on disk is not the config that does not expand, in either
+  direction, for a sweep's twin search and for resuming its work directory."""
+  from research import experiments, sweep
+  from research.train import workdir as workdir_lib
+  expanding = run_config.resolve(experiments.get_config("sparkling:scale=tiny")).to_dict()
+  plain = run_config.resolve(
+      experiments.get_config("sparkling:scale=tiny", {"train.expand.step": 0})).to_dict()
+  assert "expand" not in plain["train"] and expanding["train"]["expand"]["step"] > 0
+  assert "train.expand.step" in workdir_lib.config_differences(expanding, plain)
+  assert "train.expand.step" in workdir_lib.config_differences(plain, expanding)
+  assert not sweep.same_config(expanding, plain) and not sweep.same_config(plain, expanding)
+  assert sweep.same_config(expanding, expanding) and sweep.same_config(plain, plain)
+  # a stored run that had the option off but held its settings (runs before configs dropped
+  # them) is still the twin of the config without it
+  stored = run_config.expand(plain).to_dict()
+  stored["train"]["expand"]["d_ff"] = 4096
+  assert workdir_lib.config_differences(stored, plain) == []
+
+
+def test_a_workdir_of_an_expanding_run_refuses_the_config_that_does_not_expand(tmp_path):
+  from research import experiments
+  from research.errors import RunError
+  from research.train import workdir as workdir_lib
+  expanding = run_config.resolve(experiments.get_config("sparkling:scale=tiny")).to_dict()
+  plain = run_config.resolve(
+      experiments.get_config("sparkling:scale=tiny", {"train.expand.step": 0})).to_dict()
+  (tmp_path / "config.json").write_text(json.dumps({"config": expanding}))
+  step = expanding["train"]["expand"]["step"]
+  with pytest.raises(RunError, match=rf"train.expand.step {step} -> \(absent\)"):
+    workdir_lib.plan(tmp_path, plain)

@@ -53,10 +53,17 @@ _MISSING = object()
 def config_differences(old: dict, new: dict) -> list[str]:
   """Dotted keys whose value in the config of a run on disk (`old`) differs from `new`.
 
-  A key the old run does not have (an option added to the code since it started) is no
-  difference when `new` holds the key's default value: the default reproduces the old code's
-  behaviour, so such a run still resumes. The IGNORED keys are never differences, nor is a
-  `model.vocab_size` of 0 in `new` (the tokenizer's, filled in when the run starts).
+  A resolved config holds only the settings its run reads (run_config.read_settings: an
+  option that is off, such as `train.expand` without an expansion step, has no section), so
+  the comparison runs both ways:
+  - a key the old run does not have (an option added to the code since it started, or one it
+    had off) is no difference when `new` holds the key's default value: the default reproduces
+    the old code's behaviour, so such a run still resumes;
+  - a key the old run read and `new` lacks is no difference when its stored value is the
+    default; otherwise it is one (an expanding run against a config that does not expand).
+    Settings the old run stored but never read (of options it did not select) are not compared.
+  The IGNORED keys are never differences, nor is a `model.vocab_size` of 0 in `new` (the
+  tokenizer's, filled in when the run starts).
   """
   defaults = run_config.default_config().to_dict()
   diffs = []
@@ -65,11 +72,16 @@ def config_differences(old: dict, new: dict) -> list[str]:
       continue
     was, now = config_lib.get_dotted(old, k, _MISSING), config_lib.get_dotted(new, k)
     if was is _MISSING:
-      if now != config_lib.get_dotted(defaults, k):
+      if now != config_lib.get_dotted(defaults, k, _MISSING):
         diffs.append(k)
     elif was != now:
       diffs.append(k)
-  return diffs
+  for k in config_lib.flat_keys(run_config.read_settings(old)):
+    if k in IGNORED or config_lib.get_dotted(new, k, _MISSING) is not _MISSING:
+      continue
+    if config_lib.get_dotted(old, k) != config_lib.get_dotted(defaults, k, _MISSING):
+      diffs.append(k)
+  return sorted(diffs)
 
 
 def _value(d: dict, key: str):
