@@ -324,7 +324,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     i_full = jnp.minimum(lax.div((j + 1) * bk - 1 + plan.tq - 1, plan.tq), plan.nq)
   else:
     i_lo = 0
-    i_full = jnp.where((j + 1) * bk > plan.t, plan.nq, 0)         # a block with padded keys
+    # nq for a block holding padded keys (>= t), else 0; integer arithmetic only: the loop
+    # index takes the bound's type, and a boolean there fails Triton's lowering ('i1', 'i32')
+    i_full = plan.nq * jnp.minimum(lax.div((j + 1) * bk - 1, plan.t), 1)
   carry = (jnp.zeros((bk, plan.dp), jnp.float32), jnp.zeros((bk, plan.dp), jnp.float32))
   carry = lax.fori_loop(i_lo, i_full, functools.partial(q_tile, masked=True), carry)
   carry = lax.fori_loop(i_full, plan.nq, functools.partial(q_tile, masked=False), carry)
