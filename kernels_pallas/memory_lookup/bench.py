@@ -8,8 +8,9 @@ Bytes actually moved (s_v = bytes per value element, s_w per weight, 4 per int32
 GB/s = bytes / time; "% peak" divides by the device's HBM bandwidth from PEAK_BYTES_PER_S
 (unknown on CPU). Each impl's backward is timed on its own (the VJP function with saved
 residuals), not together with the forward. Timing: compile + 2 warm-ups, then the median of
-`repeats` runs, each ended by block_until_ready. With --quick on CPU the kernels run in
-interpret mode: those numbers show only that the path runs, not speed.
+`repeats` runs, each ended by block_until_ready. A row that cannot run here (out of memory, a
+kernel that fails to compile) says why, and the bench goes on. With --quick on CPU the kernels
+run in interpret mode: those numbers show only that the path runs, not speed.
 """
 
 from __future__ import annotations
@@ -97,25 +98,34 @@ def run(*, quick=False, impls=None, repeats=10, dtype=jnp.bfloat16):
       fwd, bwd, interp = _fns(impl)
       for direction, fn, args, nbytes in (("fwd", fwd, (v, idx, w), fwd_b),
                                           ("bwd", bwd, (v, idx, w, g), bwd_b)):
-        sec = _time(fn, args, repeats)
+        row = dict(shape=f"N={n} D={d} T={t} k={k} {jnp.dtype(dtype).name}",
+                   impl=impl + (" (interpret)" if interp else ""), direction=direction)
+        rows.append(row)
+        try:
+          sec = _time(fn, args, repeats)
+        except Exception as e:  # pylint: disable=broad-except  (OOM, a lowering that fails)
+          text = str(e).strip().splitlines()
+          row["note"] = f"unavailable: {type(e).__name__}: {(text[0] if text else '')[:90]}"
+          continue
         if impl == "xla":
           base[direction] = sec
-        rows.append(dict(shape=f"N={n} D={d} T={t} k={k} {jnp.dtype(dtype).name}",
-                         impl=impl + (" (interpret)" if interp else ""), direction=direction,
-                         ms=sec * 1e3, gbps=nbytes / sec / 1e9,
-                         peak=None if peak is None else nbytes / sec / peak,
-                         vs_xla=base[direction] / sec if direction in base else None))
+        row.update(ms=sec * 1e3, gbps=nbytes / sec / 1e9,
+                   peak=None if peak is None else nbytes / sec / peak,
+                   vs_xla=base[direction] / sec if direction in base else None)
   return rows
 
 
 def table(rows) -> str:
-  out = ["| shape | impl | pass | ms | GB/s | % HBM peak | speed-up vs xla |",
-         "|---|---|---|---:|---:|---:|---:|"]
+  out = ["| shape | impl | pass | ms | GB/s | % HBM peak | speed-up vs xla | note |",
+         "|---|---|---|---:|---:|---:|---:|---|"]
   for r in rows:
+    if "note" in r:
+      out.append(f"| {r['shape']} | {r['impl']} | {r['direction']} | | | | | {r['note']} |")
+      continue
     peak = "unknown" if r["peak"] is None else f"{100 * r['peak']:.1f}"
     vs = "n/a" if r["vs_xla"] is None else f"{r['vs_xla']:.2f}x"
     out.append(f"| {r['shape']} | {r['impl']} | {r['direction']} | {r['ms']:.3f} | "
-               f"{r['gbps']:.2f} | {peak} | {vs} |")
+               f"{r['gbps']:.2f} | {peak} | {vs} | |")
   return "\n".join(out)
 
 

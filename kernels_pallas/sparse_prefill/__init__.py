@@ -25,7 +25,7 @@ from kernels_pallas.sparse_prefill.reference import (BlockSelection, full_causal
                                                      indices_to_mask, mask_to_indices)
 
 IMPLS = ("auto", "xla", "pallas", "pallas_gpu", "pallas_tpu")
-DENSE_IMPLS = ("auto", "xla", "jax_nn")
+DENSE_IMPLS = ("auto", "xla", "jax_nn", "cudnn")
 ESTIMATE_IMPLS = ("xla", "pallas")
 
 __all__ = ["BlockSelection", "block_sparse_attention", "dense_causal_attention",
@@ -168,11 +168,13 @@ def flexprefill_attention(q, k, v, *, gamma: float = 0.9, tau: float = 0.1,
 
 def dense_causal_attention(q, k, v, *, sm_scale=None, impl: str = "auto"):
   """Dense causal attention, the comparison baseline. impl: "xla" (reference.py, fp32
-  softmax), "jax_nn" (jax.nn.dot_product_attention with is_causal=True: cuDNN flash attention
-  on GPU where it applies), "auto" (jax_nn on GPU/TPU, xla on CPU)."""
+  softmax), "jax_nn" (jax.nn.dot_product_attention with is_causal=True, jax's choice of
+  implementation), "cudnn" (the same forced to cuDNN's flash attention: NVIDIA GPUs, bf16 /
+  fp16 only), "auto" (jax_nn on GPU/TPU, xla on CPU)."""
   reference.check_qkv(q, k, v)
   if impl not in DENSE_IMPLS:
     raise ValueError(f"impl must be one of {', '.join(DENSE_IMPLS)}; got {impl!r}")
   if impl == "xla" or (impl == "auto" and _backend() == "cpu"):
     return _dense_xla(q, k, v, sm_scale=sm_scale)
-  return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=True)
+  return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=True,
+                                      implementation="cudnn" if impl == "cudnn" else None)

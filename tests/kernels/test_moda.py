@@ -187,6 +187,14 @@ def test_bad_arguments_raise():
 def test_bench_runs():
   """The bench's code path at a tiny size, with the reference standing in for the kernels (the
   interpret-mode kernels would make this test slow; `bench --quick` runs them)."""
-  table = bench.main(["--seq", "16", "--heads", "2", "--kv_heads", "1", "--head_dim", "8",
-                      "--slots", "2", "--dtype", "float32", "--runs", "1", "--impl", "xla"])
-  assert table.count("\n| 16 |") == 4 and "failed" not in table
+  args = ["--seq", "16", "--heads", "2", "--kv_heads", "1", "--head_dim", "8", "--slots", "2",
+          "--dtype", "float32", "--runs", "1", "--impl", "xla"]
+  rows = {line.split(" | ")[1]: line for line in bench.main(args).splitlines()
+          if line.startswith("| 16 |")}
+  assert sorted(rows) == ["cudnn", "flash", "moda", "xla_dpa", "xla_ref"]
+  assert all("unavailable" not in rows[name] for name in ("moda", "flash", "xla_dpa", "xla_ref"))
+  # cuDNN takes no fp32 (nor any CPU): the row says why, and the bench went on
+  assert "unavailable: " in rows["cudnn"]
+  # XLA rows whose [t, t] logits exceed the budget are skipped with the reason
+  rows = bench.main(args + ["--ref_budget_gib", "1e-9"]).splitlines()
+  assert sum("skipped: its [t, t] logits need" in line for line in rows) == 2

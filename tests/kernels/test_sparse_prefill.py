@@ -212,6 +212,24 @@ def test_flexprefill_end_to_end(structured):
   assert err < 0.2, err  # sparse, yet close to dense on structured inputs
 
 
+def test_bench_rows_that_cannot_run_say_why():
+  """The bench's code path at a tiny size (the reference standing in for the kernel): a dense
+  row that cannot run here (cuDNN off NVIDIA GPUs, or for fp32) says why and the bench goes on
+  with the next dense row as the baseline; an XLA row whose logits exceed the budget is
+  skipped with its size."""
+  kw = dict(batch=1, q_heads=2, kv_heads=1, head_dim=32, block_size=32, min_budget=32, reps=1,
+            dtype=jnp.float32, impl="xla", gammas=(0.9,))
+  lines = bench.run([64], **kw)
+  rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| 64 |")}
+  assert "unavailable: " in rows["dense cuDNN flash attention"]
+  assert rows["dense XLA reference"].endswith("| baseline |")
+  assert "baseline of the speed-ups: dense XLA reference" in rows
+  assert any(name.startswith("flexprefill gamma=0.9 kernel only") for name in rows)
+  skipped = bench.run([64], ref_budget_bytes=1, **kw)
+  assert any("dense XLA reference" in line and "skipped: its [T, T] logits need" in line
+             for line in skipped)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad arguments.
 
