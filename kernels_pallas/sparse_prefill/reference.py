@@ -52,9 +52,14 @@ class BlockSelection(NamedTuple):
 
     Relative to the causal triangle, not the full nb^2 square the official code reports
     (pitfall 6)."""
-    b, h, nb = self.counts.shape
+    return self.density_of(self.counts)
+
+  @staticmethod
+  def density_of(counts: jax.Array) -> jax.Array:
+    """density() of a selection's counts [B, H, nb] alone."""
+    b, h, nb = counts.shape
     causal = b * h * nb * (nb + 1) / 2
-    return jnp.sum(self.counts.astype(jnp.float32)) / causal
+    return jnp.sum(counts.astype(jnp.float32)) / causal
 
 
 # ---------------------------------------------------------------------------------------------

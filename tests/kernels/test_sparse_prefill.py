@@ -225,9 +225,27 @@ def test_bench_rows_that_cannot_run_say_why():
   assert rows["dense XLA reference"].endswith("| baseline |")
   assert "baseline of the speed-ups: dense XLA reference" in rows
   assert any(name.startswith("flexprefill gamma=0.9 kernel only") for name in rows)
+  assert {"block-sparse kernel, random blocks at 75% sparsity",
+          "block-sparse kernel, random blocks at 95% sparsity"} <= set(rows)
   skipped = bench.run([64], ref_budget_bytes=1, **kw)
   assert any("dense XLA reference" in line and "skipped: its [T, T] logits need" in line
              for line in skipped)
+
+
+def test_random_block_sets_have_the_asked_density_and_keep_diagonal_and_sink():
+  """The official benchmark's random causal block sets: each causal block kept with the given
+  probability, the diagonal and column 0 always (the kernel needs the diagonal)."""
+  idx, cnt = bench.random_causal_selection(jax.random.PRNGKey(0), 1, 4, 128 * 32, 32, 0.25)
+  mask = np.asarray(_indices_to_mask(idx, cnt, 128))
+  assert np.all(mask[:, :, np.arange(128), np.arange(128)]) and np.all(mask[:, :, :, 0])
+  assert not np.any(np.triu(np.ones((128, 128), bool), 1) & mask)  # causal blocks only
+  density = float(reference.BlockSelection.density_of(cnt))
+  assert 0.25 < density < 0.28, density  # + the diagonal and column 0
+
+
+def test_density_only_mode_prints_the_selection_density():
+  lines = bench.main(["--quick", "--density_only", "--gammas", "0.9", "--structure", "sink=12"])
+  assert lines[-1].startswith("| 256 | 0.9 | ") and "'sink': 12.0" in lines[-1]
 
 
 # ---------------------------------------------------------------------------------------------
