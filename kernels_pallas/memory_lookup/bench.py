@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.bench_notes import unavailable
 from kernels_pallas.memory_lookup import _kernel_bwd, _kernel_fwd, _xla_bwd, resolve_impl
 from kernels_pallas.memory_lookup import reference
 
@@ -104,8 +105,7 @@ def run(*, quick=False, impls=None, repeats=10, dtype=jnp.bfloat16):
         try:
           sec = _time(fn, args, repeats)
         except Exception as e:  # pylint: disable=broad-except  (OOM, a lowering that fails)
-          text = str(e).strip().splitlines()
-          row["note"] = f"unavailable: {type(e).__name__}: {(text[0] if text else '')[:90]}"
+          row["note"] = unavailable(e)
           continue
         if impl == "xla":
           base[direction] = sec

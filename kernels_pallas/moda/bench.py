@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels_pallas.bench_notes import unavailable
 from kernels_pallas.moda import flash_attention, moda_attention, moda_reference
 
 
@@ -67,11 +68,6 @@ def _logits_bytes(b, t, hq) -> float:
   return 4 * 4.0 * b * hq * t * t
 
 
-def _error_note(e: Exception) -> str:
-  text = str(e).strip().splitlines()
-  return f"unavailable: {type(e).__name__}: {(text[0] if text else '')[:90]}"
-
-
 def run(seqs, *, b, hq, hk, d, s, dtype, impl, runs, block_q=None, block_k=None,
         ref_budget_bytes=2e10):
   """Returns one dict per (T, implementation) with times and rates; a row that cannot run
@@ -108,7 +104,7 @@ def run(seqs, *, b, hq, hk, d, s, dtype, impl, runs, block_q=None, block_k=None,
         row["fwd_ms"] = _time(fwd, args, runs)
         row["train_ms"] = _time(train, args, runs)
       except Exception as e:  # pylint: disable=broad-except  (OOM, unsupported, no cuDNN)
-        row["note"] = _error_note(e)
+        row["note"] = unavailable(e)
         continue
       row["bwd_ms"] = row["train_ms"] - row["fwd_ms"]
       f = flops(b, t, hq, d, slots)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import math
 import statistics
 import time
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from kernels_pallas import sparse_prefill as sp
+from kernels_pallas.bench_notes import unavailable
 from kernels_pallas.sparse_prefill import gpu, reference
 
 GAMMAS = (0.8, 0.9, 0.95, 0.99)
@@ -145,11 +147,6 @@ def selection_densities(seq_lens, *, gammas=GAMMAS, batch=1, q_heads=32, kv_head
   return lines
 
 
-def _error_note(e: Exception) -> str:
-  text = str(e).strip().splitlines()
-  return f"unavailable: {type(e).__name__}: {(text[0] if text else '')[:90]}"
-
-
 def run(seq_lens, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, block_size=128,
         min_budget=1024, tau=0.1, reps=5, dtype=jnp.bfloat16, impl="auto", kernel_tag="",
         gammas=GAMMAS, ref_budget_bytes=16 * 2**30, random_densities=(0.25, 0.05),
@@ -176,7 +173,7 @@ def run(seq_lens, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, block_size=1
       try:
         return time_ms(fn, *args, reps=reps), None
       except Exception as e:  # pylint: disable=broad-except  (OOM, unsupported, no cuDNN)
-        return None, _error_note(e)
+        return None, unavailable(e)
 
     logits = 4.0 * batch * q_heads * t * t * 2  # fp32 logits and probabilities
     for name, dense_impl in (("dense cuDNN flash attention", "cudnn"),
@@ -222,7 +219,7 @@ def run(seq_lens, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, block_size=1
       try:
         sel = select_fn(q, k)
       except Exception as e:  # pylint: disable=broad-except
-        row(f"flexprefill gamma={gamma}", None, 0.0, _error_note(e))
+        row(f"flexprefill gamma={gamma}", None, 0.0, unavailable(e))
         continue
       density = float(sel.density())
       ms_sel, why_sel = timed(select_fn, q, k)
@@ -239,20 +236,20 @@ def run(seq_lens, *, batch=1, q_heads=32, kv_heads=8, head_dim=128, block_size=1
 
 
 def parse_structure(spec: str) -> dict:
-  """--structure: a name of STRUCTURES, or comma-separated key=value settings of structured_qkv."""
+  """--structure: a name of STRUCTURES, or comma-separated key=value settings of structured_qkv
+  (its keyword-only arguments, each read as the type of its default)."""
   if spec in STRUCTURES:
     return dict(STRUCTURES[spec])
+  settings = {name: p.default for name, p in inspect.signature(structured_qkv).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY}
   out = {}
   for item in filter(None, spec.split(",")):
     key, sep, value = item.partition("=")
-    if not sep or key not in STRUCTURE_KEYS:
+    if not sep or key not in settings:
       raise SystemExit(f"--structure: '{item}' is not a preset ({', '.join(STRUCTURES)}) nor "
-                       f"key=value with a key of {', '.join(STRUCTURE_KEYS)}")
-    out[key] = int(value) if key == "n_vertical" else float(value)
+                       f"key=value with a key of {', '.join(settings)}")
+    out[key] = type(settings[key])(value)
   return out
-
-
-STRUCTURE_KEYS = ("local", "sink", "vertical", "n_vertical", "noise", "min_head_scale")
 
 
 def main(argv=None):
