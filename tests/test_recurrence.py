@@ -334,6 +334,7 @@ def test_recurrent_mixers_sharded_equal_unsharded(kind, linear_kind):
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (tests/conftest.py forces 8 CPU devices)")
   from research import sharding  # pylint: disable=import-outside-toplevel
+  from equivalence import assert_same_logits, assert_same_step  # pylint: disable=import-outside-toplevel
   from test_sharding import make_config, one_step  # pylint: disable=import-outside-toplevel
   c = run_config.expand(make_config().to_dict())  # the sharding tests' setting, every option
   c.model.attention.kind, c.model.linear.kind = kind, linear_kind
@@ -342,12 +343,12 @@ def test_recurrent_mixers_sharded_equal_unsharded(kind, linear_kind):
   one = sharding.make_mesh("dp", devices=jax.devices()[:1])
   ref_logits, ref_params, ref_loss, _ = one_step(c, one)
   logits, params, loss, _ = one_step(c, sharding.make_mesh("fsdp_tp", tensor=2))
-  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+  # BitLinear rounds its inputs: an ulp of the mesh's sum order can flip one token's code
+  # (tests/equivalence.py); a per-shard scale would move every token and most parameters
+  quantized = linear_kind == "bitlinear"
+  assert_same_logits(logits, ref_logits, flipped_tokens=2 if quantized else 0)
   assert loss == pytest.approx(ref_loss, rel=1e-5)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-    # Adam divides by sqrt(v): near-zero gradients turn reduction-order noise into parameter
-    # differences; 2e-5 is 2% of one update at lr 1e-3 (measured: 1.1e-5 on one of 8192)
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5)
+  assert_same_step(params, ref_params, lr=c.train.lr, outliers=1e-3 if quantized else 1e-4)
 
 
 @pytest.mark.parametrize("kind", ["retention", "gla", "deltaproduct", "mlgru"])
