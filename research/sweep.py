@@ -40,6 +40,8 @@ run: the two are the same run, and the twin is already done.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import traceback
@@ -72,6 +74,17 @@ _OBSERVATION_SWITCHES = frozenset({"train.log_layer_grad_norms"})
 
 def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
   return Path(runs_dir) / experiment / group / "manifest.json"
+
+
+@contextlib.contextmanager
+def _manifest_lock(path: Path):
+  """An exclusive lock on `path`'s group between its read and its write (POSIX advisory)."""
+  with open(path.with_name(path.name + ".lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
@@ -131,9 +144,22 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       entries.append(entry)
   manifest = {"experiment": name, "group": group, "arg": arg, "arms": entries}
   path.parent.mkdir(parents=True, exist_ok=True)
+  mine = frozenset(selected)  # the arms whose entries this invocation writes (trained or not)
 
   def save():
-    path.write_text(json.dumps(manifest, indent=2, default=str))
+    """Writes the manifest. The entries of arms this invocation does not run are read back
+    from disk first, under a lock: two sweeps of one group's disjoint arms (one per core) each
+    write their own arms' progress and keep the other's (its "reported" and "reused" marks)."""
+    with _manifest_lock(path):
+      if path.exists():
+        disk = {(e["arm"], e["seed"]): e for e in json.loads(path.read_text()).get("arms", [])}
+        for i, e in enumerate(entries):
+          theirs = disk.get((e["arm"], e["seed"]))
+          if e["arm"] not in mine and theirs and theirs["overrides"] == e["overrides"]:
+            entries[i] = theirs
+      tmp = path.with_name(path.name + ".tmp")
+      tmp.write_text(json.dumps(manifest, indent=2, default=str))
+      os.replace(tmp, path)  # a reader never sees half a manifest
 
   configs = _check_arms(name, arg, root, [e for e in entries if e["arm"] in selected
                                           and not e.get("reused")], data_dir)
@@ -210,27 +236,27 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       e["status"] = "done"
 
   for arm, runs in to_train.items():
-    groups = [runs] if stack_seeds else [[r] for r in runs]
-    while groups:
-      group = groups.pop(0)
+    batches = [runs] if stack_seeds else [[r] for r in runs]
+    while batches:
+      batch = batches.pop(0)  # (not `group`: the error below names the sweep's group)
       try:
-        train(group)
+        train(batch)
       except KeyboardInterrupt:
-        for _, e, *_ in group:
+        for _, e, *_ in batch:
           e["status"] = "pending"
         save()
         raise
       except WorkdirBusy as err:
-        if len(group) > 1:  # another process holds one of them: the others one by one
-          groups = [[r] for r in group] + groups
+        if len(batch) > 1:  # another process holds one of them: the others one by one
+          batches = [[r] for r in batch] + batches
           continue
-        tag, e = group[0][:2]  # another process trains this run: leave it to that process
+        tag, e = batch[0][:2]  # another process trains this run: leave it to that process
         log(f"{tag}: skipped, {err}")
         e["status"] = "busy"
         busy.append(f"{e['arm']} seed {e['seed']}")
       except Exception as err:  # one failed arm must not stop the table; reported at the end
         log(f"{arm}: failed: {err}" if isinstance(err, ResearchError) else traceback.format_exc())
-        for _, e, *_ in group:
+        for _, e, *_ in batch:
           e["status"] = "failed"
           failed.append(f"{e['arm']} seed {e['seed']}")
       save()

@@ -177,6 +177,41 @@ def test_sweep_and_report_use_a_reported_twin_from_another_experiment(tmp_path):
       "hyper_connections", "table1", "dhc1")) == ("hyper_connections/table1/dhc1", "2026-01-02")
 
 
+def test_two_sweeps_of_one_group_keep_each_others_marks(tmp_path, monkeypatch):
+  """Two chains on one group (one per core, disjoint arms): the one that started first and
+  finishes last must not write back its stale copy of the other's entries (it erased the
+  other's "reported" mark, and the report then showed that arm as not run)."""
+  from research import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
+  arg = "scale=smoke,corpus=tinyshakespeare"
+  hyper = {"model.residual.kind": "hyper", "model.residual.dynamic": True,
+           "model.residual.tanh": True, "model.init_std": 0.02, "model.residual.streams": 1}
+  row = {"arm": "dhc1", "seeds_total": 1, "seeds_finished": 1, "diverged": 0, "date": "2026-01-02",
+         "overrides": {**hyper, "seed": 0}}  # HC's table1 reports FC's dhc1
+  root = tmp_path / "experiments"
+  (root / "hyper_connections" / "results").mkdir(parents=True)
+  (root / "hyper_connections" / "results" / "results.json").write_text(json.dumps(
+      {"experiment": "hyper_connections", "date": "2026-01-02",
+       "groups": [{"group": "table1", "arg": arg, "arms": [row]}]}))
+  runs, lines = tmp_path / "runs", []
+  common = dict(group="hc_vs_fc", seeds=1, arg=arg, runs_dir=runs, log=lines.append)
+  run, calls = sweep_lib.Trainer.run, []
+
+  def second_chain_meanwhile(trainer):  # while the first chain trains dhc2
+    if not calls:
+      calls.append(1)
+      sweep_lib.run_sweep("frac_connections", arms=["dhc1"], skip_reported=True,
+                          results_root=root, **common)
+    return run(trainer)
+
+  monkeypatch.setattr(sweep_lib.Trainer, "run", second_chain_meanwhile)
+  path = sweep_lib.run_sweep("frac_connections", arms=["dhc2"], **common)
+  assert any("dhc1: same config as hyper_connections/table1/dhc1, reported" in l for l in lines)
+  entries = {e["arm"]: e for e in json.loads(path.read_text())["arms"]}
+  assert entries["dhc2"]["status"] == "done"
+  assert entries["dhc1"]["status"] == "reported"
+  assert entries["dhc1"]["reported"] == "hyper_connections/table1/dhc1"
+
+
 def test_list_shows_experiments(capsys):
   code, out, _ = run(capsys, "list")
   assert code == 0
