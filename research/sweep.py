@@ -76,6 +76,18 @@ def manifest_path(runs_dir: Path, experiment: str, group: str) -> Path:
   return Path(runs_dir) / experiment / group / "manifest.json"
 
 
+def new_entries(group_arms: list, seeds: int, overrides: dict | None) -> list[dict]:
+  """A group's manifest entries before any run: arm x seed index k, each with the overrides
+  it trains with. Seed k trains with `seed` k, or, for an arm that names its own `seed` (such as
+  qat_scaling's seed-noise arms), with that seed + k (the index used to replace the arm's seed,
+  and those arms trained seed 0 again)."""
+  return [{"arm": arm.name, "seed": k, "workdir": f"{arm.name}/seed{k}",
+           "overrides": {**arm.overrides, **(overrides or {}),
+                         "seed": int(arm.overrides.get("seed", 0)) + k},
+           "paper": arm.paper, "status": "pending"}
+          for arm in group_arms for k in range(seeds)]
+
+
 @contextlib.contextmanager
 def _manifest_lock(path: Path):
   """An exclusive lock on `path`'s group between its read and its write (POSIX advisory)."""
@@ -129,19 +141,15 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
   if path.exists():
     previous = {(e["arm"], e["seed"]): e for e in json.loads(path.read_text()).get("arms", [])}
   entries = []
-  for arm in group_arms:
-    for seed in range(seeds):
-      entry = {"arm": arm.name, "seed": seed, "workdir": f"{arm.name}/seed{seed}",
-               "overrides": {**arm.overrides, **(overrides or {}), "seed": seed},
-               "paper": arm.paper, "status": "pending"}
-      old = previous.get((arm.name, seed))
-      if old and old.get("reused") and old["overrides"] == entry["overrides"]:
-        entry.update(workdir=old["workdir"], reused=old["reused"])
-      if old and old.get("reported") and old["overrides"] == entry["overrides"]:
-        entry.update(status="reported", reported=old["reported"])  # looked up again below
-      if arm.name not in selected and old and old["overrides"] == entry["overrides"]:
-        entry["status"] = old.get("status", "pending")  # another invocation's business
-      entries.append(entry)
+  for entry in new_entries(group_arms, seeds, overrides):
+    old = previous.get((entry["arm"], entry["seed"]))
+    if old and old.get("reused") and old["overrides"] == entry["overrides"]:
+      entry.update(workdir=old["workdir"], reused=old["reused"])
+    if old and old.get("reported") and old["overrides"] == entry["overrides"]:
+      entry.update(status="reported", reported=old["reported"])  # looked up again below
+    if entry["arm"] not in selected and old and old["overrides"] == entry["overrides"]:
+      entry["status"] = old.get("status", "pending")  # another invocation's business
+    entries.append(entry)
   manifest = {"experiment": name, "group": group, "arg": arg, "arms": entries}
   path.parent.mkdir(parents=True, exist_ok=True)
   mine = frozenset(selected)  # the arms whose entries this invocation writes (trained or not)

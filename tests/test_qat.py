@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from research import config as config_lib
+from research import experiments
 from research import run_config
 from research.errors import ConfigError
 from research.model.lm import DecoderLM
@@ -144,3 +145,24 @@ def test_qat_scaling_analysis_pairs_runs_and_fits(tmp_path):
   f = fit.fit(w4a4, "delta", ["N", "D", "log2:G"], bootstrap=100)
   assert f.coef["D"] == pytest.approx(0.07, abs=0.01) and f.coef["log2(G)"] == pytest.approx(0.78, abs=0.01)
   assert f.coef["N"] < 0  # delta falls with size
+
+
+def test_seed_noise_arms_train_their_own_seeds():
+  """qat_scaling's `seeds` group names seeds 1 and 2 in its arms: the sweep trains those, not
+  seed 0 again (it did: the index replaced the arm's seed, and the fp32 arms were reused as
+  twins of the grid's seed-0 cell), and a plain group's seeds are 0, 1, 2."""
+  from research import sweep as sweep_lib  # pylint: disable=import-outside-toplevel
+  sweep = experiments.get_sweep("qat_scaling")
+  entries = sweep_lib.new_entries(sweep.groups["seeds"], 1, None)
+  assert [(e["arm"], e["overrides"]["seed"]) for e in entries] == [
+      ("fp32_d128_D4M_s1", 1), ("w4a4_g32_d128_D4M_s1", 1),
+      ("fp32_d128_D4M_s2", 2), ("w4a4_g32_d128_D4M_s2", 2)]
+  cell = next(a for a in sweep.groups["fp32"] if a.name == "fp32_d128_D4M")
+  grid = sweep_lib.new_entries([cell], 1, None)[0]["overrides"]
+  assert grid["seed"] == 0
+  assert experiments.get_config("qat_scaling:scale=tiny", entries[0]["overrides"]).seed == 1
+  assert {k: v for k, v in entries[0]["overrides"].items() if k != "seed"} == \
+      {k: v for k, v in grid.items() if k != "seed"}  # otherwise the same run as the grid's
+  plain = experiments.get_sweep("baseline")
+  group = plain.groups[plain.default_group]
+  assert [e["overrides"]["seed"] for e in sweep_lib.new_entries(group[:1], 3, None)] == [0, 1, 2]
