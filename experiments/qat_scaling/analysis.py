@@ -93,6 +93,8 @@ def analyze(experiment, runs_root, groups, out_dir) -> str:
     return "## QAT scaling\n\nNo QAT and fp32 pair has finished yet.\n"
   _write_csv(rows, Path(out_dir) / "qat_deltas.csv")
   main = [r for r in rows if r["seed"] == 0]
+  if not main:  # only the seed-noise cell so far: no grid to tabulate or fit
+    return "## QAT scaling\n\nThe grid (seed 0) has no QAT and fp32 pair yet.\n" + _seed_noise(rows)
   lines = ["## QAT scaling: delta = valid loss(QAT) - valid loss(fp32)\n",
            "| precision | G | d | N | D | delta |", "|---|---|---|---|---|---|"]
   lines += [f"| {r['precision']} | {r['G']} | {r['d']} | {r['N'] / 1e6:.2f}M | "
@@ -107,15 +109,20 @@ def analyze(experiment, runs_root, groups, out_dir) -> str:
     lines.append(_fit_line(f"{prec} (G = 32)", prec,
                            [r for r in main if r["precision"] == prec], ["N", "D"]))
   lines.append(_decomposition(main))
+  return "\n".join(lines) + "\n" + _seed_noise(rows)
+
+
+def _seed_noise(rows: list[dict]) -> str:
+  """Mean ± sample std of delta over the seeds of the W4A4, G = 32, d = 128, D = 4M cell."""
   seeds = [r for r in rows if r["d"] == 128 and r["D"] == 4e6 and r["G"] == 32
            and r["precision"] == "W4A4"]
-  if len(seeds) > 1:
-    values = [r["delta"] for r in seeds]
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    lines.append(f"\nSeed noise of delta (W4A4, G = 32, d = 128, D = 4M; {len(values)} seeds): "
-                 f"{mean:+.4f} ± {std:.4f}.\n")
-  return "\n".join(lines) + "\n"
+  if len(seeds) < 2:
+    return ""
+  values = [r["delta"] for r in seeds]
+  mean = sum(values) / len(values)
+  std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+  return (f"\nSeed noise of delta (W4A4, G = 32, d = 128, D = 4M; seeds "
+          f"{', '.join(str(r['seed']) for r in seeds)}): {mean:+.4f} ± {std:.4f}.\n")
 
 
 def _decomposition(rows: list[dict]) -> str:
