@@ -147,9 +147,7 @@ def run_sweep(name: str, *, group: str | None = None, seeds: int | None = None,
       entry.update(workdir=old["workdir"], reused=old["reused"])
     if old and old.get("reported") and old["overrides"] == entry["overrides"]:
       entry.update(status="reported", reported=old["reported"])  # looked up again below
-    if entry["arm"] not in selected and old and old["overrides"] == entry["overrides"]:
-      entry["status"] = old.get("status", "pending")  # another invocation's business
-    entries.append(entry)
+    entries.append(entry)  # (other invocations' arms: save() reads their entries back)
   manifest = {"experiment": name, "group": group, "arg": arg, "arms": entries}
   path.parent.mkdir(parents=True, exist_ok=True)
   mine = frozenset(selected)  # the arms whose entries this invocation writes (trained or not)

@@ -122,7 +122,7 @@ def test_research_fit_command(tmp_path, capsys):
 def test_qat_scaling_analysis_pairs_runs_and_fits(tmp_path):
   """analysis.py on a report's groups: delta = QAT loss - fp32 loss per cell, the law's fit,
   the decomposition table and the CSV that `research fit` reads."""
-  from research import experiments, fit
+  from research import fit  # pylint: disable=import-outside-toplevel
   analysis = experiments._load_module("qat_scaling", "analysis.py")  # pylint: disable=protected-access
   sweep = experiments.get_sweep("qat_scaling")
   groups = []
