@@ -166,3 +166,30 @@ def test_seed_noise_arms_train_their_own_seeds():
   plain = experiments.get_sweep("baseline")
   group = plain.groups[plain.default_group]
   assert [e["overrides"]["seed"] for e in sweep_lib.new_entries(group[:1], 3, None)] == [0, 1, 2]
+
+
+@pytest.mark.needs_data
+def test_qat_scaling_kurtosis_table_reads_the_runs_checkpoints(tmp_path, monkeypatch):
+  """The analysis measures the input kurtosis of a finished run's checkpoint, keeps it in
+  qat_kurtosis.csv, and reads it back from there without the run (no checkpoint is loaded)."""
+  from research.eval import input_kurtosis  # pylint: disable=import-outside-toplevel
+  from research.train.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  analysis = experiments._load_module("qat_scaling", "analysis.py")  # pylint: disable=protected-access
+  arm = "w4a4_g32_d64_D4M"
+  run = tmp_path / "runs" / "w4a4" / arm / "seed0"
+  config = experiments.get_config("qat_scaling:scale=smoke", {
+      "train.steps": 4, "train.checkpoint_every": 4, "train.log_every": 2, "eval.every": 4,
+      "train.progress": False, "mesh.num_devices": 1})
+  Trainer(config, run, experiment="qat_scaling", arg="scale=smoke", log=lambda *_: None).run()
+  groups = [{"group": "w4a4", "arms": [{"arm": arm, "valid_loss": {"values": [1.0]}}]}]
+  md = analysis._kurtosis(tmp_path / "runs", groups, tmp_path)  # pylint: disable=protected-access
+  row = next(line for line in md.splitlines() if line.startswith("| 64 | W4A4 |"))
+  values = [float(x) for x in row.strip("| ").split(" | ")[2:]]
+  want = input_kurtosis.of_run(run)
+  np.testing.assert_allclose(values, [np.mean(want[s]) for s in input_kurtosis.ORDER],
+                             atol=0.051)
+  def no_loading(_):
+    raise AssertionError("the stored row should have been read")
+  monkeypatch.setattr(input_kurtosis, "of_run", no_loading)
+  assert analysis._kurtosis(None, groups, tmp_path) == md  # pylint: disable=protected-access
+  assert analysis._kurtosis(tmp_path / "runs", groups, tmp_path) == md  # pylint: disable=protected-access

@@ -13,11 +13,15 @@ and the seed noise of delta at one cell. It writes the table as results/qat_delt
 from __future__ import annotations
 
 import csv
+import json
 import math
 import re
 from pathlib import Path
 
+import numpy as np
+
 from research import experiments, fit as fit_lib, scales
+from research.eval import input_kurtosis
 
 PAPER = {"W4A4": (0.2186, 0.0745, 0.7779), "W4A16": (0.3589, 0.1610, 0.3533),
          "W16A4": (0.1816, 0.0331, 0.9812),
@@ -87,14 +91,16 @@ def _fit_line(name, precision, rows, terms, holdout="N=max,D=max") -> str:
 
 
 def analyze(experiment, runs_root, groups, out_dir) -> str:
-  del experiment, runs_root
+  del experiment
   rows = delta_rows(groups)
+  kurtosis = _kurtosis(runs_root, groups, Path(out_dir))
   if not rows:
-    return "## QAT scaling\n\nNo QAT and fp32 pair has finished yet.\n"
+    return "## QAT scaling\n\nNo QAT and fp32 pair has finished yet.\n" + kurtosis
   _write_csv(rows, Path(out_dir) / "qat_deltas.csv")
   main = [r for r in rows if r["seed"] == 0]
   if not main:  # only the seed-noise cell so far: no grid to tabulate or fit
-    return "## QAT scaling\n\nThe grid (seed 0) has no QAT and fp32 pair yet.\n" + _seed_noise(rows)
+    return ("## QAT scaling\n\nThe grid (seed 0) has no QAT and fp32 pair yet.\n" + kurtosis
+            + _seed_noise(rows))
   lines = ["## QAT scaling: delta = valid loss(QAT) - valid loss(fp32)\n",
            "| precision | G | d | N | D | delta |", "|---|---|---|---|---|---|"]
   lines += [f"| {r['precision']} | {r['G']} | {r['d']} | {r['N'] / 1e6:.2f}M | "
@@ -109,7 +115,7 @@ def analyze(experiment, runs_root, groups, out_dir) -> str:
     lines.append(_fit_line(f"{prec} (G = 32)", prec,
                            [r for r in main if r["precision"] == prec], ["N", "D"]))
   lines.append(_decomposition(main))
-  return "\n".join(lines) + "\n" + _seed_noise(rows)
+  return "\n".join(lines) + "\n" + kurtosis + _seed_noise(rows)
 
 
 def _seed_noise(rows: list[dict]) -> str:
@@ -143,3 +149,54 @@ def _decomposition(rows: list[dict]) -> str:
     lines.append(f"| {d} | {tokens / 1e6:g}M | {tokens / sizes[d]:.1f} | {w4a4:+.4f} | "
                  f"{w + a:+.4f} | {ratio:.2f} | {r:.2f} | {fix:.2f} |")
   return "\n".join(lines)
+
+
+# (group, arm prefix, precision) of the runs whose linear inputs the kurtosis table measures
+KURTOSIS_RUNS = (("fp32", "fp32", "fp32"), ("w4a4", "w4a4_g32", "W4A4"),
+                 ("split", "w4a16_g32", "W4A16"), ("split", "w16a4_g32", "W16A4"),
+                 ("split", "w4a4fc2a8_g32", "W4A4 FC2 8-bit"))
+KURTOSIS_TOKENS_M = 4.0
+
+
+def _kurtosis(runs_root, groups: list[dict], out_dir: Path) -> str:
+  """Mean over the blocks of each linear site's input kurtosis, for the G = 32 runs at D = 4M
+  (the paper's check: FC2's input keeps the highest kurtosis, QAT or not). Runs under
+  `runs_root` (None: none) are measured when qat_kurtosis.csv lacks them or holds another
+  final loss for them; the CSV's other rows are kept (runs measured on another machine)."""
+  path = out_dir / "qat_kurtosis.csv"
+  stored = {}
+  if path.is_file():
+    with path.open() as f:
+      stored = {(r["precision"], int(r["d"])): r for r in csv.DictReader(f)}
+  finished = {(g["group"], row["arm"]) for g in groups for row in g["arms"]
+              if _loss(row) is not None}
+  for group, prefix, precision in KURTOSIS_RUNS if runs_root is not None else ():
+    for d in (64, 128, 192, 256):
+      arm = f"{prefix}_d{d}_D{KURTOSIS_TOKENS_M:g}M"
+      workdir = Path(runs_root) / group / arm / "seed0"
+      summary = workdir / "summary.json"
+      if (group, arm) not in finished or not summary.is_file():
+        continue
+      loss = json.loads(summary.read_text())["valid_loss"]
+      old = stored.get((precision, d))
+      if old is not None and abs(float(old["valid_loss"]) - loss) < 1e-9:
+        continue
+      sites = input_kurtosis.of_run(workdir)
+      stored[(precision, d)] = {"precision": precision, "d": d, "valid_loss": loss,
+                                **{s: float(np.mean(sites.get(s, [math.nan])))
+                                   for s in input_kurtosis.ORDER},
+                                "per_block": json.dumps({s: [round(x, 3) for x in v]
+                                                         for s, v in sites.items()})}
+  if not stored:
+    return ""
+  order = [p for _, _, p in KURTOSIS_RUNS]
+  rows = sorted(stored.values(), key=lambda r: (int(r["d"]), order.index(r["precision"])))
+  _write_csv(rows, path)
+  sites = input_kurtosis.ORDER
+  lines = [f"\n### Kurtosis of the linear layers' inputs (G = 32, D = "
+           f"{KURTOSIS_TOKENS_M:g}M; per token over the features, mean over tokens and the 4 "
+           "blocks; 3 is Gaussian)\n",
+           f"| d | precision | {' | '.join(sites)} |", "|---|---|" + "---|" * len(sites)]
+  lines += [f"| {r['d']} | {r['precision']} | "
+            + " | ".join(f"{float(r[s]):.1f}" for s in sites) + " |" for r in rows]
+  return "\n".join(lines) + "\n"

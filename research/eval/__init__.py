@@ -18,6 +18,7 @@ no evaluator. A module is an evaluator when it defines `WHEN`:
   exact_match    (every_eval) synthetic tasks' answer accuracy
   layer_cosine   (at_end) adjacent-block cosine of the stream
   connections    (at_end) the learned connection matrices' heat maps (hyper / frac / vwn)
+  input_kurtosis (at_end) kurtosis of each linear layer's input per block and site (QAT)
 
 The other modules (lm_eval, long_ppl, retrieval) are evaluation tools that experiments call.
 """
