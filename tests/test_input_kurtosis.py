@@ -31,6 +31,11 @@ def test_token_kurtosis_by_hand():
   np.testing.assert_allclose(token_kurtosis(x[:1]), (n * n - 3 * n + 3) / (n - 1), rtol=1e-6)
   np.testing.assert_allclose(token_kurtosis(x[1:]), 1.0, rtol=1e-6)
   np.testing.assert_allclose(token_kurtosis(x), (7 / 3 + 1) / 2, rtol=1e-6)  # mean over tokens
+  # a token whose features are all equal has no kurtosis: left out of the mean, NaN alone
+  constant = jnp.full((1, 4), 2.0)
+  np.testing.assert_allclose(token_kurtosis(jnp.concatenate([x, constant])), (7 / 3 + 1) / 2,
+                             rtol=1e-6)
+  assert np.isnan(token_kurtosis(constant))
   # scale and shift do not change it; Gaussian features give about 3
   g = jax.random.normal(jax.random.key(0), (64, 4096))
   np.testing.assert_allclose(token_kurtosis(5 * g + 2), token_kurtosis(g), rtol=1e-4)
@@ -62,3 +67,37 @@ def test_probes_see_the_input_and_leave_the_model_as_it_was():
   assert plain["qkv"][0] < 10
   np.testing.assert_allclose(outlier["qkv"][0], 62.0, rtol=0.02)
   assert outlier["qkv"][1] < 0.5 * outlier["qkv"][0]
+
+
+@pytest.mark.parametrize("overrides", [{"model.scan_blocks": "on"}, {"model.remat": "block"}])
+def test_scanned_and_rematerialized_blocks_give_the_unrolled_values(overrides):
+  """The probes record inside a scan's and jax.checkpoint's trace: the same parameters give
+  the same values per block as the plain unrolled forward."""
+  plain = model()
+  other = model(**overrides)
+  if overrides.get("model.scan_blocks") == "on":  # the unrolled parameters, stacked per layer
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in plain.blocks])
+    nnx.update(other.blocks, stacked)
+  else:
+    nnx.update(other.blocks, nnx.state(plain.blocks))
+  for name in ("embed", "final_norm", "head"):
+    if getattr(plain, name) is not None:
+      nnx.update(getattr(other, name), nnx.state(getattr(plain, name)))
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 61)
+  want, got = input_kurtosis(plain, tokens), input_kurtosis(other, tokens)
+  assert list(got) == list(want)
+  for site in want:
+    np.testing.assert_allclose(got[site], want[site], rtol=1e-5)
+
+
+def test_sites_are_named_by_their_place_in_the_block():
+  """A mixer's own `gate` is not the FFN's (fc1): linears outside the four sites keep their
+  path in the block; an MTP head's block is not one of the decoder's blocks."""
+  got = input_kurtosis(model(**{"model.attention.kind": "deltaproduct",
+                                "model.attention.deltaproduct.gate": True}),
+                       jax.random.randint(jax.random.key(1), (2, 16), 0, 61))
+  assert {"qkv", "o", "fc1", "fc2", "attn.gate"} <= set(got)
+  assert all(len(v) == 2 for v in got.values())
+  mtp = input_kurtosis(model(**{"model.head.kind": "mtp"}),
+                       jax.random.randint(jax.random.key(1), (2, 16), 0, 61))
+  assert all(len(v) == 2 for v in mtp.values())

@@ -193,3 +193,15 @@ def test_qat_scaling_kurtosis_table_reads_the_runs_checkpoints(tmp_path, monkeyp
   monkeypatch.setattr(input_kurtosis, "of_run", no_loading)
   assert analysis._kurtosis(None, groups, tmp_path) == md  # pylint: disable=protected-access
   assert analysis._kurtosis(tmp_path / "runs", groups, tmp_path) == md  # pylint: disable=protected-access
+
+
+def test_qat_scaling_kurtosis_names_a_run_it_cannot_measure(tmp_path):
+  """A finished run without checkpoints is named in the report, which goes on."""
+  analysis = experiments._load_module("qat_scaling", "analysis.py")  # pylint: disable=protected-access
+  run = tmp_path / "runs" / "fp32" / "fp32_d128_D4M" / "seed0"
+  run.mkdir(parents=True)
+  (run / "summary.json").write_text('{"valid_loss": 1.33}')
+  groups = [{"group": "fp32",
+             "arms": [{"arm": "fp32_d128_D4M", "valid_loss": {"values": [1.33]}}]}]
+  md = analysis._kurtosis(tmp_path / "runs", groups, tmp_path)  # pylint: disable=protected-access
+  assert "Not measured: fp32/fp32_d128_D4M" in md and "CheckpointError" in md

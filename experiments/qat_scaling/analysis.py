@@ -161,15 +161,19 @@ KURTOSIS_TOKENS_M = 4.0
 def _kurtosis(runs_root, groups: list[dict], out_dir: Path) -> str:
   """Mean over the blocks of each linear site's input kurtosis, for the G = 32 runs at D = 4M
   (the paper's check: FC2's input keeps the highest kurtosis, QAT or not). Runs under
-  `runs_root` (None: none) are measured when qat_kurtosis.csv lacks them or holds another
-  final loss for them; the CSV's other rows are kept (runs measured on another machine)."""
+  `runs_root` (None: none) are measured when qat_kurtosis.csv lacks them, or holds them from
+  another final loss or another estimator (input_kurtosis.METHOD); the CSV's other rows are
+  kept (runs measured on another machine). A run that cannot be measured is named, not fatal."""
   path = out_dir / "qat_kurtosis.csv"
+  order = [p for _, _, p in KURTOSIS_RUNS]
   stored = {}
   if path.is_file():
     with path.open() as f:
-      stored = {(r["precision"], int(r["d"])): r for r in csv.DictReader(f)}
+      stored = {(r["precision"], int(r["d"])): r for r in csv.DictReader(f)
+                if r["precision"] in order}
   finished = {(g["group"], row["arm"]) for g in groups for row in g["arms"]
               if _loss(row) is not None}
+  failed = []
   for group, prefix, precision in KURTOSIS_RUNS if runs_root is not None else ():
     for d in (64, 128, 192, 256):
       arm = f"{prefix}_d{d}_D{KURTOSIS_TOKENS_M:g}M"
@@ -177,26 +181,36 @@ def _kurtosis(runs_root, groups: list[dict], out_dir: Path) -> str:
       summary = workdir / "summary.json"
       if (group, arm) not in finished or not summary.is_file():
         continue
-      loss = json.loads(summary.read_text())["valid_loss"]
+      loss = float(json.loads(summary.read_text()).get("valid_loss", math.nan))
       old = stored.get((precision, d))
-      if old is not None and abs(float(old["valid_loss"]) - loss) < 1e-9:
+      if (old is not None and old.get("method") == input_kurtosis.METHOD
+          and _same(float(old["valid_loss"]), loss)):
         continue
-      sites = input_kurtosis.of_run(workdir)
+      try:
+        sites = input_kurtosis.of_run(workdir)
+      except Exception as e:  # pylint: disable=broad-except
+        failed.append(f"{group}/{arm}: {type(e).__name__}: {e}")
+        continue
       stored[(precision, d)] = {"precision": precision, "d": d, "valid_loss": loss,
-                                **{s: float(np.mean(sites.get(s, [math.nan])))
+                                **{s: float(np.nanmean(sites.get(s, [math.nan])))
                                    for s in input_kurtosis.ORDER},
                                 "per_block": json.dumps({s: [round(x, 3) for x in v]
-                                                         for s, v in sites.items()})}
+                                                         for s, v in sites.items()}),
+                                "method": input_kurtosis.METHOD}
+  notes = "".join(f"\nNot measured: {f}\n" for f in failed)
   if not stored:
-    return ""
-  order = [p for _, _, p in KURTOSIS_RUNS]
+    return notes
   rows = sorted(stored.values(), key=lambda r: (int(r["d"]), order.index(r["precision"])))
   _write_csv(rows, path)
   sites = input_kurtosis.ORDER
   lines = [f"\n### Kurtosis of the linear layers' inputs (G = 32, D = "
-           f"{KURTOSIS_TOKENS_M:g}M; per token over the features, mean over tokens and the 4 "
+           f"{KURTOSIS_TOKENS_M:g}M; per token over the features, mean over tokens and "
            "blocks; 3 is Gaussian)\n",
            f"| d | precision | {' | '.join(sites)} |", "|---|---|" + "---|" * len(sites)]
   lines += [f"| {r['d']} | {r['precision']} | "
             + " | ".join(f"{float(r[s]):.1f}" for s in sites) + " |" for r in rows]
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n" + notes
+
+
+def _same(a: float, b: float) -> bool:
+  return (math.isnan(a) and math.isnan(b)) or abs(a - b) < 1e-9
