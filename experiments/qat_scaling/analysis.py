@@ -73,6 +73,8 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def _fit_line(name, precision, rows, terms, holdout="N=max,D=max") -> str:
+  if not rows:
+    return f"| {name} | no finished pair yet | | | | | |"
   try:
     f = fit_lib.fit(rows, "delta", terms, holdout=holdout, bootstrap=2000)
   except fit_lib.FitError as e:
@@ -148,6 +150,8 @@ def _decomposition(rows: list[dict]) -> str:
     fix = fc2 / w4a4 if fc2 is not None and w4a4 else math.nan
     lines.append(f"| {d} | {tokens / 1e6:g}M | {tokens / sizes[d]:.1f} | {w4a4:+.4f} | "
                  f"{w + a:+.4f} | {ratio:.2f} | {r:.2f} | {fix:.2f} |")
+  if len(lines) == 3:
+    return lines[0] + "\nNo cell has W4A4, W4A16 and W16A4 runs yet.\n"
   return "\n".join(lines)
 
 
