@@ -29,12 +29,13 @@ def label(method: str, alpha, n: int, v: int) -> str:
 def evaluate_seed(workdir: Path, points=POINTS, grid=GRID,
                   data_dir: str | None = None) -> list[dict]:
   # pylint: disable=import-outside-toplevel
+  from research import data
   from research.eval import lm_eval
   from research.train import merge
   with merge.RunCheckpoints(workdir) as run:
     if data_dir:
       run.config.data.data_dir = data_dir
-    batches = merge.validation_batches(run.config)
+    batches = data.validation_batches(run.config)
     step_fn = lm_eval.make_eval_step(run.graphdef)
     available = set(run.steps())
     cache: dict[int, tuple] = {}

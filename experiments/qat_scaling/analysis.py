@@ -175,17 +175,16 @@ def _kurtosis(runs_root, groups: list[dict], out_dir: Path) -> str:
     with path.open() as f:
       stored = {(r["precision"], int(r["d"])): r for r in csv.DictReader(f)
                 if r["precision"] in order}
-  finished = {(g["group"], row["arm"]) for g in groups for row in g["arms"]
-              if _loss(row) is not None}
+  finished = {(g["group"], row["arm"]): _loss(row) for g in groups for row in g["arms"]
+              if _loss(row) is not None}  # the arms' final valid loss (one seed: its run's)
   failed = []
   for group, prefix, precision in KURTOSIS_RUNS if runs_root is not None else ():
     for d in (64, 128, 192, 256):
       arm = f"{prefix}_d{d}_D{KURTOSIS_TOKENS_M:g}M"
       workdir = Path(runs_root) / group / arm / "seed0"
-      summary = workdir / "summary.json"
-      if (group, arm) not in finished or not summary.is_file():
-        continue
-      loss = float(json.loads(summary.read_text()).get("valid_loss", math.nan))
+      if (group, arm) not in finished or not (workdir / "summary.json").is_file():
+        continue  # not finished, or not in this runs directory
+      loss = finished[(group, arm)]
       old = stored.get((precision, d))
       if (old is not None and old.get("method") == input_kurtosis.METHOD
           and _same(float(old["valid_loss"]), loss)):

@@ -6,7 +6,7 @@ from research.data.corpora import (
     resolve_data_dir, shakespeare_manifest)
 from research.data.pipeline import (
     PasskeyMix, TokenizedCorpus, TrainIterator, epoch_windows, load_tokenized, make_train_iterator,
-    make_valid_batches)
+    make_valid_batches, validation_batches)
 from research.data.tokenizers import (
     TOKENIZERS, ByteTokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer, get_tokenizer)
 
@@ -15,6 +15,6 @@ __all__ = [
     "CorpusNotFoundError", "DataError", "cache_dir", "fetch_corpus", "list_corpora",
     "load_corpus", "normalise_title", "resolve_data_dir", "shakespeare_manifest",
     "PasskeyMix", "TokenizedCorpus", "TrainIterator", "epoch_windows", "load_tokenized", "make_train_iterator",
-    "make_valid_batches", "TOKENIZERS", "ByteTokenizer", "CharTokenizer", "GPT2Tokenizer",
-    "Tokenizer", "get_tokenizer",
+    "make_valid_batches", "validation_batches", "TOKENIZERS", "ByteTokenizer", "CharTokenizer",
+    "GPT2Tokenizer", "Tokenizer", "get_tokenizer",
 ]

@@ -282,6 +282,18 @@ def make_train_iterator(tokens: np.ndarray, *, seq_len: int, batch_size: int, se
 # ----------------------------------------------------------------------------- valid batches
 
 
+def validation_batches(config, num_batches: int | None = None
+                       ) -> list[dict[str, np.ndarray]]:
+  """The fixed validation batches a run's config defines (what its training log evaluates):
+  the first `num_batches` of them (default `eval.batches`), split as its corpus splits."""
+  corpus = load_tokenized(config.data)
+  if num_batches is None:
+    num_batches = config.eval.batches
+  return make_valid_batches(corpus.valid, seq_len=config.data.seq_len,
+                            batch_size=config.eval.batch_size, num_batches=num_batches,
+                            split=corpus.split)
+
+
 def make_valid_batches(tokens: np.ndarray, *, seq_len: int, batch_size: int,
                        num_batches: int | None, process_index: int = 0,
                        process_count: int = 1,

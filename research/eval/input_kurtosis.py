@@ -143,12 +143,10 @@ def of_run(workdir: str | Path, batches: int = VALID_BATCHES) -> dict[str, list[
   """input_kurtosis of a finished run's latest checkpoint on the first `batches` of its
   validation batches (the corpus is read where the run's config or RESEARCH_DATA_DIR says)."""
   # pylint: disable=import-outside-toplevel
-  from research.data.pipeline import load_tokenized, make_valid_batches
+  from research import data as data_lib
   from research.infer import load_run
   run = load_run(workdir)
-  c = run.config
-  valid = make_valid_batches(load_tokenized(c.data).valid, seq_len=c.data.seq_len,
-                             batch_size=c.eval.batch_size, num_batches=batches)
+  valid = data_lib.validation_batches(run.config, batches)
   tokens = jnp.asarray(np.concatenate([b["inputs"] for b in valid]))
   return input_kurtosis(run.model, tokens)
 

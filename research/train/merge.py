@@ -169,23 +169,15 @@ def _check_output(out: Path, workdir: Path) -> None:
                      "it is not overwritten")
 
 
-def validation_batches(config) -> list:
-  """The fixed validation batches a run's config defines (what its training log evaluates)."""
-  from research import data as data_lib  # pylint: disable=import-outside-toplevel
-  corpus = data_lib.load_tokenized(config.data)
-  return data_lib.make_valid_batches(corpus.valid, seq_len=config.data.seq_len,
-                                     batch_size=config.eval.batch_size,
-                                     num_batches=config.eval.batches, split=corpus.split)
-
-
 def validation_loss(run_dir: str | Path, step: int | None = None,
                     overrides: dict | None = None) -> float:
   """The run's validation loss (nats/token) at checkpoint `step` on the fixed validation
   batches its config defines: the number its training log reports at an evaluation."""
   # pylint: disable=import-outside-toplevel
+  from research import data as data_lib
   from research.eval import lm_eval
   from research.infer.load import load_run
   run = load_run(run_dir, step=step, overrides=overrides)
   graphdef, params, other = nnx.split(run.model, nnx.Param, ...)
   return lm_eval.evaluate(lm_eval.make_eval_step(graphdef), params, other,
-                          validation_batches(run.config))
+                          data_lib.validation_batches(run.config))
