@@ -13,12 +13,33 @@ bits into more, and a test that asked for 1e-5 everywhere failed on some machine
   9e-4, BitLinear on a CI machine). A per-shard quantization scale would move every token.
 
 So the bulk must agree to 1e-5, and the few exceptions are counted and bounded.
+
+Tests that compare two forms of one model (scanned or rematerialized blocks against the
+unrolled ones) give both the same parameters with `copy_parameters`.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+
+def copy_parameters(unrolled, target):
+  """Sets the variables of `target`, a DecoderLM of the same shape, to those of `unrolled`, a
+  DecoderLM with unrolled blocks: each block's variables stacked along the layers axis when
+  `target` scans its blocks (model.scan_blocks), as they are; and the embedding, final norm
+  and head. Returns `target`."""
+  blocks = [nnx.state(b) for b in unrolled.blocks]
+  if target.scanned:
+    nnx.update(target.blocks, jax.tree.map(lambda *xs: jnp.stack(xs), *blocks))
+  else:
+    nnx.update(target.blocks, nnx.state(unrolled.blocks))
+  for name in ("embed", "final_norm", "head"):
+    if getattr(unrolled, name) is not None:
+      nnx.update(getattr(target, name), nnx.state(getattr(unrolled, name)))
+  return target
 
 
 def assert_same_logits(got, ref, *, flipped_tokens: int = 0, rtol: float = 1e-5,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from equivalence import copy_parameters
 from research import config as config_lib
 from research import run_config
 from research.eval.input_kurtosis import input_kurtosis, token_kurtosis
@@ -74,15 +75,7 @@ def test_scanned_and_rematerialized_blocks_give_the_unrolled_values(overrides):
   """The probes record inside a scan's and jax.checkpoint's trace: the same parameters give
   the same values per block as the plain unrolled forward."""
   plain = model()
-  other = model(**overrides)
-  if overrides.get("model.scan_blocks") == "on":  # the unrolled parameters, stacked per layer
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in plain.blocks])
-    nnx.update(other.blocks, stacked)
-  else:
-    nnx.update(other.blocks, nnx.state(plain.blocks))
-  for name in ("embed", "final_norm", "head"):
-    if getattr(plain, name) is not None:
-      nnx.update(getattr(other, name), nnx.state(getattr(plain, name)))
+  other = copy_parameters(plain, model(**overrides))
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, 61)
   want, got = input_kurtosis(plain, tokens), input_kurtosis(other, tokens)
   assert list(got) == list(want)

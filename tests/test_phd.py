@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from equivalence import copy_parameters
 from research import run_config
 from research.errors import ConfigError
 from research.eval import lm_eval
@@ -226,11 +227,8 @@ def test_scanned_blocks_and_remat_compute_the_same():
   remat = create_model(small_config(**base, remat="block"), seed=5)
   np.testing.assert_allclose(np.asarray(_forward(remat, x)), np.asarray(_forward(unrolled, x)),
                              atol=1e-6, rtol=0)
-  scanned = create_model(small_config(**base, scan_blocks="on"), seed=5)
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in unrolled.blocks])
-  nnx.update(scanned.blocks, stacked)
-  nnx.update(scanned.embed, nnx.state(unrolled.embed))
-  nnx.update(scanned.final_norm, nnx.state(unrolled.final_norm))
+  scanned = copy_parameters(unrolled,
+                            create_model(small_config(**base, scan_blocks="on"), seed=5))
   np.testing.assert_allclose(np.asarray(_forward(scanned, x)), np.asarray(_forward(unrolled, x)),
                              atol=1e-5, rtol=0)
 

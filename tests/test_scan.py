@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from equivalence import copy_parameters
 from research import config as config_lib
 from research import run_config
 from research import experiments
@@ -27,18 +28,6 @@ def _config(scan: bool, **overrides):
   return c
 
 
-def _scanned_like(unrolled, c_scan):
-  """The scanned model carrying the unrolled model's parameters (stacked per layer)."""
-  scanned = create_model(c_scan.model)
-  layers = [nnx.state(b) for b in unrolled.blocks]
-  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-  nnx.update(scanned.blocks, stacked)
-  for name in ("embed", "final_norm", "head"):
-    if getattr(unrolled, name) is not None:
-      nnx.update(getattr(scanned, name), nnx.state(getattr(unrolled, name)))
-  return scanned
-
-
 def _loss(model, x):
   logits = model(x, ForwardContext(positions=lm_eval.positions_for(x)))
   return lm_eval.cross_entropy(logits, jnp.roll(x, -1, axis=1)).mean()
@@ -47,7 +36,8 @@ def _loss(model, x):
 @pytest.mark.parametrize("remat", ["none", "block"])
 def test_scan_equals_unrolled_in_values_and_gradients(remat):
   unrolled = create_model(_config(False, **{"model.remat": remat}).model, seed=3)
-  scanned = _scanned_like(unrolled, _config(True, **{"model.remat": remat}))
+  scanned = copy_parameters(unrolled,
+                            create_model(_config(True, **{"model.remat": remat}).model))
   x = jax.random.randint(jax.random.key(0), (2, 32), 0, 65)
   la, ga = nnx.value_and_grad(_loss)(unrolled, x)
   lb, gb = nnx.value_and_grad(_loss)(scanned, x)
