@@ -147,6 +147,32 @@ def test_qat_scaling_analysis_pairs_runs_and_fits(tmp_path):
   assert f.coef["N"] < 0  # delta falls with size
 
 
+def test_qat_scaling_decomposition_by_hand():
+  """The G = 32 decomposition: ratio = W4A4 / (W4A16 + W16A4), R = W16A4 / W4A16 only where
+  W4A16's delta is positive, the activations' share and the FC2 fix, summarized over cells."""
+  analysis = experiments._load_module("qat_scaling", "analysis.py")  # pylint: disable=protected-access
+  cells = {(64, 1e6): (0.03, 0.01, 0.02, 0.015), (64, 4e6): (0.04, -0.002, 0.03, None),
+           (128, 1e6): (0.02, 0.005, 0.02, 0.01), (128, 4e6): (0.02, 0.02, 0.015, 0.025)}
+  rows = []
+  for (d, tokens), deltas in cells.items():
+    for prec, delta in zip(("W4A4", "W4A16", "W16A4", "W4A4 FC2 8-bit"), deltas):
+      if delta is not None:
+        rows.append({"precision": prec, "G": 32, "d": d, "N": d * 1000, "D": tokens,
+                     "delta": delta})
+  md = analysis._decomposition(rows)  # pylint: disable=protected-access
+  table = {tuple(line.split(" | ")[:2]): line.strip("| ").split(" | ")
+           for line in md.splitlines() if line.startswith("| 64 ") or line.startswith("| 128 ")}
+  first = table[("| 64", "1M")]
+  assert first[6:] == ["1.00", "2.00", "0.67", "+0.0150", "0.50"]
+  second = table[("| 64", "4M")]  # W4A16 <= 0: no R; no FC2 run: no fix
+  assert second[6:] == ["1.43", "–", "0.75", "–", "–"]
+  assert "defined in 3 of 4 cells" in md and "> 1 in 2 of them" in md
+  # R: 2.0 at D/N 15.6, 4.0 at 7.8, 0.75 at 31.2: it falls as D/N grows, rank correlation -1
+  assert "Spearman rank correlation of R with D/N over the 3 defined cells: -1.00" in md
+  assert ("lowers W4A4's delta in 2 of 3 cells, by a mean 25% (range -25% to 50%"
+          in md)  # cuts 1 - 0.5, 1 - 0.5, 1 - 1.25
+
+
 def test_seed_noise_arms_train_their_own_seeds():
   """qat_scaling's `seeds` group names seeds 1 and 2 in its arms: the sweep trains those, not
   seed 0 again (it did: the index replaced the arm's seed, and the fp32 arms were reused as

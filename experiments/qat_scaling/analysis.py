@@ -26,7 +26,8 @@ from research.eval import input_kurtosis
 PAPER = {"W4A4": (0.2186, 0.0745, 0.7779), "W4A16": (0.3589, 0.1610, 0.3533),
          "W16A4": (0.1816, 0.0331, 0.9812),
          "W4A4 FC2 8-bit": (0.2637, 0.0964, 0.3407)}  # (g_N, g_D, g_G), Table 1
-NAME = re.compile(r"^(?P<prec>[a-z0-9]+?)(_g(?P<g>\d+))?_d(?P<d>\d+)_D(?P<D>[\d.]+)M(_s(?P<s>\d))?$")
+NAME = re.compile(
+    r"^(?P<prec>[a-z0-9]+?)(_g(?P<g>\d+))?_d(?P<d>\d+)_D(?P<D>[\d.]+)M(_s(?P<s>\d))?$")
 PREC = {"w4a4": "W4A4", "w4a16": "W4A16", "w16a4": "W16A4", "w4a4fc2a8": "W4A4 FC2 8-bit"}
 
 
@@ -134,25 +135,66 @@ def _seed_noise(rows: list[dict]) -> str:
 
 
 def _decomposition(rows: list[dict]) -> str:
+  """At G = 32, per cell: W4A4 against W4A16 + W16A4 (the paper: W4A4 ≈ 0.906 (W4A16 +
+  W16A4)), R = W16A4 / W4A16 (the paper: R > 1, falling as D/N grows; defined here only where
+  W4A16's delta is positive, as a ratio to a delta within seed noise means nothing), the
+  activations' share W16A4 / W4A4, and FC2-8-bit / W4A4 (the paper: 0.795 at G = 32); then
+  each column summarized over the cells."""
   by = {(r["precision"], r["d"], r["D"]): r["delta"] for r in rows if r["G"] == 32}
   lines = ["\n### Decomposition at G = 32\n",
-           "| d | D | D/N | W4A4 | W4A16 + W16A4 | ratio | R = W16A4 / W4A16 | FC2 8-bit / W4A4 |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| d | D | D/N | W4A4 | W4A16 | W16A4 | ratio W4A4 / (W4A16 + W16A4) "
+           "| R = W16A4 / W4A16 | W16A4 / W4A4 | FC2 8-bit | FC2 8-bit / W4A4 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   sizes = {r["d"]: r["N"] for r in rows}
+  cells = []
   for (prec, d, tokens), w4a4 in sorted(by.items()):
     if prec != "W4A4":
       continue
     w, a, fc2 = (by.get((p, d, tokens)) for p in ("W4A16", "W16A4", "W4A4 FC2 8-bit"))
     if w is None or a is None:
       continue
-    ratio = w4a4 / (w + a) if w + a else math.nan
-    r = a / w if w else math.nan
-    fix = fc2 / w4a4 if fc2 is not None and w4a4 else math.nan
-    lines.append(f"| {d} | {tokens / 1e6:g}M | {tokens / sizes[d]:.1f} | {w4a4:+.4f} | "
-                 f"{w + a:+.4f} | {ratio:.2f} | {r:.2f} | {fix:.2f} |")
-  if len(lines) == 3:
+    cell = {"D/N": tokens / sizes[d], "ratio": w4a4 / (w + a) if w + a > 0 else math.nan,
+            "R": a / w if w > 0 else math.nan, "share": a / w4a4,
+            "fix": fc2 / w4a4 if fc2 is not None else math.nan}
+    cells.append(cell)
+    fmt = lambda x: "–" if math.isnan(x) else f"{x:.2f}"  # noqa: E731
+    lines.append(f"| {d} | {tokens / 1e6:g}M | {cell['D/N']:.1f} | {w4a4:+.4f} | {w:+.4f} | "
+                 f"{a:+.4f} | {fmt(cell['ratio'])} | {fmt(cell['R'])} | {fmt(cell['share'])} | "
+                 + ("–" if fc2 is None else f"{fc2:+.4f}") + f" | {fmt(cell['fix'])} |")
+  if not cells:
     return lines[0] + "\nNo cell has W4A4, W4A16 and W16A4 runs yet.\n"
-  return "\n".join(lines)
+  return "\n".join(lines) + "\n\n" + _decomposition_summary(cells) + "\n"
+
+
+def _decomposition_summary(cells: list[dict]) -> str:
+  def spread(key):
+    x = np.array([c[key] for c in cells if not math.isnan(c[key])])
+    if not len(x):
+      return "no cell"
+    return (f"mean {x.mean():.2f}, median {np.median(x):.2f}, range {x.min():.2f}-"
+            f"{x.max():.2f}, {len(x)} cells")
+  defined = [c for c in cells if not math.isnan(c["R"])]
+  out = [f"- ratio W4A4 / (W4A16 + W16A4): {spread('ratio')} (paper 0.906).",
+         f"- R = W16A4 / W4A16: defined in {len(defined)} of {len(cells)} cells (W4A16's delta "
+         f"≤ 0 in the others), > 1 in {sum(c['R'] > 1 for c in defined)} of them; "
+         f"{spread('R')}.",
+         f"- Activations' share W16A4 / W4A4: {spread('share')}."]
+  if len(defined) >= 3:
+    rho = _spearman([c["D/N"] for c in defined], [c["R"] for c in defined])
+    out.append(f"- Spearman rank correlation of R with D/N over the {len(defined)} defined cells: "
+               f"{rho:+.2f} (the paper: R falls as D/N grows, a negative correlation).")
+  fixed = [c for c in cells if not math.isnan(c["fix"])]
+  if fixed:
+    cut = np.array([1 - c["fix"] for c in fixed])
+    out.append(f"- FC2's input at 8 bits lowers W4A4's delta in {int((cut > 0).sum())} of "
+               f"{len(fixed)} cells, by a mean {cut.mean():.0%} (range {cut.min():.0%} to "
+               f"{cut.max():.0%}; the paper: 20.5% at G = 32).")
+  return "\n".join(out)
+
+
+def _spearman(x, y) -> float:
+  rx, ry = (np.argsort(np.argsort(v)).astype(float) for v in (x, y))
+  return float(np.corrcoef(rx, ry)[0, 1])
 
 
 # (group, arm prefix, precision) of the runs whose linear inputs the kurtosis table measures
