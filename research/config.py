@@ -83,10 +83,12 @@ def core_config() -> ml_collections.ConfigDict:
   t.grad_accum = 1  # micro-batches per step (batch_size divides by it); 0: as few as fit the
                    # device's memory by research.plan's estimate (decided when the run starts)
   t.lr = 1e-3
-  t.schedule = "cosine"  # constant | cosine | wsd
+  t.schedule = "cosine"  # constant | cosine | linear | wsd | step | inverse_time
   t.warmup_steps = 100
-  t.min_lr_ratio = 0.1  # cosine / wsd floor as a fraction of lr
+  t.min_lr_ratio = 0.1  # cosine / linear / wsd / inverse_time floor as a fraction of lr
   t.decay_fraction = 0.2  # wsd: fraction of steps spent decaying
+  t.step_milestones = (0.5, 0.75)  # step: fractions of train.steps where lr is multiplied by
+  t.step_gamma = 0.1  # step_gamma
   t.b1 = 0.9
   t.b2 = 0.99
   t.eps = 1e-8
@@ -274,7 +276,8 @@ RANGES = {
     "data.passkey_key_len": _AT_LEAST_1,
     "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_0,
     "train.lr": _POSITIVE, "train.warmup_steps": _AT_LEAST_0, "train.min_lr_ratio": _FRACTION,
-    "train.decay_fraction": _FRACTION, "train.b1": _BELOW_1, "train.b2": _BELOW_1,
+    "train.decay_fraction": _FRACTION, "train.step_gamma": _FRACTION, "train.b1": _BELOW_1,
+    "train.b2": _BELOW_1,
     "train.eps": _AT_LEAST_0, "train.weight_decay": _AT_LEAST_0, "train.clip_norm": _AT_LEAST_0,
     "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _AT_LEAST_1,
     "train.keep_checkpoints": _AT_LEAST_1,
@@ -287,7 +290,7 @@ RANGES = {
     "mesh.num_devices": _AT_LEAST_0, "mesh.tensor": _AT_LEAST_1, "mesh.expert": _AT_LEAST_1,
 }
 CHOICES = {
-    "train.schedule": ("constant", "cosine", "wsd"),  # research/train/optim.py
+    "train.schedule": ("constant", "cosine", "linear", "wsd", "step", "inverse_time"),  # optim.py
     "train.optimizer": ("adamw", "lowbit_adamw"),
     "train.lowbit.m_bits": (2, 3, 4, 8), "train.lowbit.v_bits": (2, 3, 4, 8),
     "train.lowbit.m_grid": ("linear", "de"),  # research/train/lowbit.py (qema: v only)
@@ -330,6 +333,15 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   t = config.train
   if t.warmup_steps > t.steps:
     raise ConfigError(f"train.warmup_steps={t.warmup_steps} exceeds train.steps={t.steps}")
+  milestones = t.get("step_milestones", ())
+  if not isinstance(milestones, tuple) or not all(
+      isinstance(m, (int, float)) and 0 < m < 1 for m in milestones):
+    raise ConfigError(f"train.step_milestones={milestones!r} must be a tuple of fractions of "
+                      "train.steps, each in (0, 1), e.g. (0.5, 0.75)")
+  if t.schedule == "inverse_time" and t.min_lr_ratio <= 0:
+    raise ConfigError("train.schedule='inverse_time' (lr / (1 + k s)) reaches its floor "
+                      "train.min_lr_ratio at the last step: the floor must be > 0, not "
+                      f"{t.min_lr_ratio}")
 
 
 # What train.expand can grow (research/train/expand.py reads the parameters' logical axes):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from research import config as config_lib
 from research import run_config
 from research.model import create_model, ffn
 from research.train import optim
@@ -197,24 +198,36 @@ def train_config(**train):
   return run_config.resolve(c)
 
 
-@pytest.mark.parametrize("schedule", ["constant", "cosine", "wsd"])
+@pytest.mark.parametrize("schedule", optim.SCHEDULES)
 def test_schedules(schedule):
+  """Every schedule warms up linearly over 10 of 100 steps to lr 1, then follows its formula on
+  hand-computed points (floor 0.1)."""
   t = train_config(schedule=schedule, steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1,
-                   decay_fraction=0.2).train
+                   decay_fraction=0.2, step_milestones=(0.5, 0.75), step_gamma=0.1).train
   s = optim.make_schedule(t)
   assert float(s(0)) == pytest.approx(0.0)
   assert float(s(5)) == pytest.approx(0.5)
   assert float(s(10)) == pytest.approx(1.0)
-  end = float(s(100))
-  if schedule == "constant":
-    assert end == pytest.approx(1.0)
-  elif schedule == "cosine":
-    assert end == pytest.approx(0.1, abs=1e-6)
-    assert float(s(55)) == pytest.approx(0.55, abs=1e-6)  # halfway: (1 + 0.1) / 2
-  else:
-    assert float(s(79)) == pytest.approx(1.0)  # stable until the last 20 steps
-    assert float(s(90)) == pytest.approx(0.55, abs=1e-6)
-    assert end == pytest.approx(0.1, abs=1e-6)
+  points = {  # step -> lr
+      "constant": {55: 1.0, 100: 1.0},
+      "cosine": {55: 0.55, 100: 0.1},  # halfway: (1 + 0.1) / 2
+      "linear": {55: 0.55, 100: 0.1},
+      "wsd": {79: 1.0, 90: 0.55, 100: 0.1},  # stable until the last 20 steps
+      "step": {49: 1.0, 50: 0.1, 74: 0.1, 75: 0.01, 100: 0.01},
+      # k = (1 / 0.1 - 1) / 90 = 0.1: 1 / (1 + 0.1 * 45) at step 55, 1 / 10 at the last
+      "inverse_time": {55: 1 / 5.5, 100: 0.1},
+  }[schedule]
+  for step, lr in points.items():
+    assert float(s(step)) == pytest.approx(lr, abs=1e-6), (schedule, step)
+
+
+def test_schedule_settings_are_checked():
+  with pytest.raises(config_lib.ConfigError, match="floor must be > 0"):
+    train_config(schedule="inverse_time", min_lr_ratio=0.0)
+  with pytest.raises(config_lib.ConfigError, match="train.step_milestones"):
+    train_config(schedule="step", step_milestones=(0.5, 1.5))
+  with pytest.raises(config_lib.ConfigError, match="is not one of"):
+    train_config(schedule="onecycle")
 
 
 def test_weight_decay_mask_spares_vectors():
@@ -275,6 +288,7 @@ def test_a_run_from_before_a_new_option_still_resumes():
   c.model.attention.kind = "moda"
   new = run_config.resolve(c).to_dict()
   old = json.loads(json.dumps(new))
+  assert config_differences(old, new) == []  # as stored on disk (its tuples are lists)
   del old["model"]["attention"]["moda"]
   assert config_differences(old, new) == []
   changed = json.loads(json.dumps(new))

@@ -3,10 +3,15 @@
 AdamW with global-norm clipping and a weight-decay mask (matrices decay; norm scales, biases
 and other vectors do not). Schedules, each with linear warmup:
 
-  constant  lr after warmup
-  cosine    cosine decay to min_lr_ratio * lr at the last step
-  wsd       warmup-stable-decay: constant, then linear decay to min_lr_ratio * lr over the
-            last decay_fraction of the steps
+  constant      lr after warmup
+  cosine        cosine decay to min_lr_ratio * lr at the last step
+  linear        linear decay to min_lr_ratio * lr at the last step
+  wsd           warmup-stable-decay: constant, then linear decay to min_lr_ratio * lr over the
+                last decay_fraction of the steps
+  step          lr times step_gamma at each of step_milestones (fractions of train.steps)
+  inverse_time  1/t decay, lr / (1 + k s) with s the steps after warmup and k set so that the
+                last step's lr is min_lr_ratio * lr (k = (1 / min_lr_ratio - 1) / (steps -
+                warmup))
 
 Per-parameter lr multipliers (`scale_by_path`): a module family may ask for a multiplier on
 some of its parameters, matched by tree path (UltraMem's value tables: 4x decaying to 1x).
@@ -20,7 +25,7 @@ import optax
 
 from research.train import lowbit
 
-SCHEDULES = ("constant", "cosine", "wsd")  # research.config.CHOICES["train.schedule"]
+SCHEDULES = ("constant", "cosine", "linear", "wsd", "step", "inverse_time")  # config.CHOICES
 
 
 def make_schedule(t) -> optax.Schedule:
@@ -32,6 +37,15 @@ def make_schedule(t) -> optax.Schedule:
     rest = optax.constant_schedule(lr)
   elif t.schedule == "cosine":
     rest = optax.cosine_decay_schedule(lr, max(steps - warmup, 1), alpha=t.min_lr_ratio)
+  elif t.schedule == "linear":
+    rest = optax.linear_schedule(lr, floor, max(steps - warmup, 1))
+  elif t.schedule == "step":
+    # milestones count from the run's first step; join_schedules hands `rest` steps from warmup
+    starts = jnp.asarray([int(round(m * steps)) - warmup for m in t.step_milestones])
+    rest = lambda s: lr * t.step_gamma ** jnp.sum(s >= starts)  # noqa: E731
+  elif t.schedule == "inverse_time":
+    k = (1.0 / t.min_lr_ratio - 1.0) / max(steps - warmup, 1)
+    rest = lambda s: lr / (1.0 + k * jnp.maximum(s, 0))  # noqa: E731
   elif t.schedule == "wsd":
     decay = max(int(round(steps * t.decay_fraction)), 1)
     stable = max(steps - warmup - decay, 0)

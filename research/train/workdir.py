@@ -65,7 +65,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
   The IGNORED keys are never differences, nor is a `model.vocab_size` of 0 in `new` (the
   tokenizer's, filled in when the run starts).
   """
-  defaults = run_config.default_config().to_dict()
+  # compared in the form a run stores them (config.json): tuples read back as lists
+  new, defaults = (json.loads(json.dumps(d)) for d in (new, run_config.default_config().to_dict()))
+  old = json.loads(json.dumps(old))
   diffs = []
   for k in config_lib.flat_keys(ml_collections.ConfigDict(new)):
     if k in IGNORED or (k == "model.vocab_size" and config_lib.get_dotted(new, k) == 0):
