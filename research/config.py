@@ -195,6 +195,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
       value = parse_value(value)
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
       value = float(value)
+    if isinstance(old, tuple) and isinstance(value, (int, float, str)):
+      value = (value,)  # one element of a tuple setting: "0.5" for (0.5,)
+    if isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
     if old is not None and value is not None and type(old) is not type(value):
       raise ConfigError(
           f"config key '{key}' expects {type(old).__name__}, got {value!r}")

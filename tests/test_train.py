@@ -228,6 +228,11 @@ def test_schedule_settings_are_checked():
     train_config(schedule="step", step_milestones=(0.5, 1.5))
   with pytest.raises(config_lib.ConfigError, match="is not one of"):
     train_config(schedule="onecycle")
+  c = run_config.default_config()  # milestones from the command line: one or several
+  config_lib.apply_overrides(c, {"train.step_milestones": "0.4"})
+  assert c.train.step_milestones == (0.4,)
+  config_lib.apply_overrides(c, {"train.step_milestones": "0.4,0.8"})
+  assert c.train.step_milestones == (0.4, 0.8)
 
 
 def test_weight_decay_mask_spares_vectors():
