@@ -155,7 +155,8 @@ def _holdout(rows, x, y, spec: str) -> dict:
     target = col.max() if value == "max" else col.min() if value == "min" else float(value)
     mask &= np.isclose(col, target)
   if not mask.any() or mask.all():
-    raise FitError(f"holdout '{spec}' must select some rows but not all")
+    raise FitError(f"holdout '{spec}' must select some but not all of the {len(rows)} rows "
+                   "with a positive target (rows <= 0 are dropped before it is applied)")
   if (~mask).sum() < x.shape[1] + 1:
     raise FitError(f"holdout '{spec}' leaves too few rows to fit")
   coef = _lstsq(x[~mask], y[~mask])

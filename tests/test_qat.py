@@ -173,6 +173,18 @@ def test_qat_scaling_decomposition_by_hand():
           in md)  # cuts 1 - 0.5, 1 - 0.5, 1 - 1.25
 
 
+def test_qat_scaling_fit_without_its_corner_when_the_corner_is_dropped():
+  """W4A16's delta can be <= 0 at the held-out corner (seed noise): the fit goes on without
+  holding it out and says why."""
+  analysis = experiments._load_module("qat_scaling", "analysis.py")  # pylint: disable=protected-access
+  rows = [{"N": n, "D": d, "delta": 0.01 * (d / 1e6) ** 0.3 / (n / 1e5) ** 0.2}
+          for n in (1e5, 2e5, 4e5) for d in (1e6, 2e6, 4e6)]
+  rows[-1]["delta"] = -0.001  # N = max, D = max
+  line = analysis._fit_line("W4A16 (G = 32)", "W4A16", rows, ["N", "D"])  # pylint: disable=protected-access
+  assert "8 (1 ≤ 0 dropped)" in line and "the corner's delta ≤ 0" in line
+  assert "+0.200 [" in line and "+0.300 [" in line  # g_N, g_D of the 8 noiseless rows
+
+
 def test_seed_noise_arms_train_their_own_seeds():
   """qat_scaling's `seeds` group names seeds 1 and 2 in its arms: the sweep trains those, not
   seed 0 again (it did: the index replaced the arm's seed, and the fp32 arms were reused as

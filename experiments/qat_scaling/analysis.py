@@ -78,8 +78,16 @@ def _fit_line(name, precision, rows, terms, holdout="N=max,D=max") -> str:
     return f"| {name} | no finished pair yet | | | | | |"
   try:
     f = fit_lib.fit(rows, "delta", terms, holdout=holdout, bootstrap=2000)
+    held_note = ""
   except fit_lib.FitError as e:
-    return f"| {name} | not fitted: {e} | | | | | |"
+    try:  # the corner itself may be a dropped row (delta <= 0): fit without holding it out
+      f = fit_lib.fit(rows, "delta", terms, bootstrap=2000)
+    except fit_lib.FitError as e2:
+      return f"| {name} | not fitted: {e2} | | | | | |"
+    corner = [r for r in rows if r["N"] == max(x["N"] for x in rows)
+              and r["D"] == max(x["D"] for x in rows)]
+    held_note = ("– (the corner's delta ≤ 0)" if corner and all(r["delta"] <= 0 for r in corner)
+                 else f"not held out: {e}")
   cells = []
   for term, sign in (("N", -1), ("D", 1), ("log2(G)", 1)):
     if term not in f.coef:
@@ -88,9 +96,9 @@ def _fit_line(name, precision, rows, terms, holdout="N=max,D=max") -> str:
     lo, hi = sorted((sign * f.interval[term][0], sign * f.interval[term][1]))
     cells.append(f"{sign * f.coef[term]:+.3f} [{lo:+.3f}, {hi:+.3f}]")
   paper = PAPER.get(precision)
-  held = f.holdout["mean_abs_rel_error"] if f.holdout else math.nan
+  held = f"{f.holdout['mean_abs_rel_error']:.0%}" if f.holdout else held_note
   return (f"| {name} | {' | '.join(cells)} | {f.r2:.2f} | {f.rows} ({f.dropped} ≤ 0 dropped) "
-          f"| {held:.0%} | {paper or '–'} |")
+          f"| {held} | {paper or '–'} |")
 
 
 def analyze(experiment, runs_root, groups, out_dir) -> str:
