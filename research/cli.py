@@ -10,7 +10,8 @@
   research plan NAME[:ARG] [--cluster C ...] [--mfu F] [--no_lower] [--config.key=value ...]
   research merge WORKDIR --every V [--last N] [--method sma|ema|wma] [--alpha A] [--step S]
                          [--out DIR] [--eval] [--data_dir DIR]
-  research fit TABLE --target Y --terms N,D,log2:G [--holdout N=max,D=max] [--bootstrap B]
+  research fit TABLE --target Y --terms N,D,log2:G [--holdout N=max,D=max] [--where C=V]
+                     [--bootstrap B]
   research data list | fetch CORPUS
 
 Exit status:
@@ -131,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
                   help="comma-separated factors: a column or log2:COLUMN (e.g. N,D,log2:G)")
   ft.add_argument("--holdout", default="",
                   help="rows to predict from a fit without them, e.g. N=max,D=max")
+  ft.add_argument("--where", default="",
+                  help="fit only the rows matching column=value[,column=value], e.g. "
+                  "precision=W4A4")
   ft.add_argument("--bootstrap", type=int, default=2000)
   ft.add_argument("--seed", type=int, default=0)
   ft.add_argument("--out", help="also write the fit as JSON here")
@@ -252,7 +256,8 @@ def cmd_merge(args) -> None:
 def cmd_fit(args) -> None:
   import dataclasses
   from research import fit
-  result = fit.fit(fit.load_table(args.table), args.target, args.terms.split(","),
+  rows = fit.select(fit.load_table(args.table), args.where)
+  result = fit.fit(rows, args.target, args.terms.split(","),
                    holdout=args.holdout, bootstrap=args.bootstrap, seed=args.seed)
   print(result.describe())
   if args.out:

@@ -1,7 +1,7 @@
 """Power-law fits of a grid of runs, with bootstrap uncertainty and a held-out prediction.
 
   research fit TABLE.csv --target delta --terms N,D,log2:G [--holdout N=max,D=max]
-                         [--bootstrap 2000] [--seed 0] [--out fit.json]
+                         [--where precision=W4A4] [--bootstrap 2000] [--seed 0] [--out F]
 
 A law  y = k * prod_i t_i^gamma_i  (t_i a column, or log2 of one: `log2:G`) is linear in logs,
 log y = log k + sum_i gamma_i log t_i, so it is fitted by least squares in log space (the
@@ -10,7 +10,8 @@ with y <= 0 cannot enter a log fit and are dropped (and counted). Uncertainty: t
 resampled with replacement `bootstrap` times and refitted; each coefficient's 95% interval is
 the 2.5 / 97.5 percentiles. Held-out check: the rows matching `holdout` (column=value, `max`
 or `min` meaning the column's extreme; all conditions must hold: a corner of the grid) are left
-out of a second fit, which predicts them; the relative errors are reported.
+out of a second fit, which predicts them; the relative errors are reported. `--where` fits a
+subset of the table (`select`: rows whose columns equal the values given).
 
 The table is a CSV with a header, or a JSON list of objects; experiments build theirs from
 their runs (experiments/qat_scaling/analysis.py).
@@ -86,6 +87,36 @@ class Fit:
       lines.append(f"  held out {h['where']}: {h['rows']} rows, predicted from the other "
                    f"{h['fit_rows']}: mean |relative error| {h['mean_abs_rel_error']:.1%}")
     return "\n".join(lines)
+
+  def predict(self, rows: list[dict]) -> np.ndarray:
+    """The fitted law's value at each row (rows hold the terms' columns)."""
+    terms = [Term(n[len("log2("):-1], log2=True) if n.startswith("log2(") else Term(n)
+             for n in self.terms]
+    coef = np.asarray([self.coef[n] for n in ["log_k"] + self.terms])
+    return np.exp(_design(rows, terms) @ coef)
+
+
+def select(rows: list[dict], where: str) -> list[dict]:
+  """The rows whose columns equal every `column=value` of the comma-separated `where`
+  (compared as numbers where both parse as numbers, else as text)."""
+  out = rows
+  for cond in filter(None, where.split(",")):
+    column, sep, value = cond.partition("=")
+    if not sep:
+      raise FitError(f"--where '{cond}' is not of the form column=value")
+    if rows and column not in rows[0]:
+      raise FitError(f"--where: no column '{column}' in the table (columns: {sorted(rows[0])})")
+    out = [r for r in out if _equal(r[column], value)]
+  if not out:
+    raise FitError(f"--where '{where}' matches no row")
+  return out
+
+
+def _equal(a, b) -> bool:
+  try:
+    return math.isclose(float(a), float(b))
+  except (TypeError, ValueError):
+    return str(a) == str(b)
 
 
 def load_table(path: str | Path) -> list[dict]:

@@ -105,18 +105,26 @@ def test_research_fit_command(tmp_path, capsys):
   import csv
   from research import cli
   path = tmp_path / "grid.csv"
+  other = [dict(r, delta=2 * r["delta"] * r["D"] ** 0.1, precision="B") for r in _law_rows()]
   with path.open("w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["N", "D", "G", "delta"])
+    w = csv.DictWriter(f, fieldnames=["N", "D", "G", "delta", "precision"])
     w.writeheader()
-    w.writerows(_law_rows())
+    w.writerows([dict(r, precision="A") for r in _law_rows()] + other)
   assert cli.main(["fit", str(path), "--target", "delta", "--terms", "N,D,log2:G",
-                   "--holdout", "N=max,D=max", "--bootstrap", "50",
+                   "--holdout", "N=max,D=max", "--bootstrap", "50", "--where", "precision=A",
                    "--out", str(tmp_path / "fit.json")]) == 0
   out = capsys.readouterr().out
-  assert "N^-0.2200" in out and "held out N=max,D=max: 3 rows" in out
+  assert "N^-0.2200" in out and "D^+0.0700" in out and "held out N=max,D=max: 3 rows" in out
   assert (tmp_path / "fit.json").is_file()
+  assert cli.main(["fit", str(path), "--target", "delta", "--terms", "N,D,log2:G",
+                   "--bootstrap", "0", "--where", "precision=B,G=32"]) == 0
+  out = capsys.readouterr().out  # the other law (D^0.17), on its G = 32 rows alone
+  assert "D^+0.1700" in out and "16 rows" in out
   assert cli.main(["fit", str(path), "--target", "delta", "--terms", "P"]) == 2
   assert "no column 'P'" in capsys.readouterr().err
+  assert cli.main(["fit", str(path), "--target", "delta", "--terms", "N",
+                   "--where", "precision=C"]) == 2
+  assert "matches no row" in capsys.readouterr().err
 
 
 def test_qat_scaling_analysis_pairs_runs_and_fits(tmp_path):
@@ -139,8 +147,16 @@ def test_qat_scaling_analysis_pairs_runs_and_fits(tmp_path):
     groups.append({"group": name, "arg": sweep.arg, "arms": rows})
   md = analysis.analyze("qat_scaling", None, groups, tmp_path)
   assert "| W4A4 | -" not in md and "### Decomposition at G = 32" in md
-  table = fit.load_table(tmp_path / "qat_deltas.csv")
-  assert len([r for r in table if r["precision"] == "W4A4"]) == 36 + 2  # + the seeds cells
+  table = fit.load_table(tmp_path / "qat_deltas.csv")  # the grid alone
+  assert len([r for r in table if r["precision"] == "W4A4"]) == 36
+  extra = fit.load_table(tmp_path / "qat_deltas_extra.csv")  # seed-noise and long runs
+  assert sorted((r["group"], r["precision"]) for r in extra) == [
+      ("long", "W4A4")] * 2 + [("seeds", "W4A4")] * 2
+  long = md[md.index("### Long runs"):].splitlines()
+  assert sum(line.endswith("| grid |") for line in long) == 3
+  for line in (x for x in long if x.endswith("| long |")):  # the grid's law extrapolates
+    delta, predicted = (float(v) for v in line.split(" | ")[4:6])
+    assert predicted == pytest.approx(delta, rel=0.1)
   w4a4 = [r for r in table if r["precision"] == "W4A4" and r["seed"] == "0"]
   f = fit.fit(w4a4, "delta", ["N", "D", "log2:G"], bootstrap=100)
   assert f.coef["D"] == pytest.approx(0.07, abs=0.01) and f.coef["log2(G)"] == pytest.approx(0.78, abs=0.01)

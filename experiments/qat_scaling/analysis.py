@@ -3,8 +3,9 @@ every cell (N non-embedding parameters, D tokens, G group size), the fit of
 delta = k D^g_D (log2 G)^g_G / N^g_N (research/fit.py: log-space least squares, bootstrap 95%
 intervals over cells, the corner N = max, D = max predicted by a fit without it), the error
 decomposition at G = 32 (W4A4 against W4A16 + W16A4; R = W16A4 / W4A16), the FC2-input fix,
-and the seed noise of delta at one cell. It writes the table as results/qat_deltas.csv, which
-`research fit` reads:
+the seed noise of delta at one cell, and the long runs (d = 64 beyond the grid's D) against
+the grid law's prediction. It writes the grid's rows (seed 0) as results/qat_deltas.csv, which
+`research fit` reads (the seed-noise and long runs go to qat_deltas_extra.csv):
 
   research fit experiments/qat_scaling/results/qat_deltas.csv --target delta \\
       --terms N,D,log2:G --holdout N=max,D=max
@@ -51,9 +52,10 @@ def delta_rows(groups: list[dict]) -> list[dict]:
       if m is None or loss is None:
         continue
       key = (m["prec"], int(m["g"] or 0), int(m["d"]), float(m["D"]), int(m["s"] or 0))
-      runs[key] = (loss, group.get("arg", "scale=tiny"), row.get("overrides") or {})
+      runs[key] = (loss, group.get("arg", "scale=tiny"), row.get("overrides") or {},
+                   group.get("group", ""))
   out, sizes = [], {}
-  for (prec, g, d, tokens, seed), (loss, arg, overrides) in sorted(runs.items()):
+  for (prec, g, d, tokens, seed), (loss, arg, overrides, group) in sorted(runs.items()):
     base = runs.get(("fp32", 0, d, tokens, seed))
     if prec == "fp32" or base is None:
       continue
@@ -61,7 +63,7 @@ def delta_rows(groups: list[dict]) -> list[dict]:
       sizes[d] = _non_embedding(arg, overrides)
     out.append({"precision": PREC.get(prec, prec), "G": g, "d": d, "N": sizes[d],
                 "D": tokens * 1e6, "seed": seed, "loss": loss, "fp32_loss": base[0],
-                "delta": loss - base[0]})
+                "delta": loss - base[0], "group": group})
   return out
 
 
@@ -107,8 +109,11 @@ def analyze(experiment, runs_root, groups, out_dir) -> str:
   kurtosis = _kurtosis(runs_root, groups, Path(out_dir))
   if not rows:
     return "## QAT scaling\n\nNo QAT and fp32 pair has finished yet.\n" + kurtosis
-  _write_csv(rows, Path(out_dir) / "qat_deltas.csv")
-  main = [r for r in rows if r["seed"] == 0]
+  main = [r for r in rows if r["seed"] == 0 and r["group"] not in OUTSIDE_GRID]
+  # the grid alone, so `research fit` on it is the fit below; seed-noise and long runs apart
+  _write_csv(main or rows, Path(out_dir) / "qat_deltas.csv")
+  if main and len(main) < len(rows):
+    _write_csv([r for r in rows if r not in main], Path(out_dir) / "qat_deltas_extra.csv")
   if not main:  # only the seed-noise cell so far: no grid to tabulate or fit
     return ("## QAT scaling\n\nThe grid (seed 0) has no QAT and fp32 pair yet.\n" + kurtosis
             + _seed_noise(rows))
@@ -126,7 +131,34 @@ def analyze(experiment, runs_root, groups, out_dir) -> str:
     lines.append(_fit_line(f"{prec} (G = 32)", prec,
                            [r for r in main if r["precision"] == prec], ["N", "D"]))
   lines.append(_decomposition(main))
-  return "\n".join(lines) + "\n" + kurtosis + _seed_noise(rows)
+  return ("\n".join(lines) + "\n" + _long_runs(main, [r for r in rows if r["group"] == "long"])
+          + kurtosis + _seed_noise(rows))
+
+
+OUTSIDE_GRID = ("long",)  # groups whose runs the grid's fit leaves out (and predicts)
+
+
+def _long_runs(main: list[dict], long: list[dict]) -> str:
+  """The long group (d = 64, G = 32, D beyond the grid, up to D/N ~ 95) beside the grid's
+  cells of the same width and G, with the grid's W4A4 law evaluated at every D: does delta
+  keep rising with D where D/N approaches the paper's range?"""
+  if not long:
+    return ""
+  w4a4 = [r for r in main if r["precision"] == "W4A4"]
+  try:
+    law = fit_lib.fit(w4a4, "delta", ["N", "D", "log2:G"], bootstrap=0)
+  except fit_lib.FitError:
+    law = None
+  d, g = long[0]["d"], long[0]["G"]
+  same = sorted([r for r in w4a4 if r["d"] == d and r["G"] == g] + long, key=lambda r: r["D"])
+  predicted = law.predict(same) if law is not None else [math.nan] * len(same)
+  lines = [f"\n### Long runs (d = {d}, G = {g}; the long group is outside the grid's fit)\n",
+           "| D | D/N | fp32 | W4A4 | delta | the grid's W4A4 law predicts | run |",
+           "|---|---|---|---|---|---|---|"]
+  lines += [f"| {r['D'] / 1e6:g}M | {r['D'] / r['N']:.0f} | {r['fp32_loss']:.4f} | "
+            f"{r['loss']:.4f} | {r['delta']:+.4f} | {p:+.4f} | "
+            f"{'long' if r in long else 'grid'} |" for r, p in zip(same, predicted)]
+  return "\n".join(lines) + "\n"
 
 
 def _seed_noise(rows: list[dict]) -> str:
