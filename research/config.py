@@ -270,6 +270,7 @@ _POSITIVE = (0, None, False, False)
 _FRACTION = (0, 1, True, True)  # [0, 1]
 _BELOW_1 = (0, 1, True, False)  # [0, 1)
 _POSITIVE_BELOW_1 = (0, 1, False, False)  # (0, 1)
+_POSITIVE_AT_MOST_1 = (0, 1, False, True)  # (0, 1]
 RANGES = {
     "seed": _AT_LEAST_0,
     "model.num_layers": _AT_LEAST_1, "model.d_model": _AT_LEAST_1, "model.num_heads": _AT_LEAST_1,
@@ -280,8 +281,8 @@ RANGES = {
     "data.passkey_key_len": _AT_LEAST_1,
     "train.steps": _AT_LEAST_1, "train.batch_size": _AT_LEAST_1, "train.grad_accum": _AT_LEAST_0,
     "train.lr": _POSITIVE, "train.warmup_steps": _AT_LEAST_0, "train.min_lr_ratio": _FRACTION,
-    "train.decay_fraction": _FRACTION, "train.step_gamma": _FRACTION, "train.b1": _BELOW_1,
-    "train.b2": _BELOW_1,
+    "train.decay_fraction": _FRACTION, "train.step_gamma": _POSITIVE_AT_MOST_1,
+    "train.b1": _BELOW_1, "train.b2": _BELOW_1,
     "train.eps": _AT_LEAST_0, "train.weight_decay": _AT_LEAST_0, "train.clip_norm": _AT_LEAST_0,
     "train.log_every": _AT_LEAST_1, "train.checkpoint_every": _AT_LEAST_1,
     "train.keep_checkpoints": _AT_LEAST_1,
@@ -320,7 +321,8 @@ def _describe_range(low, high, low_in, high_in) -> str:
 
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError (one line) for a core setting out of its range or not among its choices,
-  and for a warmup longer than the run."""
+  for a warmup longer than the run, and for schedule settings that cannot work (a step
+  milestone inside the warmup, a 1/t decay to a floor of 0)."""
   d = config.to_dict()
   for key, (low, high, low_in, high_in) in RANGES.items():
     v = get_dotted(d, key)
@@ -342,6 +344,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       isinstance(m, (int, float)) and 0 < m < 1 for m in milestones):
     raise ConfigError(f"train.step_milestones={milestones!r} must be a tuple of fractions of "
                       "train.steps, each in (0, 1), e.g. (0.5, 0.75)")
+  early = [m for m in milestones if int(round(m * t.steps)) < t.warmup_steps]
+  if t.schedule == "step" and early:
+    raise ConfigError(f"train.step_milestones {early} fall inside the warmup (train.warmup_steps="
+                      f"{t.warmup_steps} of train.steps={t.steps}): a milestone must come after")
   if t.schedule == "inverse_time" and t.min_lr_ratio <= 0:
     raise ConfigError("train.schedule='inverse_time' (lr / (1 + k s)) reaches its floor "
                       "train.min_lr_ratio at the last step: the floor must be > 0, not "

@@ -100,13 +100,14 @@ def select(rows: list[dict], where: str) -> list[dict]:
   """The rows whose columns equal every `column=value` of the comma-separated `where`
   (compared as numbers where both parse as numbers, else as text)."""
   out = rows
-  for cond in filter(None, where.split(",")):
-    column, sep, value = cond.partition("=")
+  for cond in filter(None, (c.strip() for c in where.split(","))):
+    column, sep, value = (x.strip() for x in cond.partition("="))
     if not sep:
       raise FitError(f"--where '{cond}' is not of the form column=value")
-    if rows and column not in rows[0]:
-      raise FitError(f"--where: no column '{column}' in the table (columns: {sorted(rows[0])})")
-    out = [r for r in out if _equal(r[column], value)]
+    if not any(column in r for r in rows):
+      raise FitError(f"--where: no column '{column}' in the table (columns: "
+                     f"{sorted(rows[0]) if rows else []})")
+    out = [r for r in out if column in r and _equal(r[column], value)]
   if not out:
     raise FitError(f"--where '{where}' matches no row")
   return out
@@ -155,6 +156,10 @@ def fit(rows: list[dict], target: str, terms: list[str], *, holdout: str = "",
     raise FitError(f"{len(rows)} rows with {target} > 0 cannot fit {len(parsed) + 1} "
                    "coefficients with a residual")
   x, y = _design(rows, parsed), np.log(y_all[keep])
+  for term, column in zip(parsed, x.T[1:]):
+    if np.ptp(column) == 0:
+      raise FitError(f"term {term.name} is the same in every row: its exponent and k cannot be "
+                     "told apart (leave it out, or fit rows where it varies)")
   coef = _lstsq(x, y)
   resid = y - x @ coef
   r2 = 1.0 - float(resid @ resid) / max(float(((y - y.mean()) ** 2).sum()), 1e-300)

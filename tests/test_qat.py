@@ -116,8 +116,8 @@ def test_research_fit_command(tmp_path, capsys):
   out = capsys.readouterr().out
   assert "N^-0.2200" in out and "D^+0.0700" in out and "held out N=max,D=max: 3 rows" in out
   assert (tmp_path / "fit.json").is_file()
-  assert cli.main(["fit", str(path), "--target", "delta", "--terms", "N,D,log2:G",
-                   "--bootstrap", "0", "--where", "precision=B,G=32"]) == 0
+  assert cli.main(["fit", str(path), "--target", "delta", "--terms", "N,D",
+                   "--bootstrap", "0", "--where", "precision=B, G = 32"]) == 0
   out = capsys.readouterr().out  # the other law (D^0.17), on its G = 32 rows alone
   assert "D^+0.1700" in out and "16 rows" in out
   assert cli.main(["fit", str(path), "--target", "delta", "--terms", "P"]) == 2
@@ -125,6 +125,9 @@ def test_research_fit_command(tmp_path, capsys):
   assert cli.main(["fit", str(path), "--target", "delta", "--terms", "N",
                    "--where", "precision=C"]) == 2
   assert "matches no row" in capsys.readouterr().err
+  assert cli.main(["fit", str(path), "--target", "delta", "--terms", "N,D,log2:G",
+                   "--where", "G=32"]) == 2  # G constant: its exponent and k are one
+  assert "term log2(G) is the same in every row" in capsys.readouterr().err
 
 
 def test_qat_scaling_analysis_pairs_runs_and_fits(tmp_path):
@@ -154,6 +157,7 @@ def test_qat_scaling_analysis_pairs_runs_and_fits(tmp_path):
       ("long", "W4A4")] * 2 + [("seeds", "W4A4")] * 2
   long = md[md.index("### Long runs"):].splitlines()
   assert sum(line.endswith("| grid |") for line in long) == 3
+  assert sum(line.endswith("| long |") for line in long) == 2
   for line in (x for x in long if x.endswith("| long |")):  # the grid's law extrapolates
     delta, predicted = (float(v) for v in line.split(" | ")[4:6])
     assert predicted == pytest.approx(delta, rel=0.1)

@@ -219,6 +219,15 @@ def test_schedules(schedule):
   }[schedule]
   for step, lr in points.items():
     assert float(s(step)) == pytest.approx(lr, abs=1e-6), (schedule, step)
+  if schedule != "constant":  # past the last step (an extended run recomputes): the floor
+    assert float(s(150)) == pytest.approx(points[100], abs=1e-6)
+
+
+def test_step_schedule_without_warmup():
+  t = train_config(schedule="step", steps=100, warmup_steps=0, lr=1.0,
+                   step_milestones=(0.3,), step_gamma=0.5).train
+  s = optim.make_schedule(t)
+  assert [float(s(i)) for i in (0, 29, 30, 100)] == pytest.approx([1.0, 1.0, 0.5, 0.5])
 
 
 def test_schedule_settings_are_checked():
@@ -226,6 +235,10 @@ def test_schedule_settings_are_checked():
     train_config(schedule="inverse_time", min_lr_ratio=0.0)
   with pytest.raises(config_lib.ConfigError, match="train.step_milestones"):
     train_config(schedule="step", step_milestones=(0.5, 1.5))
+  with pytest.raises(config_lib.ConfigError, match="fall inside the warmup"):
+    train_config(schedule="step", steps=100, warmup_steps=10, step_milestones=(0.05, 0.5))
+  with pytest.raises(config_lib.ConfigError, match=r"train.step_gamma=0.0 must be in \(0, 1\]"):
+    train_config(schedule="step", step_gamma=0.0)
   with pytest.raises(config_lib.ConfigError, match="is not one of"):
     train_config(schedule="onecycle")
   c = run_config.default_config()  # milestones from the command line: one or several

@@ -111,9 +111,12 @@ def analyze(experiment, runs_root, groups, out_dir) -> str:
     return "## QAT scaling\n\nNo QAT and fp32 pair has finished yet.\n" + kurtosis
   main = [r for r in rows if r["seed"] == 0 and r["group"] not in OUTSIDE_GRID]
   # the grid alone, so `research fit` on it is the fit below; seed-noise and long runs apart
-  _write_csv(main or rows, Path(out_dir) / "qat_deltas.csv")
-  if main and len(main) < len(rows):
-    _write_csv([r for r in rows if r not in main], Path(out_dir) / "qat_deltas_extra.csv")
+  extra = [r for r in rows if r not in main]
+  for name, part in (("qat_deltas.csv", main), ("qat_deltas_extra.csv", extra)):
+    if part:
+      _write_csv(part, Path(out_dir) / name)
+    else:
+      (Path(out_dir) / name).unlink(missing_ok=True)  # none now: no stale table
   if not main:  # only the seed-noise cell so far: no grid to tabulate or fit
     return ("## QAT scaling\n\nThe grid (seed 0) has no QAT and fp32 pair yet.\n" + kurtosis
             + _seed_noise(rows))
@@ -157,7 +160,8 @@ def _long_runs(main: list[dict], long: list[dict]) -> str:
            "|---|---|---|---|---|---|---|"]
   lines += [f"| {r['D'] / 1e6:g}M | {r['D'] / r['N']:.0f} | {r['fp32_loss']:.4f} | "
             f"{r['loss']:.4f} | {r['delta']:+.4f} | {p:+.4f} | "
-            f"{'long' if r in long else 'grid'} |" for r, p in zip(same, predicted)]
+            f"{r['group'] if r['group'] == 'long' else 'grid'} |"
+            for r, p in zip(same, predicted)]
   return "\n".join(lines) + "\n"
 
 
@@ -194,8 +198,8 @@ def _decomposition(rows: list[dict]) -> str:
     if w is None or a is None:
       continue
     cell = {"D/N": tokens / sizes[d], "ratio": w4a4 / (w + a) if w + a > 0 else math.nan,
-            "R": a / w if w > 0 else math.nan, "share": a / w4a4,
-            "fix": fc2 / w4a4 if fc2 is not None else math.nan}
+            "R": a / w if w > 0 else math.nan, "share": a / w4a4 if w4a4 > 0 else math.nan,
+            "fix": fc2 / w4a4 if fc2 is not None and w4a4 > 0 else math.nan}
     cells.append(cell)
     fmt = lambda x: "–" if math.isnan(x) else f"{x:.2f}"  # noqa: E731
     lines.append(f"| {d} | {tokens / 1e6:g}M | {cell['D/N']:.1f} | {w4a4:+.4f} | {w:+.4f} | "
@@ -233,8 +237,16 @@ def _decomposition_summary(cells: list[dict]) -> str:
 
 
 def _spearman(x, y) -> float:
-  rx, ry = (np.argsort(np.argsort(v)).astype(float) for v in (x, y))
-  return float(np.corrcoef(rx, ry)[0, 1])
+  """Spearman's rank correlation, tied values sharing their mean rank."""
+  def ranks(v):
+    v = np.asarray(v, float)
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    r[order] = np.arange(len(v), dtype=float)
+    for value in np.unique(v):
+      r[v == value] = r[v == value].mean()
+    return r
+  return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
 
 
 # (group, arm prefix, precision) of the runs whose linear inputs the kurtosis table measures

@@ -4,7 +4,7 @@
   research sweep qat_scaling --group w4a4    # 36 runs: N x D x G (16, 32, 64)
   research sweep qat_scaling --group split   # 36 runs at G = 32: W4A16, W16A4, FC2 input 8-bit
   research sweep qat_scaling --group seeds   # 4 more runs: seed noise of delta at one cell
-  research sweep qat_scaling --group long    # 4 runs: d = 64 at D = 10M and 20M (D/N ~ 95)
+  research sweep qat_scaling --group long    # 4 runs: d = 64 at D = 10M and 20M (D/N 47, 94)
   research report qat_scaling
 
 N: 4 layers of width 64, 128, 192, 256 (0.2M-3.2M non-embedding parameters); D: 1, 2,
@@ -13,7 +13,7 @@ fit's bootstrap over cells carries the uncertainty; the seeds group measures del
 at d = 128, D = 4M, G = 32 (seeds 1 and 2 of fp32 and W4A4). The long group (the digest's
 "known risk": at small D/N the rise of delta with D may be masked) trains the smallest width,
 fp32 and W4A4 at G = 32, to 10M tokens (still one epoch) and 20M (1.85 epochs of the training
-text): D/N up to 95, outside the grid's 0.3-19; it is not part of the grid's fit, which
+text): D/N up to 94, outside the grid's 0.3-19; it is not part of the grid's fit, which
 predicts it. Per-channel / per-token groups
 are not in the grid (AbsMax throughout, the paper's LAC for G >= 256 is not here). No arm
 carries a claim: delta and its law are computed by analysis.py.

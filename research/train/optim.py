@@ -44,8 +44,9 @@ def make_schedule(t) -> optax.Schedule:
     starts = jnp.asarray([int(round(m * steps)) - warmup for m in t.step_milestones])
     rest = lambda s: lr * t.step_gamma ** jnp.sum(s >= starts)  # noqa: E731
   elif t.schedule == "inverse_time":
-    k = (1.0 / t.min_lr_ratio - 1.0) / max(steps - warmup, 1)
-    rest = lambda s: lr / (1.0 + k * jnp.maximum(s, 0))  # noqa: E731
+    span = max(steps - warmup, 1)
+    k = (1.0 / t.min_lr_ratio - 1.0) / span
+    rest = lambda s: lr / (1.0 + k * jnp.clip(s, 0, span))  # noqa: E731  (the floor after)
   elif t.schedule == "wsd":
     decay = max(int(round(steps * t.decay_fraction)), 1)
     stable = max(steps - warmup - decay, 0)

@@ -66,8 +66,8 @@ def config_differences(old: dict, new: dict) -> list[str]:
   tokenizer's, filled in when the run starts).
   """
   # compared in the form a run stores them (config.json): tuples read back as lists
-  new, defaults = (json.loads(json.dumps(d)) for d in (new, run_config.default_config().to_dict()))
-  old = json.loads(json.dumps(old))
+  stored = lambda d: json.loads(json.dumps(d, default=str))  # noqa: E731  (as write_record)
+  new, old, defaults = stored(new), stored(old), stored(run_config.default_config().to_dict())
   diffs = []
   for k in config_lib.flat_keys(ml_collections.ConfigDict(new)):
     if k in IGNORED or (k == "model.vocab_size" and config_lib.get_dotted(new, k) == 0):
