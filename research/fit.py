@@ -51,6 +51,13 @@ class Term:
   def name(self) -> str:
     return f"log2({self.column})" if self.log2 else self.column
 
+  @classmethod
+  def from_name(cls, name: str) -> "Term":
+    """The term whose `name` this is (a Fit keeps its terms by name)."""
+    if name.startswith("log2(") and name.endswith(")"):
+      return cls(name[len("log2("):-1], log2=True)
+    return cls(name)
+
   def values(self, rows: list[dict]) -> np.ndarray:
     try:
       x = np.asarray([float(r[self.column]) for r in rows], np.float64)
@@ -90,10 +97,8 @@ class Fit:
 
   def predict(self, rows: list[dict]) -> np.ndarray:
     """The fitted law's value at each row (rows hold the terms' columns)."""
-    terms = [Term(n[len("log2("):-1], log2=True) if n.startswith("log2(") else Term(n)
-             for n in self.terms]
     coef = np.asarray([self.coef[n] for n in ["log_k"] + self.terms])
-    return np.exp(_design(rows, terms) @ coef)
+    return np.exp(_design(rows, [Term.from_name(n) for n in self.terms]) @ coef)
 
 
 def select(rows: list[dict], where: str) -> list[dict]:

@@ -86,8 +86,8 @@ def _fit_line(name, precision, rows, terms, holdout="N=max,D=max") -> str:
       f = fit_lib.fit(rows, "delta", terms, bootstrap=2000)
     except fit_lib.FitError as e2:
       return f"| {name} | not fitted: {e2} | | | | | |"
-    corner = [r for r in rows if r["N"] == max(x["N"] for x in rows)
-              and r["D"] == max(x["D"] for x in rows)]
+    top_n, top_d = max(r["N"] for r in rows), max(r["D"] for r in rows)
+    corner = [r for r in rows if r["N"] == top_n and r["D"] == top_d]
     held_note = ("– (the corner's delta ≤ 0)" if corner and all(r["delta"] <= 0 for r in corner)
                  else f"not held out: {e}")
   cells = []
