@@ -16,7 +16,8 @@ Memory, per device (bytes):
   activations  what the backward pass keeps, in the compute dtype: per layer, the block's input
                (remat=block) or ACT_PER_TOKEN_LAYER values per token per layer of width d_model
                plus ACT_FFN_PER_TOKEN_LAYER of width d_ff and the attention scores and
-               probabilities (fp32, heads x seq per token: the jnp attention materializes them),
+               probabilities (fp32, heads x seq per token) where the jnp attention runs
+               (`attention_stores_scores`; a kernel keeps a log-sum-exp per row instead),
                with one layer's full set live during the backward under remat; plus the logits and
                their gradient (fp32) over the vocabulary; divided over the data-parallel axes
                (batch) and the tensor axis (heads, FFN width, vocabulary); under token
@@ -215,7 +216,10 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
   tp = shape["tensor"]
   d, f, heads, layers = m.d_model, m.channel.d_ff, m.num_heads, m.num_layers
   per_layer = tokens * (ACT_PER_TOKEN_LAYER * d + ACT_FFN_PER_TOKEN_LAYER * f / tp) * dtype_bytes
-  per_layer += tokens * heads / tp * c.data.seq_len * copies * 4 * 2  # scores, probs, fp32
+  if attention_stores_scores(m, cl.platform, dtype_bytes):
+    per_layer += tokens * heads / tp * c.data.seq_len * copies * 4 * 2  # scores, probs, fp32
+  else:
+    per_layer += tokens * heads / tp * 4  # a kernel's log-sum-exp per row
   if m.remat == "block":
     activations = layers * tokens * d * dtype_bytes + per_layer
   else:
@@ -229,6 +233,24 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
               unsharded=tuple(unsharded),
               tokens_per_step=t.batch_size * c.data.seq_len, mfu=mfu, grad_accum=accum,
               bytes_all_to_all=a2a)
+
+
+def attention_stores_scores(m, platform: str, dtype_bytes: int) -> bool:
+  """Whether the step's attention on `platform` (cpu | cuda | tpu) keeps its [heads, seq, seq]
+  scores and probabilities for the backward: the jnp path does; the kernels (the CPU kernel in
+  float32, the Pallas flash kernels) keep one log-sum-exp per query row. Mixers other than
+  dense attention and MoDA are charged the scores too (an upper bound)."""
+  from research.model import attention, phd  # pylint: disable=import-outside-toplevel
+  if m.attention.kind not in ("dense", "moda") or phd.settings(m).active:
+    return True
+  backend = {"cuda": "gpu"}.get(platform, platform)
+  impl = m.attention.impl
+  if impl == "cpu" and backend != "cpu":
+    return True  # refused when the model runs there
+  impl = attention.resolve_impl(impl, backend)
+  if m.attention.kind == "moda":
+    return impl in ("xla", "cpu")  # MoDA's auto is jnp everywhere
+  return impl == "xla" or (impl == "cpu" and dtype_bytes != 4)
 
 
 def all_to_all_bytes(m, shape: dict[str, int], sequences: int, seq_len: int,

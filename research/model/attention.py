@@ -6,8 +6,11 @@ head over head_dim with one gain shared by the heads, before RoPE (QK-norm, Dehg
 2023; QKV-norm, HybridNorm eq. (4)); c normalizes the context (the heads' concatenated output)
 over its full width before W_O (the C of HybridNorm Table 6, SDD's context norm).
 
-The core op `attention` dispatches on `impl`: `xla` is plain jnp (the reference); `pallas`,
-`pallas_gpu`, `pallas_tpu` and `auto` run the flash-attention kernels of kernels_pallas/moda.
+The core op `attention` dispatches on `impl` (`resolve_impl`): `xla` is plain jnp (the
+reference); `cpu` the compiled CPU kernel of kernels_cpu/attention (forward and backward, built
+on first use); `pallas`, `pallas_gpu` and `pallas_tpu` the flash-attention kernels of
+kernels_pallas/moda; `auto` (the default) the CPU kernel on CPU and jnp on GPU/TPU, where the
+Pallas kernels stay opt-in until they pass tests/kernels on the device.
 A forward's keys come from `sequence_keys`: its own k, v in training, a KV cache's contents
 when decoding; sequence mixers built on `DenseAttention` reuse that path. At inference,
 `model.attention.prefill = flexprefill` makes a prompt's prefill block-sparse (`attend`,
@@ -16,13 +19,16 @@ model/prefill.py); training and decode steps stay dense.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from research.errors import ConfigError
 from research.model.linear import make_linear
@@ -30,7 +36,7 @@ from research.model import prefill as prefill_lib
 from research.model.norms import RMSNorm
 from research.model.option import Option
 from research.model.registry import Registry
-from research.sharding import constrain
+from research.sharding import constrain, current_mesh, logical_to_spec
 
 
 class SequenceMixer(Option):
@@ -56,9 +62,10 @@ class SequenceMixer(Option):
 
 
 SEQUENCE_MIXERS = Registry("model.attention.kind", base=SequenceMixer, default="dense")
-# xla: plain jnp; the others run the Pallas flash-attention kernel of kernels_pallas.moda
-# (auto: the kernel on GPU/TPU, jnp on CPU; pallas: this backend's kernel, interpreted on CPU).
-ATTENTION_IMPLS = ("xla", "auto", "pallas", "pallas_gpu", "pallas_tpu")
+# xla: plain jnp; cpu: the compiled CPU kernel (kernels_cpu.attention); pallas*: the Pallas
+# flash-attention kernel of kernels_pallas.moda (pallas: this backend's, interpreted on CPU);
+# auto: resolve_impl
+ATTENTION_IMPLS = ("auto", "xla", "cpu", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 class SequenceKeys(NamedTuple):
@@ -162,19 +169,68 @@ def xla_attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bo
   return out.reshape(b, t, h, d)
 
 
-def attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool = True,
-              impl: str = "xla", mask=None):
-  """The attention op. The kernels cover self-attention over the forward's own tokens (q and k
-  of one length, positions increasing along each row); attention over a cache, with a
-  validity mask or with an explicit mask runs the jnp path whatever `impl` says."""
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+  """The implementation `impl` names on `backend` (default: jax's): `auto` is `cpu` on CPU
+  where the kernel builds (else `xla`, with a warning saying why, once) and `xla` on GPU/TPU;
+  `cpu` off a CPU, or where its kernel cannot be built, is an error that says so."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention.impl='{impl}' is not available "
                      f"(available: {', '.join(ATTENTION_IMPLS)})")
+  backend = backend or jax.default_backend()
+  if impl == "auto":
+    if backend != "cpu":
+      return "xla"
+    from kernels_cpu import attention as cpu_attention  # pylint: disable=import-outside-toplevel
+    why = cpu_attention.unavailable()
+    if why:
+      _warn_once(f"model.attention.impl=auto runs the jnp attention: the CPU kernel is not "
+                 f"available here ({why.splitlines()[0]})")
+      return "xla"
+    return "cpu"
+  if impl == "cpu" and backend != "cpu":
+    raise ValueError(f"model.attention.impl=cpu runs on CPU only (the backend is {backend}); "
+                     f"use auto, xla or pallas")
+  return impl
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool = True,
+              impl: str = "auto", mask=None):
+  """The attention op. The kernels cover self-attention over the forward's own tokens (q and k
+  of one length, positions increasing along each row; the CPU kernel in float32); attention
+  over a cache, with a validity mask, with an explicit mask or outside a kernel's dtypes runs
+  the jnp path whatever `impl` says."""
+  impl = resolve_impl(impl)
   if impl == "xla" or k_valid is not None or mask is not None or q.shape[1] != k.shape[1]:
     return xla_attention(q, k, v, q_positions=q_positions, k_positions=k_positions,
                          k_valid=k_valid, causal=causal, mask=mask)
+  if impl == "cpu":
+    from kernels_cpu import attention as cpu_attention  # pylint: disable=import-outside-toplevel
+    if cpu_attention.unsupported(q, k, v, causal=causal):
+      return xla_attention(q, k, v, q_positions=q_positions, k_positions=k_positions,
+                           causal=causal)
+    return _per_shard(functools.partial(cpu_attention.attention, causal=causal), q, k, v)
   from kernels_pallas.moda import flash_attention  # pylint: disable=import-outside-toplevel
   return flash_attention(q, k, v, causal=causal, impl=impl)
+
+
+def _per_shard(op, q, k, v):
+  """`op(q, k, v)` (per batch row and head, [b, t, heads, d]) on each device's shard of the
+  current mesh: a custom call has no partitioning rule of its own, and XLA would gather its
+  operands onto every device. Heads stay whole unless q's and k's both split."""
+  mesh = current_mesh()
+  if mesh is None or mesh.size == 1:
+    return op(q, k, v)
+  q_spec = logical_to_spec(("batch", "seq", "act_heads", None), q.shape, mesh)
+  k_spec = logical_to_spec(("batch", "seq", "act_kv_heads", None), k.shape, mesh)
+  if q_spec[2] != k_spec[2]:
+    q_spec, k_spec = P(q_spec[0], None, None, None), P(k_spec[0], None, None, None)
+  return jax.shard_map(op, mesh=mesh, in_specs=(q_spec, k_spec, k_spec), out_specs=q_spec,
+                       check_vma=False)(q, k, v)
 
 
 @SEQUENCE_MIXERS.register("dense")
@@ -183,7 +239,7 @@ class DenseAttention(SequenceMixer):
 
   impls = ATTENTION_IMPLS  # values of model.attention.impl this mixer runs
   API = ("project_qkv", "sequence_keys", "attend", "project_out")  # the steps MoDA reuses
-  defaults = dict(impl="xla", rope_theta=10000.0)
+  defaults = dict(impl="auto", rope_theta=10000.0)
 
   def __init__(self, cfg, *, layer: int, dtype, rngs: nnx.Rngs):
     a = cfg.attention

@@ -51,7 +51,9 @@ from research.model.linear import make_linear
 from research.model.norms import RMSNorm
 
 DEPTH = Slot("moda/depth")  # (k, v), each [slots, batch, seq, kv_heads, head_dim]
-IMPLS = ("xla", "auto", "pallas", "pallas_gpu", "pallas_tpu")
+# xla and auto (the default): jnp (moda_xla) on every backend; pallas*: the Pallas kernels of
+# kernels_pallas.moda, opt-in as for dense attention (research.model.attention.resolve_impl)
+IMPLS = ("auto", "xla", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 def slots_per_block(cfg) -> int:
@@ -249,7 +251,7 @@ class MoDAAttention(DenseAttention):
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
     q, k, v = self.project_qkv(x, ctx)
     keys = self.sequence_keys(k, v, ctx)
-    if keys.cached or self.impl == "xla":
+    if keys.cached or self.impl in ("xla", "auto"):
       depth_k, depth_v = read_depth(ctx, self.depth_slots, axis=0)
       out = moda_xla(q, keys.k, keys.v, depth_k, depth_v, q_positions=ctx.positions,
                      k_positions=keys.positions, k_valid=keys.valid, slot_axis=0)

@@ -11,7 +11,8 @@ system cannot lock at all, such a record is refused, since its owner cannot be c
 Resume rules (`plan`). A work directory holding `config.json` is
   - resumed (or reported finished) when the requested config is the same, up to the keys that
     never change what a run computes (`IGNORED`: where the corpora live, the progress bar) and
-    the keys a resumed run may change (`ADJUSTABLE`: how often it logs, evaluates and saves);
+    the keys a resumed run may change (`ADJUSTABLE`: how often it logs, evaluates and saves,
+    the attention kernel);
   - extended when `train.steps` alone grew: training continues from the last checkpoint to
     the new end, with the schedule recomputed for the new length (said at start);
   - refused otherwise, naming every differing key with its old and new value, unless the run
@@ -43,9 +44,10 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "loss.png", "connec
 # keys that never change what a run computes: where the corpora live (the corpus itself is
 # checked by its sha256 when loaded) and the progress bar
 IGNORED = frozenset({"data.data_dir", "train.progress"})
-# keys a resumed run may change: how often it logs, evaluates and saves
+# keys a resumed run may change: how often it logs, evaluates and saves, and which kernel
+# computes its attention (the same function; a run begun on one backend resumes on another)
 ADJUSTABLE = frozenset({"train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                        "eval.every"})
+                        "eval.every", "model.attention.impl"})
 
 _MISSING = object()
 
