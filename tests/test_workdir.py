@@ -192,8 +192,10 @@ def test_resume_plan_allows_logging_changes_and_ignores_where_the_data_is(tmp_pa
   changed["train"]["log_every"] = 2
   changed["eval"]["every"] = 3
   changed["data"]["data_dir"] = "/elsewhere"
+  changed["model"]["attention"]["impl"] = "xla"  # a run begun with the CPU kernel (auto)
   action, note = workdir_lib.plan(tmp_path, changed)
   assert action == "resume" and "train.log_every 4 -> 2" in note and "data_dir" not in note
+  assert "model.attention.impl 'auto' -> 'xla'" in note
   changed["train"]["b2"] = 0.95
   with pytest.raises(RunError, match=r"train.b2 0.99 -> 0.95; pass --restart"):
     workdir_lib.plan(tmp_path, changed)

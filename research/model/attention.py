@@ -246,6 +246,9 @@ class DenseAttention(SequenceMixer):
     if a.impl not in self.impls:
       raise ConfigError(f"model.attention.impl='{a.impl}' is not available "
                         f"(available: {', '.join(self.impls)})")
+    if a.impl == "cpu" and jax.default_backend() != "cpu":
+      raise ConfigError(f"model.attention.impl=cpu runs on CPU only (the backend is "
+                        f"{jax.default_backend()}); use auto, xla or pallas")
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.theta, self.impl = a.rope_theta, a.impl
     self.layer = layer  # names this layer's KV-cache entries
