@@ -5,6 +5,8 @@ and k, v [..., s, kv, d] (h a multiple of kv: grouped-query attention), float32,
 dims; the causal mask lets query i see keys j <= i. The forward saves the log-sum-exp of each
 score row and the backward recomputes the probabilities from it (a jax.custom_vjp). Under vmap
 the leading dims grow (vmap_method="broadcast_all"); the kernel treats them as one batch.
+Reverse mode only: the backward is a custom call with no derivative of its own, so forward-mode
+AD (jvp) and gradients of gradients do not run through it (impl=xla does).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ def unsupported(q, k, v, *, causal: bool) -> str | None:
   """Why these operands are outside what the kernel computes, or None."""
   if not q.dtype == k.dtype == v.dtype == jnp.float32:
     return f"it computes in float32 (got {q.dtype}, {k.dtype}, {v.dtype})"
-  if q.ndim < 3 or k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or \
+  if q.ndim < 3 or q.ndim != k.ndim or k.shape != v.shape or q.shape[:-3] != k.shape[:-3] or \
       q.shape[-1] != k.shape[-1]:
     return f"q {q.shape}, k {k.shape}, v {v.shape} are not [..., t, h, d], [..., s, kv, d] twice"
+  if 0 in q.shape[-2:] or 0 in k.shape[-2:]:
+    return f"q {q.shape} or k {k.shape} has no heads or a head width of 0"
   if q.shape[-2] % k.shape[-2]:
     return f"{q.shape[-2]} query heads do not divide into {k.shape[-2]} key heads"
   if k.shape[-3] == 0:

@@ -3,7 +3,7 @@ handlers with jax.
 
 The library is built for the machine that runs it (`-march=native`), so it is cached under a
 key of everything that changes the binary: the source, the flags, the compiler's version, the
-jaxlib headers and the CPU's model and feature flags. The cache lives in
+jaxlib version (its FFI headers) and the CPU's model and feature flags. The cache lives in
 `$RESEARCH_KERNEL_CACHE` (default `~/.cache/research/kernels_cpu`); a build writes a temporary
 file and renames it, so two processes building at once each end with a whole library.
 """
@@ -51,7 +51,13 @@ def compiler() -> str:
 
 
 def cache_dir() -> Path:
-  return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "research" / "kernels_cpu")
+  if os.environ.get(CACHE_ENV):
+    return Path(os.environ[CACHE_ENV])
+  try:
+    return Path.home() / ".cache" / "research" / "kernels_cpu"
+  except RuntimeError as e:  # no home directory
+    raise KernelBuildError(f"no cache directory for the CPU kernels ({e}); set {CACHE_ENV}") \
+        from e
 
 
 def _cpu_identity() -> str:
@@ -66,7 +72,10 @@ def _cpu_identity() -> str:
 def library_path(source: str) -> Path:
   """Where `source`'s library is cached on this machine (built or not)."""
   cxx = compiler()
-  version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+  try:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+  except (OSError, subprocess.SubprocessError) as e:
+    raise KernelBuildError(f"the C++ compiler {cxx} does not run: {e}") from e
   text = (_SOURCES / source).read_bytes()
   key = hashlib.sha256(b"\0".join(
       s if isinstance(s, bytes) else s.encode()
@@ -79,17 +88,24 @@ def build(source: str) -> Path:
   target = library_path(source)
   if target.exists():
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
-    partial = Path(tmp.name)
-  cmd = [compiler(), *FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCES / source), "-o",
-         str(partial)]
-  result = subprocess.run(cmd, capture_output=True, text=True)
-  if result.returncode != 0:
-    partial.unlink(missing_ok=True)
-    raise KernelBuildError(f"building {source} failed ({' '.join(cmd)}):\n"
-                           f"{result.stderr[-3000:]}")
-  os.replace(partial, target)
+  partial = None
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+      partial = Path(tmp.name)
+    cmd = [compiler(), *FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCES / source),
+           "-o", str(partial)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+      raise KernelBuildError(f"building {source} failed ({' '.join(cmd)}):\n"
+                             f"{result.stderr[-3000:]}")
+    os.replace(partial, target)
+    partial = None
+  except (OSError, subprocess.SubprocessError) as e:
+    raise KernelBuildError(f"building {source} into {target.parent} failed: {e}") from e
+  finally:
+    if partial is not None:
+      partial.unlink(missing_ok=True)
   return target
 
 

@@ -31,6 +31,7 @@ model). A plan "fits" when the total is at most FIT_FRACTION of the device's mem
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
@@ -273,7 +274,7 @@ def all_to_all_bytes(m, shape: dict[str, int], sequences: int, seq_len: int,
 def lower_step(c, cl: Cluster) -> float:
   """Lowers the training step of `c` on an abstract mesh of `cl` (shapes only) for its
   platform; returns the seconds it took. Raises what the lowering raises."""
-  from research.model import abstract_model, compute_dtype  # pylint: disable=import-outside-toplevel
+  from research.model import abstract_model, attention, compute_dtype  # pylint: disable=import-outside-toplevel
   from research.model import lr_multipliers  # pylint: disable=import-outside-toplevel
   from research.train import optim  # pylint: disable=import-outside-toplevel
   from research.train.optim import make_optimizer  # pylint: disable=import-outside-toplevel
@@ -281,8 +282,11 @@ def lower_step(c, cl: Cluster) -> float:
   start = time.perf_counter()
   shape = sharding.mesh_shape(c.mesh.preset, cl.devices, c.mesh.tensor, c.mesh.expert)
   mesh = abstract_mesh(shape)
-  dtype = compute_dtype(c.train.precision, "gpu" if cl.platform == "cuda" else "tpu")
-  model = abstract_model(c.model, dtype)
+  backend = "gpu" if cl.platform == "cuda" else "tpu"
+  dtype = compute_dtype(c.train.precision, backend)
+  model_cfg = copy.deepcopy(c.model)  # attention's impl as the target resolves it, not the host
+  model_cfg.attention.impl = attention.resolve_impl(model_cfg.attention.impl, backend)
+  model = abstract_model(model_cfg, dtype)
   graphdef, params, other = nnx.split(model, nnx.Param, ...)
 
   def placed(state):

@@ -172,7 +172,8 @@ def xla_attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bo
 def resolve_impl(impl: str, backend: str | None = None) -> str:
   """The implementation `impl` names on `backend` (default: jax's): `auto` is `cpu` on CPU
   where the kernel builds (else `xla`, with a warning saying why, once) and `xla` on GPU/TPU;
-  `cpu` off a CPU, or where its kernel cannot be built, is an error that says so."""
+  `cpu` off a CPU is an error that says so (where its kernel cannot be built, the first
+  float32 call raises kernels_cpu.build.KernelBuildError)."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"model.attention.impl='{impl}' is not available "
                      f"(available: {', '.join(ATTENTION_IMPLS)})")

@@ -157,6 +157,8 @@ def test_unsupported_operands_are_named():
     cpu_attention.attention(q[:, :, :3], k, v)
   with pytest.raises(ValueError, match="as many queries as keys"):
     cpu_attention.attention(q[:, :5], k, v)
+  with pytest.raises(ValueError, match="no heads"):
+    cpu_attention.attention(q, k[:, :, :0], v[:, :, :0])
 
 
 def test_the_op_falls_back_to_jnp_outside_the_kernel():
@@ -201,6 +203,14 @@ def test_build_errors_name_the_problem(tmp_path, monkeypatch):
   monkeypatch.delenv("CXX")
   monkeypatch.setenv("PATH", str(tmp_path))
   with pytest.raises(build.KernelBuildError, match="no C\\+\\+ compiler found"):
+    build.build(cpu_attention.SOURCE)
+
+
+def test_a_cache_directory_that_cannot_be_made_is_a_build_error(tmp_path, monkeypatch):
+  """Under auto such an error means the jnp path with a warning, not a crash."""
+  (tmp_path / "file").write_text("")
+  monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "file" / "cache"))
+  with pytest.raises(build.KernelBuildError, match="failed"):
     build.build(cpu_attention.SOURCE)
 
 
