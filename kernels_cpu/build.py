@@ -69,9 +69,8 @@ def _cpu_identity() -> str:
   return "\n".join(sorted(set(keep))) or platform.machine()
 
 
-def library_path(source: str) -> Path:
-  """Where `source`'s library is cached on this machine (built or not)."""
-  cxx = compiler()
+def library_path(source: str, cxx: str) -> Path:
+  """Where `source`'s library, built by the compiler `cxx`, is cached on this machine."""
   try:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
   except (OSError, subprocess.SubprocessError) as e:
@@ -85,7 +84,8 @@ def library_path(source: str) -> Path:
 
 def build(source: str) -> Path:
   """The library of `source` (a .cc file beside this one), compiled unless cached."""
-  target = library_path(source)
+  cxx = compiler()
+  target = library_path(source, cxx)
   if target.exists():
     return target
   partial = None
@@ -93,7 +93,7 @@ def build(source: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
       partial = Path(tmp.name)
-    cmd = [compiler(), *FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCES / source),
+    cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCES / source),
            "-o", str(partial)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:

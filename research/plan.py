@@ -62,6 +62,11 @@ class Cluster:
   peak_flops: float  # dense bf16 per device
   platform: str  # what the step is lowered for: cuda | tpu
 
+  @property
+  def backend(self) -> str:
+    """jax's name for the platform's backend (gpu for cuda)."""
+    return {"cuda": "gpu"}.get(self.platform, self.platform)
+
 
 def _gpu(name, kind, n, mem, peak):
   return Cluster(name, kind, n, mem, peak, "cuda")
@@ -217,7 +222,7 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
   tp = shape["tensor"]
   d, f, heads, layers = m.d_model, m.channel.d_ff, m.num_heads, m.num_layers
   per_layer = tokens * (ACT_PER_TOKEN_LAYER * d + ACT_FFN_PER_TOKEN_LAYER * f / tp) * dtype_bytes
-  if attention_stores_scores(m, cl.platform, dtype_bytes):
+  if attention_stores_scores(m, cl.backend, dtype_bytes):
     per_layer += tokens * heads / tp * c.data.seq_len * copies * 4 * 2  # scores, probs, fp32
   else:
     per_layer += tokens * heads / tp * 4  # a kernel's log-sum-exp per row
@@ -236,15 +241,14 @@ def estimate(c, cl: Cluster, *, mfu: float = 0.4, dtype_bytes: int = 2) -> Plan:
               bytes_all_to_all=a2a)
 
 
-def attention_stores_scores(m, platform: str, dtype_bytes: int) -> bool:
-  """Whether the step's attention on `platform` (cpu | cuda | tpu) keeps its [heads, seq, seq]
+def attention_stores_scores(m, backend: str, dtype_bytes: int) -> bool:
+  """Whether the step's attention on `backend` (cpu | gpu | tpu) keeps its [heads, seq, seq]
   scores and probabilities for the backward: the jnp path does; the kernels (the CPU kernel in
   float32, the Pallas flash kernels) keep one log-sum-exp per query row. Mixers other than
   dense attention and MoDA are charged the scores too (an upper bound)."""
   from research.model import attention, phd  # pylint: disable=import-outside-toplevel
   if m.attention.kind not in ("dense", "moda") or phd.settings(m).active:
     return True
-  backend = {"cuda": "gpu"}.get(platform, platform)
   impl = m.attention.impl
   if impl == "cpu" and backend != "cpu":
     return True  # refused when the model runs there
@@ -282,10 +286,9 @@ def lower_step(c, cl: Cluster) -> float:
   start = time.perf_counter()
   shape = sharding.mesh_shape(c.mesh.preset, cl.devices, c.mesh.tensor, c.mesh.expert)
   mesh = abstract_mesh(shape)
-  backend = "gpu" if cl.platform == "cuda" else "tpu"
-  dtype = compute_dtype(c.train.precision, backend)
+  dtype = compute_dtype(c.train.precision, "gpu" if cl.platform == "cuda" else "tpu")
   model_cfg = copy.deepcopy(c.model)  # attention's impl as the target resolves it, not the host
-  model_cfg.attention.impl = attention.resolve_impl(model_cfg.attention.impl, backend)
+  model_cfg.attention.impl = attention.resolve_impl(model_cfg.attention.impl, cl.backend)
   model = abstract_model(model_cfg, dtype)
   graphdef, params, other = nnx.split(model, nnx.Param, ...)
 

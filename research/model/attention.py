@@ -188,10 +188,15 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
                  f"available here ({why.splitlines()[0]})")
       return "xla"
     return "cpu"
-  if impl == "cpu" and backend != "cpu":
-    raise ValueError(f"model.attention.impl=cpu runs on CPU only (the backend is {backend}); "
-                     f"use auto, xla or pallas")
+  check_backend(impl, backend)
   return impl
+
+
+def check_backend(impl: str, backend: str) -> None:
+  """ConfigError when `impl` cannot run on `backend` (the CPU kernel off a CPU)."""
+  if impl == "cpu" and backend != "cpu":
+    raise ConfigError(f"model.attention.impl=cpu runs on CPU only (the backend is {backend}); "
+                      f"use auto, xla or pallas")
 
 
 @functools.cache
@@ -206,14 +211,14 @@ def attention(q, k, v, *, q_positions, k_positions, k_valid=None, causal: bool =
   over a cache, with a validity mask, with an explicit mask or outside a kernel's dtypes runs
   the jnp path whatever `impl` says."""
   impl = resolve_impl(impl)
-  if impl == "xla" or k_valid is not None or mask is not None or q.shape[1] != k.shape[1]:
+  if impl == "cpu":
+    from kernels_cpu import attention as cpu_attention  # pylint: disable=import-outside-toplevel
+  kernel_covers = (k_valid is None and mask is None and q.shape[1] == k.shape[1] and
+                   (impl != "cpu" or not cpu_attention.unsupported(q, k, v, causal=causal)))
+  if impl == "xla" or not kernel_covers:
     return xla_attention(q, k, v, q_positions=q_positions, k_positions=k_positions,
                          k_valid=k_valid, causal=causal, mask=mask)
   if impl == "cpu":
-    from kernels_cpu import attention as cpu_attention  # pylint: disable=import-outside-toplevel
-    if cpu_attention.unsupported(q, k, v, causal=causal):
-      return xla_attention(q, k, v, q_positions=q_positions, k_positions=k_positions,
-                           causal=causal)
     return _per_shard(functools.partial(cpu_attention.attention, causal=causal), q, k, v)
   from kernels_pallas.moda import flash_attention  # pylint: disable=import-outside-toplevel
   return flash_attention(q, k, v, causal=causal, impl=impl)
@@ -247,9 +252,7 @@ class DenseAttention(SequenceMixer):
     if a.impl not in self.impls:
       raise ConfigError(f"model.attention.impl='{a.impl}' is not available "
                         f"(available: {', '.join(self.impls)})")
-    if a.impl == "cpu" and jax.default_backend() != "cpu":
-      raise ConfigError(f"model.attention.impl=cpu runs on CPU only (the backend is "
-                        f"{jax.default_backend()}); use auto, xla or pallas")
+    check_backend(a.impl, jax.default_backend())
     self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.theta, self.impl = a.rope_theta, a.impl
     self.layer = layer  # names this layer's KV-cache entries
